@@ -1,0 +1,122 @@
+"""The library calls behind the CLI and the server: load a checkpoint, recommend, evaluate."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from itemgen.checkpoint import CheckpointError, load_checkpoint, read_items
+from itemgen.config import Config
+from itemgen.data import DataError, SequenceDataset, atomic_write_text
+from itemgen.decoding import check_k, make_decoder
+from itemgen.evaluate import evaluate
+from itemgen.recommender import Recommender
+
+
+class Predictor:
+    """A loaded checkpoint that maps external item ids to top-k recommendations."""
+
+    def __init__(self, model: Recommender, cfg: Config, items, directory: Path):
+        self.model, self.cfg, self.items, self.directory = model, cfg, items, Path(directory)
+        self._decoders: dict = {}
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> "Predictor":
+        model, cfg, items = load_checkpoint(directory, device)
+        return cls(model, cfg, items, directory)
+
+    def decoder(self, name: str = "exact"):
+        if name not in self._decoders:
+            self._decoders[name] = make_decoder(name, self.model, checkpoint_dir=self.directory) \
+                if name != "exact" else make_decoder(name, self.model)
+        return self._decoders[name]
+
+    def to_indices(self, histories: list[list[str]], unknown: str = "error") -> list[np.ndarray]:
+        """External ids -> index arrays; unknown ids raise KeyError listing them (or are dropped)."""
+        out = []
+        for h in histories:
+            if unknown == "ignore":
+                idx = self.items.index
+                out.append(np.asarray([idx[x] for x in h if x in idx], dtype=np.int64))
+            else:
+                out.append(np.asarray(self.items.lookup(list(h)), dtype=np.int64))
+        return out
+
+    @torch.inference_mode()
+    def topk_indices(self, histories: list[np.ndarray], k: int = 10, exclude_history: bool = True,
+                     decode: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+        check_k(k, self.model.n_items)
+        max_h = self.cfg.data.max_history
+        hist = [h[-max_h:] for h in histories]
+        query = self.model.encode(self.model.to_device(self.model.query_batch(hist)))
+        scores, ids = self.decoder(decode).topk(query, k, exclude=histories if exclude_history else None)
+        return scores.float().cpu().numpy(), ids.cpu().numpy()
+
+    def recommend(self, histories: list[list[str]], k: int = 10, exclude_history: bool = True,
+                  decode: str = "exact", unknown: str = "error") -> list[list[dict]]:
+        idx = self.to_indices(histories, unknown)
+        scores, ids = self.topk_indices(idx, k, exclude_history, decode)
+        return [[{"id": self.items.ids[i], "score": float(s), "title": self.items.title(i)}
+                 for s, i in zip(srow, irow) if np.isfinite(s)] for srow, irow in zip(scores, ids)]
+
+
+def load_eval_dataset(cfg: Config, data: str | Path | None) -> SequenceDataset:
+    from itemgen.train import load_dataset
+
+    if data is not None:
+        return SequenceDataset.load(data)
+    return load_dataset(cfg)
+
+
+def run_info() -> dict:
+    """Who/what/where for result files: command, commit, hardware, date."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    import os
+
+    hw = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+          "torch": torch.__version__, "python": platform.python_version()}
+    return {"command": " ".join(sys.argv), "git_commit": commit, "hardware": hw,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", decode: str = "exact",
+                        data: str | Path | None = None, exclude_history: bool = False,
+                        batch_size: int = 128, out: str | Path | None = None) -> dict:
+    checkpoint = Path(checkpoint)
+    model, cfg, items = load_checkpoint(checkpoint)
+    _, trained_on = read_items(checkpoint)
+    ds = load_eval_dataset(cfg, data)
+    want = trained_on.get("content_hash")
+    if want is not None and want != ds.content_hash():
+        raise DataError(f"{checkpoint} was trained on dataset {trained_on.get('name')!r} (hash {want}); "
+                        f"the dataset given has hash {ds.content_hash()}: item indices would not match")
+    if ds.n_items != len(items):
+        raise CheckpointError(f"checkpoint has {len(items)} items, dataset {ds.n_items}")
+    examples = ds.examples(split)
+    if decode == "exact":
+        metrics = evaluate(model, examples, max_history=cfg.data.max_history, batch_size=batch_size,
+                           exclude_history=exclude_history)
+    else:
+        from itemgen.evaluate import evaluate_decoder
+
+        metrics = evaluate_decoder(model, make_decoder(decode, model, checkpoint_dir=checkpoint), examples,
+                                   max_history=cfg.data.max_history, batch_size=batch_size,
+                                   exclude_history=exclude_history)
+    report = {"checkpoint": str(checkpoint), "model": cfg.model, "dataset": ds.name, "split": split,
+              "decode": decode, "exclude_history": exclude_history, "metrics": metrics, **run_info()}
+    path = Path(out) if out is not None else checkpoint / f"eval_{split}{'' if decode == 'exact' else '_' + decode}.json"
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    report["path"] = str(path)
+    return report

@@ -1,0 +1,32 @@
+"""Ranking metrics as pure functions of the target's rank (1 = best) over the full catalog.
+
+Ties count against the model: an item scoring exactly as high as the target is ranked above it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+RECALL_KS = (1, 5, 10, 20)
+NDCG_KS = (5, 10, 20)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """scores (B, I), targets (B,) -> rank (B,) int64: 1 + #items scoring >= the target, others."""
+    t = scores.gather(1, targets[:, None])  # (B, 1)
+    return (scores >= t).sum(dim=1).to(torch.int64)  # counts the target itself once
+
+
+def ranking_metrics(ranks) -> dict[str, float]:
+    r = np.asarray(ranks, dtype=np.float64)
+    if r.size == 0:
+        raise ValueError("no ranks to evaluate")
+    if (r < 1).any():
+        raise ValueError("ranks start at 1")
+    out = {f"recall@{k}": float(np.mean(r <= k)) for k in RECALL_KS}
+    gain = 1.0 / np.log2(r + 1.0)
+    out.update({f"ndcg@{k}": float(np.mean(np.where(r <= k, gain, 0.0))) for k in NDCG_KS})
+    out["mrr"] = float(np.mean(1.0 / r))
+    out["users"] = int(r.size)
+    return out

@@ -1,0 +1,221 @@
+"""One training loop for every recommender, on Hugging Face Accelerate: the same code runs on
+one CPU, one GPU, or several processes under ``accelerate launch``.
+
+Batches are planned globally and deterministically from (seed, epoch): every process builds the
+same plan and takes its shard, and the loss is the sum over the shard divided by the GLOBAL
+label count (times the world size, which DDP's gradient averaging undoes), so N processes take
+exactly the optimizer step one process would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from itemgen.checkpoint import load_trainer_state, save_checkpoint
+from itemgen.config import Config
+from itemgen.data import SequenceDataset
+from itemgen.evaluate import rank_examples, subsample
+from itemgen.metrics import ranking_metrics
+from itemgen.recommender import Recommender, build_model
+
+BUCKET = 50  # batches per length-sorting window: similar lengths together, still shuffled
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    best: Path
+    step: int
+    best_valid: dict
+    train_seconds: float
+    stopped: str  # max_steps | early_stopping | time_limit
+
+
+def load_dataset(cfg: Config) -> SequenceDataset:
+    if cfg.data.path == "synthetic":
+        from itemgen.synthetic import make_dataset
+
+        return make_dataset(cfg.data.synthetic_users, cfg.data.synthetic_items, noise=0.1, seed=cfg.train.seed)
+    if not cfg.data.path:
+        from itemgen.config import ConfigError
+
+        raise ConfigError("data.path is not set: a prepared dataset directory, or 'synthetic'")
+    return SequenceDataset.load(cfg.data.path)
+
+
+def training_sequences(ds: SequenceDataset, max_history: int) -> list[np.ndarray]:
+    """Each user's training part, last max_history + 1 items (history + label); >= 2 items."""
+    return [s[-(max_history + 1):] for s in ds.split.train if len(s) >= 2]
+
+
+def plan_epoch(seqs: list[np.ndarray], batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Deterministic batches of indices into seqs: shuffle, sort by length within windows of
+    BUCKET batches (less padding), then shuffle the batches."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(seqs))
+    batches = []
+    window = batch_size * BUCKET
+    for start in range(0, len(perm), window):
+        chunk = perm[start:start + window]
+        chunk = chunk[np.argsort([len(seqs[i]) for i in chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+def make_optimizer(model: Recommender, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embedding tables; optional backbone lr."""
+    t = cfg.train
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "norm" in name.lower() or "emb" in name.lower()
+        is_backbone = name.startswith("backbone.")
+        groups.setdefault((no_decay, is_backbone), []).append(p)
+    params = [{"params": ps, "weight_decay": 0.0 if nd else t.weight_decay,
+               "lr": (t.backbone_lr or t.lr) if bb else t.lr} for (nd, bb), ps in groups.items()]
+    return torch.optim.AdamW(params, lr=t.lr)
+
+
+def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None = None) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    t = cfg.train
+    mp = t.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(mixed_precision=mp)
+    set_seed(t.seed)
+    ds = dataset if dataset is not None else load_dataset(cfg)
+    out = Path(t.out)
+    best_dir, last_dir = out / "best", out / "last"
+    model = build_model(cfg, ds.items)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps))
+
+    step, best_score, bad_evals, best_valid, elapsed = 0, -1.0, 0, {}, 0.0
+    if resume:
+        if not (last_dir / "trainer" / "state.json").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint to resume in {last_dir}")
+        from safetensors.torch import load_model
+
+        load_model(model, str(last_dir / "model.safetensors"), strict=False)
+        state = load_trainer_state(last_dir, optimizer)
+        step, best_score, bad_evals = state["step"], state["best_score"], state["bad_evals"]
+        best_valid, elapsed = state.get("best_valid", {}), state.get("train_seconds", 0.0)
+        scheduler.load_state_dict(state["scheduler"])
+
+    model, optimizer = acc.prepare(model, optimizer)
+    core: Recommender = acc.unwrap_model(model)
+    seqs = training_sequences(ds, cfg.data.max_history)
+    if not seqs:
+        raise ValueError("no training sequences with at least 2 items")
+    valid = subsample(ds.split.valid, t.eval_users, t.seed)
+    world, rank = acc.num_processes, acc.process_index
+    batches_per_epoch = math.ceil(len(seqs) / t.batch_size)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.to_json() + "\n")
+    n_params = sum(p.numel() for p in core.parameters())
+    n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    log_path = out / "log.jsonl"
+
+    def log(record: dict) -> None:
+        if acc.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def validate() -> dict:
+        shard = valid[rank::world]
+        ranks = rank_examples(core, shard, max_history=cfg.data.max_history, batch_size=t.eval_batch_size)
+        all_ranks = gather_object(list(ranks)) if world > 1 else list(ranks)
+        return ranking_metrics(all_ranks)
+
+    def checkpoint(directory: Path, metrics: dict, with_trainer: bool) -> None:
+        if not acc.is_main_process:
+            return
+        state = None
+        if with_trainer:
+            state = {"step": step, "best_score": best_score, "bad_evals": bad_evals, "best_valid": best_valid,
+                     "train_seconds": elapsed + (time.perf_counter() - t0), "scheduler": scheduler.state_dict()}
+        save_checkpoint(directory, core, cfg, ds.items, dataset=ds.manifest(), trainer_state=state,
+                        optimizer=optimizer if with_trainer else None,
+                        metrics={**metrics, "step": step, "params": n_params, "trainable_params": n_train})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and acc.is_main_process),
+               desc=f"train {cfg.model}", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    stopped, seen, loss_ema = "max_steps", 0, None
+    model.train()
+    plan, plan_epoch_no = None, -1
+    while step < t.max_steps:
+        epoch, pos = divmod(step, batches_per_epoch)
+        if epoch != plan_epoch_no:
+            plan, plan_epoch_no = plan_epoch(seqs, t.batch_size, t.seed, epoch), epoch
+        batch_idx = plan[pos]
+        global_seqs = [seqs[i] for i in batch_idx]
+        shard = global_seqs[rank::world]
+        n_global = core.n_labels(global_seqs)
+        rng = np.random.default_rng([t.seed, step, rank])
+        batch = core.to_device(core.train_batch(shard, rng)) if shard else None
+        if batch is None:  # an uneven last batch can leave a process without examples
+            raise ValueError(f"batch of {len(global_seqs)} examples cannot be split over {world} processes")
+        with acc.autocast():
+            loss_sum = model(batch)
+        loss = loss_sum * (world / max(n_global, 1))
+        acc.backward(loss)
+        if t.grad_clip > 0:
+            acc.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seen += len(global_seqs)
+        lv = loss.item() / world
+        loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
+        rate = seen / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(loss=f"{loss_ema:.4f}", ex_s=f"{rate:.1f}")
+        bar.update(1)
+        out_of_time = t.max_minutes is not None and (elapsed + time.perf_counter() - t0) > 60 * t.max_minutes
+        if step % t.eval_every == 0 or step == t.max_steps or out_of_time:
+            metrics = validate()
+            log({"step": step, "loss": loss_ema, "valid": metrics, "seconds": elapsed + time.perf_counter() - t0})
+            score = metrics["ndcg@10"]
+            if score > best_score:
+                best_score, best_valid, bad_evals = score, metrics, 0
+                checkpoint(best_dir, {"valid": metrics}, with_trainer=False)
+            else:
+                bad_evals += 1
+            checkpoint(last_dir, {"valid": metrics}, with_trainer=True)
+            bar.write(f"step {step}: loss {loss_ema:.4f}  valid ndcg@10 {score:.4f}  recall@10 "
+                      f"{metrics['recall@10']:.4f}  (best {best_score:.4f})") if acc.is_main_process else None
+            if bad_evals >= t.patience:
+                stopped = "early_stopping"
+                break
+            if out_of_time:
+                stopped = "time_limit"
+                break
+        acc.wait_for_everyone() if world > 1 and step % t.eval_every == 0 else None
+    bar.close()
+    acc.wait_for_everyone()
+    total = elapsed + time.perf_counter() - t0
+    return TrainResult(out, best_dir, step, best_valid, total, stopped)
