@@ -60,6 +60,7 @@ class TrainConfig:
     warmup_steps: int = 50
     max_steps: int = 1000
     max_minutes: float | None = None  # stop (and keep the best checkpoint) after this long
+    stop_at: int | None = None  # pause after this step (schedule unchanged); continue with --resume
     grad_clip: float = 1.0
     eval_every: int = 200  # steps between validations (and checkpoints)
     eval_users: int | None = 2000  # validation users per evaluation (None: all), fixed subset

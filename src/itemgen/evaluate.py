@@ -52,3 +52,30 @@ def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example
         return examples
     idx = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
     return [examples[i] for i in idx]
+
+
+@torch.inference_mode()
+def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, max_history: int,
+                     batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100) -> dict:
+    """Metrics for decoders that return a top-k list only (structure, ANN, beam search): a target
+    outside the top ``cutoff`` gets rank cutoff + 1, so Recall/NDCG at K <= 20 are exact and MRR
+    is truncated at ``cutoff`` (reported as ``mrr_cutoff``)."""
+    t0 = time.perf_counter()
+    model.eval()
+    k = min(cutoff, model.n_items)
+    ranks = np.full(len(examples), k + 1, dtype=np.int64)
+    order = sorted(range(len(examples)), key=lambda i: min(len(examples[i].history), max_history))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        hist = [examples[i].history[-max_history:] for i in idx]
+        query = model.encode(model.to_device(model.query_batch(hist)))
+        _, top = decoder.topk(query, k, exclude=[examples[i].history for i in idx] if exclude_history else None)
+        top = top.cpu().numpy()
+        for row, i in enumerate(idx):
+            hit = np.flatnonzero(top[row] == examples[i].target)
+            if hit.size:
+                ranks[i] = hit[0] + 1
+    out = ranking_metrics(ranks)
+    out["mrr_cutoff"] = k
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out

@@ -35,7 +35,7 @@ class TrainResult:
     step: int
     best_valid: dict
     train_seconds: float
-    stopped: str  # max_steps | early_stopping | time_limit
+    stopped: str  # max_steps | early_stopping | time_limit | paused
 
 
 def load_dataset(cfg: Config) -> SequenceDataset:
@@ -196,7 +196,8 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         bar.set_postfix(loss=f"{loss_ema:.4f}", ex_s=f"{rate:.1f}")
         bar.update(1)
         out_of_time = t.max_minutes is not None and (elapsed + time.perf_counter() - t0) > 60 * t.max_minutes
-        if step % t.eval_every == 0 or step == t.max_steps or out_of_time:
+        paused = t.stop_at is not None and step >= t.stop_at
+        if step % t.eval_every == 0 or step == t.max_steps or out_of_time or paused:
             metrics = validate()
             log({"step": step, "loss": loss_ema, "valid": metrics, "seconds": elapsed + time.perf_counter() - t0})
             score = metrics["ndcg@10"]
@@ -213,6 +214,9 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
                 break
             if out_of_time:
                 stopped = "time_limit"
+                break
+            if paused:
+                stopped = "paused"
                 break
         acc.wait_for_everyone() if world > 1 and step % t.eval_every == 0 else None
     bar.close()

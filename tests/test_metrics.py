@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+import torch
+
+from itemgen.metrics import ranking_metrics, target_ranks
+
+
+def test_ranks_count_ties_against_the_model():
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.2],   # target 1 ties with item 2 -> rank 2
+                           [0.9, 0.1, 0.1, 0.1],   # target 0 strictly best -> rank 1
+                           [0.3, 0.3, 0.3, 0.3]])  # all tied -> rank 4
+    ranks = target_ranks(scores, torch.tensor([1, 0, 3]))
+    assert ranks.tolist() == [2, 1, 4]
+
+
+def test_metrics_hand_computed():
+    m = ranking_metrics([1, 2, 4, 11, 30])
+    assert m["recall@1"] == pytest.approx(1 / 5)
+    assert m["recall@5"] == pytest.approx(3 / 5)
+    assert m["recall@10"] == pytest.approx(3 / 5)
+    assert m["recall@20"] == pytest.approx(4 / 5)
+    ndcg10 = (1 + 1 / np.log2(3) + 1 / np.log2(5)) / 5
+    assert m["ndcg@10"] == pytest.approx(ndcg10)
+    assert m["ndcg@5"] == pytest.approx(ndcg10)
+    assert m["ndcg@20"] == pytest.approx(ndcg10 + 1 / np.log2(12) / 5)
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4 + 1 / 11 + 1 / 30) / 5)
+    assert m["users"] == 5
+
+
+def test_metrics_reject_bad_ranks():
+    with pytest.raises(ValueError):
+        ranking_metrics([])
+    with pytest.raises(ValueError):
+        ranking_metrics([0, 1])
