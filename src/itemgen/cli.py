@@ -14,7 +14,7 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="itemgen: LLM-based sequential recommendation with items as single tokens.")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # never wrap paths in error messages
 
 try:  # the data command group lives in its own module
     from itemgen.cli_data import app as data_app

@@ -1,0 +1,65 @@
+"""The command line end to end on a tiny prepared dataset, and its errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from itemgen.cli import app
+from itemgen.synthetic import make_dataset
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    make_dataset(n_users=300, n_items=30, noise=0.0, seed=2).save(data)
+    cfg = root / "sasrec.yaml"
+    cfg.write_text(f"model: sasrec\ndata:\n  path: {data}\n  max_history: 10\nsasrec:\n  dropout: 0.0\n"
+                   f"train:\n  out: {root / 'run'}\n  max_steps: 60\n  eval_every: 30\n  lr: 0.005\n  progress: false\n")
+    res = runner.invoke(app, ["train", str(cfg)])
+    assert res.exit_code == 0, res.output
+    return root, data, root / "run" / "best"
+
+
+def test_train_evaluate_recommend(run):
+    root, data, ckpt = run
+    res = runner.invoke(app, ["evaluate", str(ckpt), "--split", "test"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((ckpt / "eval_test.json").read_text())
+    assert report["metrics"]["users"] == 300 and report["split"] == "test"
+    assert report["git_commit"] is None or len(report["git_commit"]) == 40
+    res = runner.invoke(app, ["recommend", str(ckpt), "--history", "I00001,I00002", "-k", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    recs = json.loads(res.output)
+    assert len(recs) == 3 and {"id", "score", "title"} <= recs[0].keys()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "model=sasrec", "train.lr=-1"], "train.lr must be > 0"),
+    (["train", "model=sasrec", "train.bogus=1"], "unknown config key in train: bogus"),
+    (["train", "model=sasrec", "data.path=/nonexistent/x"], "not a prepared dataset"),
+    (["train", "model=sasrec"], "data.path is not set"),
+])
+def test_bad_train_input(args, message):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    assert message in res.output
+
+
+def test_bad_recommend_and_evaluate_input(run, tmp_path):
+    root, data, ckpt = run
+    res = runner.invoke(app, ["recommend", str(ckpt), "--history", "I00001,BOGUS1,BOGUS2"])
+    assert res.exit_code == 2 and "unknown item ids: BOGUS1, BOGUS2" in res.output
+    res = runner.invoke(app, ["recommend", str(ckpt), "--history", "I00001", "-k", "0"])
+    assert res.exit_code == 2 and "k must be between 1 and the catalog size 30" in res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path)])
+    assert res.exit_code == 2 and "not an itemgen checkpoint" in res.output
+    res = runner.invoke(app, ["evaluate", str(ckpt), "--split", "train"])
+    assert res.exit_code == 2 and "--split must be test or valid" in res.output
+    other = tmp_path / "other"
+    make_dataset(n_users=300, n_items=30, noise=0.0, seed=9).save(other)
+    res = runner.invoke(app, ["evaluate", str(ckpt), "--data", str(other)])
+    assert res.exit_code == 2 and "item indices would not match" in res.output
