@@ -1,0 +1,97 @@
+"""Frozen-LLM item-encoder mode (ILM idea): training leaves the backbone bit-identical (so its
+text generation is unchanged) while the item parts learn; LoRA adapters train on top of it."""
+
+import pytest
+import torch
+
+from itemgen.checkpoint import load_checkpoint
+from itemgen.config import ConfigError, from_dict
+from itemgen.data import ItemTable, SequenceDataset
+from itemgen.item_encoder import ItemEncoder, adapters_disabled, text_features
+from itemgen.recommender import build_model
+from itemgen.synthetic import make_dataset
+from itemgen.train import make_optimizer, train
+
+
+def config(out, **itemlm):
+    m = {"backbone": "tiny", "prompt": "compact", "item_dim": 16, "freeze_backbone": True, **itemlm}
+    return from_dict({"model": "itemlm", "itemlm": m, "data": {"path": "x", "max_history": 6},
+                      "train": {"out": str(out), "max_steps": 4, "eval_every": 4, "eval_users": 20,
+                                "progress": False, "lr": 1e-2, "batch_size": 16, "warmup_steps": 1}})
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset(n_users=64, n_items=30, min_len=4, max_len=6, seed=3)
+
+
+def greedy(backbone, tokenizer, text="red stapler 3 by Acme"):
+    ids = torch.as_tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        return backbone.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("encoder,lora_r", [("text+id", 0), ("text", 4)])
+def test_frozen_training_leaves_backbone_bit_identical(data, tmp_path, encoder, lora_r):
+    cfg = config(tmp_path, item_encoder=encoder, lora_r=lora_r)
+    before = build_model(cfg, data.items)  # the tiny backbone is seeded: the same weights train() starts from
+    gen_before = greedy(before.backbone, before.tokenizer)
+    result = train(cfg, dataset=data)
+    after, _, _ = load_checkpoint(result.out / "last")
+    sd0, sd1 = before.state_dict(), after.state_dict()
+    assert sd0.keys() == sd1.keys()
+    base = [k for k in sd0 if k.startswith("backbone.") and "lora_" not in k]
+    assert base and all(torch.equal(sd0[k], sd1[k]) for k in base)
+    # the item parts learned (LoRA B starts at zero, so a change there means the adapters trained)
+    learned = ["item_encoder.text_proj.weight", "item_proj.0.weight", "head.item_out"]
+    learned += ["item_embed.weight"] if encoder == "text+id" else []
+    learned += [k for k in sd0 if "lora_B" in k]
+    for k in learned:
+        assert not torch.equal(sd0[k], sd1[k]), k
+    assert torch.equal(sd0["item_encoder.text_feat"], sd1["item_encoder.text_feat"])  # fixed features round-trip
+    with adapters_disabled(after.backbone):
+        assert torch.equal(greedy(after.backbone, after.tokenizer), gen_before)
+    # only non-backbone parameters (and LoRA adapters) reach the optimizer
+    n_opt = sum(p.numel() for g in make_optimizer(after, cfg).param_groups for p in g["params"])
+    n_item = sum(p.numel() for n, p in after.named_parameters() if not n.startswith("backbone.") or "lora_" in n)
+    assert n_opt == n_item < sum(p.numel() for p in after.parameters())
+
+
+def test_full_finetuning_changes_the_backbone(data, tmp_path):
+    """The control for the test above: without freezing, the same run moves backbone weights."""
+    cfg = config(tmp_path, freeze_backbone=False)
+    before = build_model(cfg, data.items)
+    after, _, _ = load_checkpoint(train(cfg, dataset=data).out / "last")
+    assert not torch.equal(before.state_dict()["backbone.model.layers.0.mlp.up_proj.weight"],
+                           after.state_dict()["backbone.model.layers.0.mlp.up_proj.weight"])
+
+
+def test_text_features_are_masked_means_and_standardised():
+    from itemgen.backbones import load_backbone
+
+    backbone, tok = load_backbone("tiny")
+    texts = ["blue pen", None, "a much longer title of an item", "lamp", "green desk chair"]
+    feats = text_features(backbone, tok, texts, batch_size=2)
+    ids = tok("blue pen", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        h = backbone.model(input_ids=torch.as_tensor([ids])).last_hidden_state[0]  # (n, H), no padding
+    assert torch.allclose(feats[0], h.mean(0), atol=1e-5)  # padding in the batch changes nothing
+    assert torch.equal(feats[1], torch.zeros_like(feats[1]))
+    enc = ItemEncoder(5, feats.shape[1], 4)
+    enc.set_features(feats)
+    kept = enc.text_feat[[0, 2, 3, 4]]
+    assert torch.allclose(kept.mean(0), torch.zeros(feats.shape[1]), atol=1e-4)
+    assert torch.allclose(kept.std(0, unbiased=False), torch.ones(feats.shape[1]), atol=1e-3)
+    assert torch.equal(enc.text_feat[1], torch.zeros_like(enc.text_feat[1]))
+    with pytest.raises(ValueError, match="expected"):
+        enc.set_features(torch.zeros(2, feats.shape[1]))
+
+
+def test_config_errors(data, tmp_path):
+    with pytest.raises(ConfigError, match="itemlm.item_encoder: none|text|text\\+id"):
+        config(tmp_path, item_encoder="bag")
+    with pytest.raises(ConfigError, match="needs itemlm.freeze_backbone=true"):
+        config(tmp_path, freeze_backbone=False, lora_r=4)
+    no_titles = SequenceDataset("bare", ItemTable([f"i{i}" for i in range(5)]), ["u"], [torch.arange(5).numpy()])
+    with pytest.raises(ValueError, match="needs item titles"):
+        build_model(config(tmp_path, item_encoder="text"), no_titles.items)
