@@ -38,7 +38,9 @@ class ItemLMConfig:
     head: str = "full"  # full softmax over text tokens and items (two_level: see heads.py)
     text_vocab_in_softmax: bool = True  # normalise over V u I as in the paper (False: items only)
     prompt: str = "default"  # default: the paper's wording; compact: ids and separators only
-    freeze_backbone: bool = False
+    freeze_backbone: bool = False  # only item table, item encoder, projection and head train
+    item_encoder: str = "none"  # none | text | text+id: item input vectors from title features (item_encoder.py)
+    lora_r: int = 0  # > 0: LoRA adapters of this rank on the frozen backbone (needs freeze_backbone)
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,10 @@ def validate(cfg: Config) -> None:
         (m.prompt in ("default", "compact"), "itemlm.prompt: default|compact"),
         (m.item_dim >= 1, "itemlm.item_dim must be >= 1"),
         (m.n_layers is None or m.n_layers >= 1, "itemlm.n_layers must be >= 1"),
+        (m.item_encoder in ("none", "text", "text+id"), "itemlm.item_encoder: none|text|text+id"),
+        (m.lora_r >= 0, "itemlm.lora_r must be >= 0"),
+        (m.lora_r == 0 or m.freeze_backbone, "itemlm.lora_r > 0 needs itemlm.freeze_backbone=true "
+                                             "(LoRA trains adapters on a frozen backbone)"),
         (cfg.sasrec.hidden % cfg.sasrec.n_heads == 0, "sasrec.hidden must be divisible by sasrec.n_heads"),
     ]
     for ok, msg in checks:

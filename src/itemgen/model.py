@@ -16,6 +16,7 @@ from torch import nn
 from itemgen.config import Config, ItemLMConfig
 from itemgen.data import ItemTable
 from itemgen.heads import FullSoftmaxHead
+from itemgen.item_encoder import ItemEncoder, add_lora
 from itemgen.prompts import PromptBuilder, collate
 from itemgen.recommender import Recommender
 
@@ -30,7 +31,9 @@ class ItemLM(Recommender):
         self.backbone = backbone
         self.tokenizer = tokenizer
         H = backbone.config.hidden_size
-        self.item_embed = nn.Embedding(self.n_items, cfg.item_dim)  # (I, d_item)
+        # item input vectors: ID table and/or an encoder of item text (item_encoder.py)
+        self.item_embed = nn.Embedding(self.n_items, cfg.item_dim) if cfg.item_encoder != "text" else None  # (I, d_item)
+        self.item_encoder = ItemEncoder(self.n_items, H, cfg.item_dim) if cfg.item_encoder != "none" else None
         self.item_proj = nn.Sequential(nn.Linear(cfg.item_dim, H), nn.GELU(), nn.Linear(H, H))
         text_weight = (lambda: self.backbone.get_output_embeddings().weight) if cfg.text_vocab_in_softmax else None
         if cfg.head != "full":
@@ -41,6 +44,8 @@ class ItemLM(Recommender):
         if cfg.freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
+        if cfg.lora_r > 0:
+            add_lora(self.backbone, cfg.lora_r)
 
     @classmethod
     def build(cls, cfg: Config, items: ItemTable, checkpoint_dir=None) -> "ItemLM":
@@ -57,7 +62,10 @@ class ItemLM(Recommender):
             tokenizer = AutoTokenizer.from_pretrained(bdir)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-        return cls(backbone, tokenizer, items, cfg.itemlm)
+        model = cls(backbone, tokenizer, items, cfg.itemlm)
+        if checkpoint_dir is None and model.item_encoder is not None:  # once; the checkpoint keeps them
+            model.item_encoder.fit_text(backbone, tokenizer, items.fields.get("title"))
+        return model
 
     def save_architecture(self, directory: Path) -> None:
         bdir = Path(directory) / "backbone"
@@ -70,11 +78,18 @@ class ItemLM(Recommender):
         """The transformer without its LM head: we never want V-sized logits everywhere."""
         return getattr(self.backbone, self.backbone.base_model_prefix)
 
+    def item_input(self, items: torch.Tensor) -> torch.Tensor:
+        """item indices (...) -> (..., d_item): ID vector, text-encoder vector, or their sum."""
+        vec = self.item_embed(items) if self.item_embed is not None else None
+        if self.item_encoder is not None:
+            vec = self.item_encoder(items) if vec is None else vec + self.item_encoder(items)
+        return vec
+
     def embed(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """tokens, items (B, L) -> inputs_embeds (B, L, H)."""
         text = self.backbone.get_input_embeddings()(tokens)  # (B, L, H)
         is_item = items >= 0
-        item = self.item_proj(self.item_embed(items.clamp(min=0)))  # (B, L, H)
+        item = self.item_proj(self.item_input(items.clamp(min=0)))  # (B, L, H)
         return torch.where(is_item[..., None], item.to(text.dtype), text)
 
     def hidden(self, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
