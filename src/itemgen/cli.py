@@ -22,6 +22,14 @@ try:  # the data command group lives in its own module
     app.add_typer(data_app, name="data", help="Prepare, download and inspect datasets.")
 except ImportError:  # pragma: no cover
     pass
+from itemgen.cli_scale import clusters_app, index_app  # noqa: E402  (two-level softmax, ANN)
+
+app.add_typer(clusters_app, name="clusters")
+app.add_typer(index_app, name="index")
+
+from itemgen.cli_serve import serve as _serve  # noqa: E402  (the HTTP server command, cli_serve.py)
+
+app.command(name="serve")(_serve)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -120,7 +128,7 @@ def recommend(checkpoint: Path = typer.Argument(..., help="checkpoint directory"
 def quickstart(data: Optional[Path] = typer.Option(None, help="prepared dataset dir (default: synthetic)"),
                out: Path = typer.Option(Path("runs/quickstart"), help="where runs go"),
                backbone: str = typer.Option("smollm2-135m", help="ItemLM backbone (tiny for a smoke run)"),
-               n_layers: Optional[int] = typer.Option(4, help="keep the first N backbone layers (CPU profile)"),
+               n_layers: Optional[int] = typer.Option(2, help="keep the first N backbone layers (CPU profile)"),
                minutes: float = typer.Option(3.0, help="training time budget per model")):
     """Prepare data, train ItemLM and SASRec, evaluate both on the test split, recommend."""
     from itemgen.quickstart import run

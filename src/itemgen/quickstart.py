@@ -34,7 +34,8 @@ def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, mi
         "sasrec": {"model": "sasrec", **common,
                    "train": {**common["train"], "out": str(out / "sasrec"), "lr": 1e-3, "batch_size": 128}},
         "itemlm": {"model": "itemlm", **common,
-                   "itemlm": {"backbone": backbone, "n_layers": n_layers},
+                   "itemlm": {"backbone": backbone, "n_layers": n_layers, "prompt": "compact",
+                              "fields": ["title", "brand", "category"], "max_field_tokens": 8},
                    "train": {**common["train"], "out": str(out / "itemlm"), "lr": 1e-3,
                              "backbone_lr": 2e-4, "batch_size": 32}},
     }

@@ -1,0 +1,155 @@
+"""Quality benchmark: ItemLM against SASRec on the shared Amazon datasets, same split, full
+catalog, test users. Writes benchmarks/results/quality.json (rows merged by dataset+variant, so
+runs can be split over several invocations) and the table in docs/quality.md.
+
+    python benchmarks/quality.py                          # every dataset, every default variant
+    python benchmarks/quality.py --datasets scientific --variants itemlm,sasrec
+    python benchmarks/quality.py --variants itemlm --set itemlm.head=two_level ...   # extra overrides
+
+Profiles: ``cpu`` (default; what these 2-core machines can train in minutes: SmolLM2-135M cut
+to its first 2 layers, compact prompt, a fixed step budget) and ``gpu`` (all 30 layers, the
+paper's prompt, more steps). Every row records its profile and the full config it ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from itemgen.api import evaluate_checkpoint, run_info  # noqa: E402
+from itemgen.config import from_dict  # noqa: E402
+from itemgen.data import SequenceDataset, atomic_write_text  # noqa: E402
+from itemgen.train import train  # noqa: E402
+
+DATASETS = {  # name -> folder under ../shared/datasets
+    "scientific": "amazon2018-scientific",
+    "office": "amazon2014-office",
+    "instruments": "amazon2018-instruments",
+}
+
+PROFILES = {
+    "cpu": {
+        "itemlm": {"itemlm": {"backbone": "smollm2-135m", "n_layers": 2, "prompt": "compact",
+                              "fields": ["title", "brand", "category"], "max_field_tokens": 8},
+                   "train": {"batch_size": 32, "max_steps": 800, "lr": 2e-3, "backbone_lr": 5e-4,
+                             "eval_every": 200, "warmup_steps": 50}},
+        "sasrec": {"train": {"batch_size": 128, "max_steps": 2000, "lr": 2e-3, "eval_every": 200,
+                             "warmup_steps": 50}},
+    },
+    "gpu": {
+        "itemlm": {"itemlm": {"backbone": "smollm2-135m", "prompt": "default"},
+                   "train": {"batch_size": 64, "max_steps": 20000, "lr": 1e-3, "backbone_lr": 1e-4,
+                             "eval_every": 1000, "warmup_steps": 500, "weight_decay": 1e-5}},
+        "sasrec": {"train": {"batch_size": 256, "max_steps": 20000, "lr": 1e-3, "eval_every": 1000}},
+    },
+}
+
+# variant -> (model, overrides on top of the profile)
+VARIANTS = {
+    "sasrec": ("sasrec", {}),
+    "itemlm": ("itemlm", {}),  # text in training (25% ID-only examples), every slot supervised
+    "itemlm-idonly": ("itemlm", {"itemlm": {"id_only_share": 1.0}}),
+    "itemlm-last": ("itemlm", {"itemlm": {"supervise": "last"}}),
+}
+DEFAULT_VARIANTS = ["sasrec", "itemlm"]
+
+
+def merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def prepare(name: str, data_root: Path, cache: Path) -> Path:
+    out = cache / name
+    if not (out / "manifest.json").is_file():
+        from itemgen.loaders import load_lcrec
+
+        load_lcrec(data_root / DATASETS[name], name=name).save(out)
+    return out
+
+
+def set_path(tree: dict, dotted: str, raw: str) -> None:
+    import yaml
+
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = yaml.safe_load(raw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--profile", default="cpu", choices=list(PROFILES))
+    ap.add_argument("--name", default=None, help="row name (default: the variant; use with --set)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "datasets")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    args = ap.parse_args()
+    if not args.data_root.is_dir():
+        sys.exit(f"datasets not found at {args.data_root} (see ../shared/datasets/README.md)")
+    info = run_info()
+    results = json.loads(args.results.read_text()) if args.results.is_file() else {"rows": []}
+    for dname in args.datasets.split(","):
+        if dname not in DATASETS:
+            sys.exit(f"unknown dataset {dname!r} (known: {', '.join(DATASETS)})")
+        path = prepare(dname, args.data_root, args.work / "data")
+        ds = SequenceDataset.load(path)
+        for vname in args.variants.split(","):
+            if vname not in VARIANTS:
+                sys.exit(f"unknown variant {vname!r} (known: {', '.join(VARIANTS)})")
+            model, extra = VARIANTS[vname]
+            row_name = args.name or vname
+            values = merge({"model": model, "data": {"path": str(path), "max_history": 20}},
+                           merge(PROFILES[args.profile][model], extra))
+            for kv in args.set:
+                key, _, raw = kv.partition("=")
+                set_path(values, key, raw)
+            values = merge(values, {"train": {"out": str(args.work / dname / row_name), "eval_users": 1000,
+                                              "patience": 3, "progress": False}})
+            cfg = from_dict(values)
+            print(f"== {dname} / {row_name} ({args.profile})", flush=True)
+            t0 = time.time()
+            res = train(cfg, dataset=ds)
+            report = evaluate_checkpoint(res.best, split="test")
+            row = {"dataset": dname, "variant": row_name, "model": model, "profile": args.profile,
+                   "test": report["metrics"], "best_valid": res.best_valid, "steps": res.step,
+                   "stopped": res.stopped, "train_seconds": round(res.train_seconds, 1),
+                   "wall_seconds": round(time.time() - t0, 1), "eval_seconds": report["metrics"]["seconds"],
+                   "config": cfg.to_dict(), **info}
+            print(json.dumps({k: row[k] for k in ("dataset", "variant", "steps", "train_seconds")}),
+                  {k: round(row["test"][k], 4) for k in ("recall@1", "recall@10", "ndcg@10", "mrr")}, flush=True)
+            results["rows"] = [r for r in results["rows"] if (r["dataset"], r["variant"]) != (dname, row_name)]
+            results["rows"].append(row)
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.results, json.dumps(results, indent=2) + "\n")
+            write_table(results, ROOT / "docs" / "quality.md")
+
+
+def write_table(results: dict, path: Path) -> None:
+    lines = ["# Quality: ItemLM vs SASRec (full catalog, leave-one-out, test users)", "",
+             "Generated by `python benchmarks/quality.py` from `benchmarks/results/quality.json`; every row's",
+             "config, command, commit and hardware are in that file.", "",
+             "| dataset | variant | profile | Recall@1 | Recall@10 | NDCG@10 | MRR | steps | train s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(results["rows"], key=lambda r: (r["dataset"], r["variant"])):
+        t = r["test"]
+        lines.append(f"| {r['dataset']} | {r['variant']} | {r['profile']} | {t['recall@1']:.4f} | "
+                     f"{t['recall@10']:.4f} | {t['ndcg@10']:.4f} | {t['mrr']:.4f} | {r['steps']} | "
+                     f"{r['train_seconds']:.0f} |")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
