@@ -52,6 +52,34 @@ class SASRecConfig:
 
 
 @dataclass(frozen=True)
+class BERT4RecConfig:
+    hidden: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    mask_prob: float = 0.2  # each training sequence masks max(1, ceil(mask_prob * len)) random positions
+    mask_last_prob: float = 0.5  # share of training sequences whose masks include the last item
+
+
+@dataclass(frozen=True)
+class GRU4RecConfig:
+    hidden: int = 64  # GRU state width; item embeddings are this wide too
+    n_layers: int = 1
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Training loss over the catalog (losses.py). ``full``: cross-entropy over every item; the
+    sampled kinds see ``negatives`` items drawn per batch (shared by every label in it)."""
+    kind: str = "full"  # full | sampled_softmax | warp | lambdarank
+    negatives: int = 256
+    sampler: str = "uniform"  # uniform | popularity (training-split counts + 1)
+    correction: bool = True  # logQ (softmax); catalog-scaled, importance-weighted rank (warp, lambdarank)
+    margin: float = 1.0  # WARP hinge margin
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/default"
     seed: int = 0
@@ -74,10 +102,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: str = "itemlm"  # itemlm | sasrec
+    model: str = "itemlm"  # itemlm | sasrec | bert4rec | gru4rec
     data: DataConfig = field(default_factory=DataConfig)
     itemlm: ItemLMConfig = field(default_factory=ItemLMConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
+    gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -226,6 +257,15 @@ def validate(cfg: Config) -> None:
         (m.lora_r == 0 or m.freeze_backbone, "itemlm.lora_r > 0 needs itemlm.freeze_backbone=true "
                                              "(LoRA trains adapters on a frozen backbone)"),
         (cfg.sasrec.hidden % cfg.sasrec.n_heads == 0, "sasrec.hidden must be divisible by sasrec.n_heads"),
+        (cfg.bert4rec.hidden % cfg.bert4rec.n_heads == 0, "bert4rec.hidden must be divisible by bert4rec.n_heads"),
+        (0.0 < cfg.bert4rec.mask_prob <= 1.0, "bert4rec.mask_prob must be in (0, 1]"),
+        (0.0 <= cfg.bert4rec.mask_last_prob <= 1.0, "bert4rec.mask_last_prob must be in [0, 1]"),
+        (cfg.gru4rec.hidden >= 1 and cfg.gru4rec.n_layers >= 1, "gru4rec.hidden and gru4rec.n_layers must be >= 1"),
+        (cfg.loss.kind in ("full", "sampled_softmax", "warp", "lambdarank"),
+         "loss.kind: full|sampled_softmax|warp|lambdarank"),
+        (cfg.loss.negatives >= 1, "loss.negatives must be >= 1"),
+        (cfg.loss.sampler in ("uniform", "popularity"), "loss.sampler: uniform|popularity"),
+        (cfg.loss.margin >= 0, "loss.margin must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:

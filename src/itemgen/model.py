@@ -111,6 +111,8 @@ class ItemLM(Recommender):
     def loss(self, batch):
         h = self.hidden(batch)  # (B, L, H)
         sel = batch["labels"] >= 0  # (B, L)
+        if self.sampled_loss is not None:  # loss.kind != full: sampled items only, text tokens left out
+            return self.sampled_loss(h[sel], batch["labels"][sel], self.head.item_vectors())
         return self.head.loss(h[sel], batch["labels"][sel])  # only N label positions reach the head
 
     # ---- inference ---------------------------------------------------------------------

@@ -18,12 +18,15 @@ if TYPE_CHECKING:
     from itemgen.config import Config
     from itemgen.data import ItemTable
 
-MODEL_NAMES = ("itemlm", "sasrec")
+MODEL_NAMES = ("itemlm", "sasrec", "bert4rec", "gru4rec")
 
 
 class Recommender(nn.Module):
     name: str = "base"
     n_items: int
+    # set by losses.attach_loss when config loss.kind != full; models then route the final states at
+    # label positions through it instead of the full-catalog cross-entropy
+    sampled_loss = None
 
     # ---- training ----------------------------------------------------------------------
     def train_batch(self, seqs: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -79,4 +82,12 @@ def build_model(cfg: "Config", items: "ItemTable", checkpoint_dir=None) -> Recom
         from itemgen.sasrec import SASRec
 
         return SASRec(len(items), cfg.sasrec, cfg.data.max_history)
+    if cfg.model == "bert4rec":
+        from itemgen.bert4rec import BERT4Rec
+
+        return BERT4Rec(len(items), cfg.bert4rec, cfg.data.max_history)
+    if cfg.model == "gru4rec":
+        from itemgen.gru4rec import GRU4Rec
+
+        return GRU4Rec(len(items), cfg.gru4rec, cfg.data.max_history)
     raise ValueError(f"unknown model {cfg.model!r} (known: {', '.join(MODEL_NAMES)})")

@@ -59,6 +59,8 @@ class SASRec(Recommender):
     def loss(self, batch):
         h = self.hidden(batch["x"])  # (B, L, d)
         sel = batch["y"] >= 0
+        if self.sampled_loss is not None:  # loss.kind != full (losses.py)
+            return self.sampled_loss(h[sel], batch["y"][sel], self.item_emb.weight[1:])
         logits = h[sel] @ self.item_emb.weight[1:].T  # (N, I), label positions only
         return F.cross_entropy(logits.float(), batch["y"][sel], reduction="sum")
 

@@ -127,6 +127,10 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
     seqs = training_sequences(ds, cfg.data.max_history)
     if not seqs:
         raise ValueError("no training sequences with at least 2 items")
+    if cfg.loss.kind != "full":  # sampled losses; the popularity proposal counts the training split
+        from itemgen.losses import attach_loss, item_counts
+
+        attach_loss(core, cfg.loss, item_counts(ds.split.train, ds.n_items))
     valid = subsample(ds.split.valid, t.eval_users, t.seed)
     world, rank = acc.num_processes, acc.process_index
     batches_per_epoch = math.ceil(len(seqs) / t.batch_size)
