@@ -22,6 +22,10 @@ try:  # the data command group lives in its own module
     app.add_typer(data_app, name="data", help="Prepare, download and inspect datasets.")
 except ImportError:  # pragma: no cover
     pass
+from itemgen.report import report_command  # noqa: E402  (itemgen report: report.py)
+
+app.command(name="report")(report_command)
+
 from itemgen.cli_scale import clusters_app, index_app  # noqa: E402  (two-level softmax, ANN)
 
 app.add_typer(clusters_app, name="clusters")

@@ -42,6 +42,17 @@ class ExactTopK:
 DECODERS = {"exact": ExactTopK}
 
 
+def _l2d(kind: str):
+    def make(model: Recommender, **kwargs):
+        from itemgen.l2d import L2DTopK  # l2d.py imports this module
+
+        return L2DTopK(model, kind=kind, **kwargs)
+    return make
+
+
+DECODERS.update(l2d_global=_l2d("global"), l2d_local=_l2d("local"))  # latent-space decoding (l2d.py)
+
+
 def make_decoder(name: str, model: Recommender, **kwargs):
     if name not in DECODERS:
         raise ValueError(f"decoder {name!r} is not available for this model (available: {', '.join(DECODERS)})")
