@@ -122,6 +122,64 @@ class ItemLM(Recommender):
     def encode(self, batch):
         return self.hidden(batch)[:, -1]  # (B, H): left padding puts every query last
 
+    # ---- serving: reuse keys/values instead of recomputing them (serve.py, sessions.py) ----
+    def new_cache(self, like=None):
+        """An empty DynamicCache, or one holding ``like``'s keys/values expanded to ``like``'s
+        batch size (``like=(cache, B)``). Tensors are shared, never written in place: updates
+        concatenate and crop slices, so the source cache stays valid."""
+        from transformers import DynamicCache
+
+        if like is None:
+            return DynamicCache(config=self.backbone.config)
+        src, B = like
+        return DynamicCache([(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1))
+                             for layer in src.layers], config=self.backbone.config)
+
+    def extend(self, cache, tokens: torch.Tensor, items: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run positions tokens/items (B, S) on top of ``cache`` (which grows by S);
+        attention_mask (B, past + S) or None for no padding -> hidden states (B, S, H)."""
+        past = cache.get_seq_length()
+        B, S = tokens.shape
+        pos = torch.arange(past, past + S, device=tokens.device)[None].expand(B, S)
+        out = self.decoder(inputs_embeds=self.embed(tokens, items), attention_mask=attention_mask,
+                           position_ids=pos, cache=cache, use_cache=True)
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def prefix_cache(self):
+        """Keys/values (1 row) of the constant prompt prefix every inference prompt starts with.
+        Compute once per loaded model (stale if the weights change) and pass to encode_cached."""
+        cache = self.new_cache()
+        p = torch.as_tensor(self.prompts.prefix, dtype=torch.long, device=self.device)[None]  # (1, P)
+        if p.shape[1]:
+            self.extend(cache, p, torch.full_like(p, -1))
+        return cache
+
+    @torch.inference_mode()
+    def encode_cached(self, histories: list[np.ndarray], prefix) -> torch.Tensor:
+        """= encode(query_batch(histories)), but the prompt prefix comes from ``prefix``
+        (prefix_cache()) instead of being recomputed for every row -> (B, H)."""
+        P = prefix.get_seq_length()
+        if P == 0:
+            return self.encode(self.to_device(self.query_batch(histories)))
+        enc = [self.prompts.inference_prompt(h) for h in histories]
+        B, S = len(enc), max(len(e) for e in enc) - P
+        tokens = torch.full((B, S), self.pad_token, dtype=torch.long)
+        items = torch.full((B, S), -1, dtype=torch.long)
+        mask = torch.zeros((B, P + S), dtype=torch.long)
+        mask[:, :P] = 1
+        lengths = torch.tensor([len(e) - P for e in enc])  # (B,)
+        for b, e in enumerate(enc):  # right-pad the part after the prefix: causal rows never see pads
+            n = len(e) - P
+            t = torch.from_numpy(e.tokens[P:])
+            tokens[b, :n] = torch.where(t >= 0, t, self.pad_token)
+            items[b, :n] = torch.from_numpy(e.items[P:])
+            mask[b, P:P + n] = 1
+        dev = self.device
+        h = self.extend(self.new_cache((prefix, B)), tokens.to(dev), items.to(dev), mask.to(dev))  # (B, S, H)
+        return h[torch.arange(B, device=dev), lengths.to(dev) - 1]  # (B, H)
+
     def score_items(self, query):
         return self.head.item_log_probs(query)
 
