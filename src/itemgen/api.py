@@ -111,9 +111,12 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", decode: 
     else:
         from itemgen.evaluate import evaluate_decoder
 
-        metrics = evaluate_decoder(model, make_decoder(decode, model, checkpoint_dir=checkpoint), examples,
+        decoder = make_decoder(decode, model, checkpoint_dir=checkpoint)
+        metrics = evaluate_decoder(model, decoder, examples,
                                    max_history=cfg.data.max_history, batch_size=batch_size,
                                    exclude_history=exclude_history)
+        if hasattr(decoder, "stats"):  # e.g. clusters opened (structure), index type (ann)
+            metrics["decoder"] = decoder.stats()
     report = {"checkpoint": str(checkpoint), "model": cfg.model, "dataset": ds.name, "split": split,
               "decode": decode, "exclude_history": exclude_history, "metrics": metrics, **run_info()}
     path = Path(out) if out is not None else checkpoint / f"eval_{split}{'' if decode == 'exact' else '_' + decode}.json"

@@ -35,7 +35,10 @@ class ItemLMConfig:
     field_keep_prob: float = 0.5  # otherwise each item keeps each field with this probability
     max_field_tokens: int = 16  # per field value
     supervise: str = "all"  # all: every item slot predicts its item (SASRec-style); last: final label only
-    head: str = "full"  # full softmax over text tokens and items (two_level: see heads.py)
+    head: str = "full"  # full softmax over text tokens and items | two_level: over clusters, then members (heads.py)
+    clusters: str = ""  # two_level: cluster file; "" = DATA/clusters/<cluster_method>.json (built if missing)
+    cluster_method: str = "kmeans"  # kmeans | frequency | random (clusters.py)
+    n_clusters: int | None = None  # None: about sqrt(|I|)
     text_vocab_in_softmax: bool = True  # normalise over V u I as in the paper (False: items only)
     prompt: str = "default"  # default: the paper's wording; compact: ids and separators only
     freeze_backbone: bool = False  # only item table, item encoder, projection and head train
@@ -252,6 +255,9 @@ def validate(cfg: Config) -> None:
         (m.prompt in ("default", "compact"), "itemlm.prompt: default|compact"),
         (m.item_dim >= 1, "itemlm.item_dim must be >= 1"),
         (m.n_layers is None or m.n_layers >= 1, "itemlm.n_layers must be >= 1"),
+        (m.head in ("full", "two_level"), "itemlm.head: full|two_level"),
+        (m.cluster_method in ("kmeans", "frequency", "random"), "itemlm.cluster_method: kmeans|frequency|random"),
+        (m.n_clusters is None or m.n_clusters >= 1, "itemlm.n_clusters must be >= 1"),
         (m.item_encoder in ("none", "text", "text+id"), "itemlm.item_encoder: none|text|text+id"),
         (m.lora_r >= 0, "itemlm.lora_r must be >= 0"),
         (m.lora_r == 0 or m.freeze_backbone, "itemlm.lora_r > 0 needs itemlm.freeze_backbone=true "

@@ -47,3 +47,110 @@ class FullSoftmaxHead(nn.Module):
         """h (B, H) -> (B, I) log P(item | h), normalised over V u I."""
         logits = self.logits(h).float()
         return logits[:, logits.shape[1] - self.n_items:] - torch.logsumexp(logits, dim=1, keepdim=True)
+
+
+class TwoLevelHead(nn.Module):
+    """Two-level softmax (method.md 4.2): P(t | h) = P(c(t) | h) * P(t | c(t), h).
+
+    Level 1 is a softmax over |V| + |C| clusters: every text token is its own cluster (centroid =
+    its output embedding), item clusters have learned centroids (C, H). Level 2 is a softmax over
+    the members of one cluster with the item output vectors (I, H). A label costs
+    O((|V| + |C| + max cluster size) * H): no |I|-sized tensor is built in training.
+
+    ``assign`` (I,) gives each item's cluster (dense ids, none empty; clusters.py). With
+    ``sparse_grad`` the item vectors get a sparse gradient (rows of the labels' clusters only),
+    which needs a sparse-capable optimizer (torch.optim.SparseAdam / SGD).
+    """
+
+    def __init__(self, n_items: int, hidden: int, text_weight: Callable[[], torch.Tensor] | None,
+                 assign, sparse_grad: bool = False):
+        super().__init__()
+        assign = torch.as_tensor(assign, dtype=torch.long)
+        if assign.shape != (n_items,):
+            raise ValueError(f"cluster assignment covers {tuple(assign.shape)} items, the head {n_items}")
+        sizes = torch.bincount(assign)
+        if assign.min() < 0 or (sizes == 0).any():
+            raise ValueError("cluster ids must be dense 0..C-1 with no empty cluster")
+        self.item_out = nn.Parameter(torch.randn(n_items, hidden) * 0.02)  # (I, H)
+        self.centroids = nn.Parameter(torch.randn(len(sizes), hidden) * 0.02)  # (C, H)
+        self._text_weight = text_weight
+        self.sparse_grad = sparse_grad
+        order = torch.argsort(assign, stable=True)  # items grouped by cluster
+        pos = torch.empty_like(assign)
+        offsets = torch.cumsum(sizes, 0) - sizes  # (C,) first slot of each cluster in `order`
+        pos[order] = torch.arange(n_items) - offsets[assign[order]]
+        # derived from the cluster file, which the checkpoint stores: not weights
+        self.register_buffer("assign", assign, persistent=False)  # (I,)
+        self.register_buffer("order", order, persistent=False)  # (I,) members of c: order[offsets[c]:+sizes[c]]
+        self.register_buffer("offsets", offsets, persistent=False)  # (C,)
+        self.register_buffer("sizes", sizes, persistent=False)  # (C,)
+        self.register_buffer("pos", pos, persistent=False)  # (I,) rank of each item inside its cluster
+
+    @property
+    def n_items(self) -> int:
+        return self.item_out.shape[0]
+
+    @property
+    def n_clusters(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def n_text(self) -> int:
+        return 0 if self._text_weight is None else self._text_weight().shape[0]
+
+    def members(self, c: int) -> torch.Tensor:
+        """Item indices of cluster c."""
+        start = int(self.offsets[c])
+        return self.order[start:start + int(self.sizes[c])]
+
+    def item_vectors(self) -> torch.Tensor:
+        """(I, H) e_c(t) + e_t: log P(t | h) = h . this - log Z_1(h) - log Z_c(t)(h) (used by ANN)."""
+        return self.item_out + self.centroids[self.assign]
+
+    def cluster_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, H) -> (N, V + C) level-1 logits, text tokens first (two matmuls: no weight concat)."""
+        item = h @ self.centroids.T  # (N, C)
+        if self._text_weight is None:
+            return item
+        return torch.cat([h @ self._text_weight().T, item], dim=1)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """h (N, H), targets (N,) item indices -> summed cross-entropy of both levels."""
+        cl = self.cluster_logits(h).float()  # (N, V + C)
+        c = self.assign[targets]  # (N,)
+        loss = F.cross_entropy(cl, c + (cl.shape[1] - self.n_clusters), reduction="sum")
+        size = self.sizes[c]  # (N,)
+        slot = torch.arange(int(size.max()), device=h.device)  # (S,) S = largest cluster among labels
+        valid = slot[None] < size[:, None]  # (N, S)
+        idx = (self.offsets[c][:, None] + slot[None]).clamp(max=self.n_items - 1)
+        vec = F.embedding(self.order[idx], self.item_out, sparse=self.sparse_grad)  # (N, S, H)
+        within = torch.bmm(vec, h[:, :, None].to(vec.dtype))[:, :, 0].float()  # (N, S)
+        within = within.masked_fill(~valid, float("-inf"))
+        return loss + F.cross_entropy(within, self.pos[targets], reduction="sum")
+
+    def cluster_log_normalizers(self, h: torch.Tensor, il: torch.Tensor | None = None) -> torch.Tensor:
+        """h (B, H) -> (B, C) log Z_c(h) = logsumexp over members t of c of h . e_t (brute force);
+        ``il`` (B, I) = h . e_t when the caller has it already."""
+        if il is None:
+            il = (h @ self.item_out.T).float()  # (B, I)
+        a = self.assign.expand_as(il)
+        m = torch.full((h.shape[0], self.n_clusters), float("-inf"), device=h.device)
+        m = m.scatter_reduce(1, a, il, reduce="amax")  # (B, C) per-cluster max
+        z = torch.zeros_like(m).scatter_add_(1, a, torch.exp(il - m.gather(1, a)))
+        return m + torch.log(z)
+
+    def item_log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, H) -> (B, I) log P(item | h), normalised over V u I (brute force: the reference)."""
+        lc = torch.log_softmax(self.cluster_logits(h).float(), dim=1)[:, -self.n_clusters:]  # (B, C)
+        il = (h @ self.item_out.T).float()  # (B, I)
+        log_zc = self.cluster_log_normalizers(h, il)  # (B, C)
+        return (lc - log_zc)[:, self.assign] + il
+
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, H) -> (B, V + I) log P over text tokens and items, text first (sums to 1)."""
+        cl = torch.log_softmax(self.cluster_logits(h).float(), dim=1)
+        return torch.cat([cl[:, :cl.shape[1] - self.n_clusters], self.item_log_probs(h)], dim=1)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, V + I): log-probabilities, whose softmax is P(t | h) as FullSoftmaxHead's logits' is."""
+        return self.log_probs(h)

@@ -15,7 +15,7 @@ from torch import nn
 
 from itemgen.config import Config, ItemLMConfig
 from itemgen.data import ItemTable
-from itemgen.heads import FullSoftmaxHead
+from itemgen.heads import FullSoftmaxHead, TwoLevelHead
 from itemgen.item_encoder import ItemEncoder, add_lora
 from itemgen.prompts import PromptBuilder, collate
 from itemgen.recommender import Recommender
@@ -24,7 +24,7 @@ from itemgen.recommender import Recommender
 class ItemLM(Recommender):
     name = "itemlm"
 
-    def __init__(self, backbone, tokenizer, items: ItemTable, cfg: ItemLMConfig):
+    def __init__(self, backbone, tokenizer, items: ItemTable, cfg: ItemLMConfig, clusters=None):
         super().__init__()
         self.cfg = cfg
         self.n_items = len(items)
@@ -36,9 +36,15 @@ class ItemLM(Recommender):
         self.item_encoder = ItemEncoder(self.n_items, H, cfg.item_dim) if cfg.item_encoder != "none" else None
         self.item_proj = nn.Sequential(nn.Linear(cfg.item_dim, H), nn.GELU(), nn.Linear(H, H))
         text_weight = (lambda: self.backbone.get_output_embeddings().weight) if cfg.text_vocab_in_softmax else None
-        if cfg.head != "full":
-            raise ValueError(f"itemlm.head={cfg.head!r} is not available (available: full)")
-        self.head = FullSoftmaxHead(self.n_items, H, text_weight)
+        self.clusters = clusters  # clusters.Clusters, two_level only (saved as CKPT/clusters.json)
+        if cfg.head == "two_level":
+            if clusters is None:
+                raise ValueError("itemlm.head=two_level needs item clusters (clusters.py)")
+            self.head = TwoLevelHead(self.n_items, H, text_weight, clusters.check(self.n_items).assign)
+        elif cfg.head == "full":
+            self.head = FullSoftmaxHead(self.n_items, H, text_weight)
+        else:
+            raise ValueError(f"itemlm.head={cfg.head!r} is not available (available: full, two_level)")
         self.prompts = PromptBuilder(tokenizer, items, cfg.fields, cfg.max_field_tokens, cfg.prompt)
         self.pad_token = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if cfg.freeze_backbone:
@@ -62,7 +68,13 @@ class ItemLM(Recommender):
             tokenizer = AutoTokenizer.from_pretrained(bdir)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-        model = cls(backbone, tokenizer, items, cfg.itemlm)
+        clusters = None
+        if cfg.itemlm.head == "two_level":
+            from itemgen.clusters import Clusters, resolve_clusters
+
+            clusters = resolve_clusters(cfg, len(items)) if checkpoint_dir is None else \
+                Clusters.load(Path(checkpoint_dir) / "clusters.json", len(items))
+        model = cls(backbone, tokenizer, items, cfg.itemlm, clusters)
         if checkpoint_dir is None and model.item_encoder is not None:  # once; the checkpoint keeps them
             model.item_encoder.fit_text(backbone, tokenizer, items.fields.get("title"))
         return model
@@ -71,6 +83,8 @@ class ItemLM(Recommender):
         bdir = Path(directory) / "backbone"
         self.backbone.config.save_pretrained(bdir)
         self.tokenizer.save_pretrained(bdir)
+        if self.clusters is not None:
+            self.clusters.save(Path(directory) / "clusters.json")
 
     # ---- forward -----------------------------------------------------------------------
     @property

@@ -1,0 +1,197 @@
+"""Single-step decoders against the brute-force reference: structure (exact, ties included), ANN
+(exact when the normalisers are exact, high recall otherwise), and their errors."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from itemgen.ann import AnnIndex, AnnIndexError, AnnTopK, estimate_log_normalizers
+from itemgen.decoding import ExactTopK, StructureTopK, make_decoder
+from itemgen.heads import FullSoftmaxHead, TwoLevelHead
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+def two_level_model(n_items, n_clusters, hidden=8, n_text=0, seed=0, item_scale=1.0, duplicates=False):
+    g = torch.Generator().manual_seed(seed)
+    assign = torch.cat([torch.arange(n_clusters),
+                        torch.randint(0, n_clusters, (n_items - n_clusters,), generator=g)])
+    assign = assign[torch.randperm(n_items, generator=g)]
+    text = torch.randn(n_text, hidden, generator=g)
+    head = TwoLevelHead(n_items, hidden, (lambda: text) if n_text else None, assign)
+    with torch.no_grad():
+        head.item_out.copy_(torch.randn(n_items, hidden, generator=g) * item_scale)
+        head.centroids.copy_(torch.randn(n_clusters, hidden, generator=g) * 2)
+        if duplicates:  # exact ties: repeat item vectors inside clusters, and whole clusters
+            for c in range(n_clusters):
+                m = torch.nonzero(assign == c)[:, 0]
+                head.item_out[m[1::2]] = head.item_out[m[0]].clone()
+            head.centroids[1::3] = head.centroids[0].clone()
+    return model_of(head)
+
+
+def model_of(head):
+    return types.SimpleNamespace(head=head, n_items=head.n_items, name="test",
+                                 score_items=head.item_log_probs, item_vectors=head.item_vectors)
+
+
+def assert_valid_topk(scores, ids, reference, k, atol=1e-4):
+    """``(scores, ids)`` is an exact top-k of ``reference`` (B, I): the k best scores, and ids that
+    hold those scores (any order among exact ties), distinct per row."""
+    want = torch.topk(reference, k, dim=1).values
+    assert torch.allclose(scores, want, atol=atol), (scores - want).abs().max()
+    assert torch.allclose(reference.gather(1, ids), scores, atol=atol)
+    for row in ids:
+        assert len(set(row.tolist())) == k
+
+
+def test_structure_equals_brute_force_on_many_random_cases():
+    rng = np.random.default_rng(0)
+    opened_fraction = []
+    for case in range(80):
+        n_items = int(rng.integers(2, 250))
+        n_clusters = int(rng.integers(1, min(n_items, 25) + 1))
+        model = two_level_model(n_items, n_clusters, n_text=int(rng.integers(0, 12)), seed=case,
+                                item_scale=float(rng.uniform(0.1, 3.0)), duplicates=case % 3 == 0)
+        h = torch.randn(int(rng.integers(1, 9)), 8, generator=torch.Generator().manual_seed(case)) * 1.5
+        k = int(rng.integers(1, n_items + 1)) if case % 4 else min(10, n_items)
+        dec = StructureTopK(model)
+        scores, ids = dec.topk(h, k)
+        ref = model.head.item_log_probs(h)
+        assert_valid_topk(scores, ids, ref, k)
+        if case % 3:  # no planted ties: the very same ids in the same order as brute force
+            assert torch.equal(ids, torch.topk(ref, k, dim=1).indices), case
+        assert int(dec.last_opened.max()) <= n_clusters and int(dec.last_opened.min()) >= 1
+        opened_fraction.append(dec.stats()["clusters_opened_mean"] / n_clusters)
+    assert np.mean(opened_fraction) < 0.9  # it does stop early
+
+
+def test_structure_opens_few_clusters_when_one_dominates():
+    model = two_level_model(400, 20, seed=1)
+    h = model.head.centroids[3:4] * 4  # a query that points at cluster 3
+    dec = StructureTopK(model)
+    scores, ids = dec.topk(h, 5)
+    assert_valid_topk(scores, ids, model.head.item_log_probs(h), 5)
+    assert dec.stats() == {"clusters": 20, "queries": 1, "clusters_opened_mean": 1.0}
+
+
+def test_structure_unnormalized_and_exclusions():
+    model = two_level_model(120, 10, n_text=6, seed=2)
+    h = torch.randn(4, 8)
+    ref = model.head.item_log_probs(h)
+    s, i = StructureTopK(model, normalized=False).topk(h, 7)
+    assert torch.equal(i, torch.topk(ref, 7, dim=1).indices)
+    exclude = [np.asarray(torch.topk(ref[b], 3).indices) for b in range(4)]
+    s, i = StructureTopK(model).topk(h, 7, exclude=exclude)
+    masked = ref.clone()
+    for b, e in enumerate(exclude):
+        masked[b, e] = float("-inf")
+    assert torch.equal(i, torch.topk(masked, 7, dim=1).indices)
+
+
+def test_k_larger_than_catalog_and_wrong_heads_are_errors():
+    model = two_level_model(30, 5)
+    with pytest.raises(ValueError, match="k must be between 1 and the catalog size 30, got 31"):
+        StructureTopK(model).topk(torch.randn(1, 8), 31)
+    with pytest.raises(ValueError, match="k must be between 1 and the catalog size 30, got 0"):
+        ExactTopK(model).topk(torch.randn(1, 8), 0)
+    full = FullSoftmaxHead(30, 8, None)
+    fmodel = types.SimpleNamespace(head=full, n_items=30, name="itemlm", item_vectors=full.item_vectors)
+    with pytest.raises(ValueError, match="needs a two-level head"):
+        make_decoder("structure", fmodel)
+    with pytest.raises(ValueError, match="decoder 'nope' is not available"):
+        make_decoder("nope", fmodel)
+    with pytest.raises(ValueError, match="needs an index"):
+        make_decoder("ann", fmodel)
+    index = AnnIndex.build(fmodel, "flat")
+    with pytest.raises(ValueError, match="catalog size 30, got 31"):
+        AnnTopK(fmodel, index=index).topk(torch.randn(1, 8), 31)
+
+
+def test_ann_full_softmax_flat_is_exact_mips():
+    full = FullSoftmaxHead(300, 16, None)
+    with torch.no_grad():
+        full.item_out.normal_()
+    model = types.SimpleNamespace(head=full, n_items=300, name="itemlm", item_vectors=full.item_vectors)
+    h = torch.randn(5, 16)
+    s, i = AnnTopK(model, index=AnnIndex.build(model, "flat")).topk(h, 10)
+    ref = h @ full.item_out.detach().T
+    assert torch.equal(i, torch.topk(ref, 10, dim=1).indices)
+    assert torch.allclose(s, torch.topk(ref, 10, dim=1).values, atol=1e-4)
+
+
+def test_ann_two_level_is_exact_when_log_normalizers_are_exact():
+    """With b_c = log Z_c(h) of the query itself, the folded score is log P(t|h) + log Z_1(h)."""
+    model = two_level_model(200, 14, n_text=5, seed=5)
+    h = torch.randn(1, 8)
+    log_zc = model.head.cluster_log_normalizers(h)[0].double().numpy()
+    index = AnnIndex.build(model, "flat", log_norm=log_zc)
+    s, i = AnnTopK(model, index=index).topk(h, 10)
+    ref = model.head.item_log_probs(h)
+    assert torch.equal(i, torch.topk(ref, 10, dim=1).indices)
+    z1 = torch.logsumexp(torch.cat([h @ model.head._text_weight().T, h @ model.head.centroids.T], 1), 1)
+    assert torch.allclose(s - z1, torch.topk(ref, 10, dim=1).values, atol=1e-4)
+
+
+def test_log_normalizer_estimate_is_a_weighted_mean_of_true_values():
+    model = two_level_model(80, 6, seed=6)
+    states = torch.randn(50, 8)
+    b = estimate_log_normalizers(model.head, states, batch_size=16)
+    true = model.head.cluster_log_normalizers(states).double().numpy()  # (n, C)
+    assert b.shape == (6,)
+    assert np.all(b >= true.min(0) - 1e-6) and np.all(b <= true.max(0) + 1e-6)
+    same = estimate_log_normalizers(model.head, states[:1].expand(7, -1))
+    assert np.allclose(same, true[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_ann_index_types_recall_and_round_trip(kind, tmp_path):
+    """Clustered catalog, queries near their target: every index type finds the exact top-10."""
+    g = torch.Generator().manual_seed(0)
+    n_items, n_clusters, hidden = 2000, 40, 16
+    assign = torch.arange(n_items) % n_clusters
+    head = TwoLevelHead(n_items, hidden, None, assign)
+    mu = torch.randn(n_clusters, hidden, generator=g) * 2
+    with torch.no_grad():
+        head.centroids.copy_(mu)
+        head.item_out.copy_(torch.randn(n_items, hidden, generator=g))
+    model = model_of(head)
+    targets = torch.randint(0, n_items, (64,), generator=g)
+    h = head.item_vectors().detach()[targets] + 0.3 * torch.randn(64, hidden, generator=g)
+    train_states = head.item_vectors().detach()[torch.randint(0, n_items, (500,), generator=g)]
+    index = AnnIndex.build(model, kind, train_states, nlist=40, nprobe=8)
+    _, ids = AnnTopK(model, index=index).topk(h, 10)
+    _, ref = torch.topk(head.item_log_probs(h), 10, dim=1)
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(ids, ref)])
+    assert recall >= 0.9, recall
+    index.save(tmp_path)
+    loaded = AnnIndex.load(tmp_path, model)
+    assert loaded.kind == kind and loaded.params == index.params
+    _, ids2 = AnnTopK(model, index=loaded).topk(h, 10)
+    assert torch.equal(ids, ids2)
+    # another checkpoint's weights: refused, not a wrong answer
+    with torch.no_grad():
+        head.item_out[0] += 1.0
+    with pytest.raises(AnnIndexError, match="built for other weights"):
+        AnnIndex.load(tmp_path, model)
+    with pytest.raises(AnnIndexError, match="has no ANN index"):
+        AnnIndex.load(tmp_path / "elsewhere", model)
+
+
+def test_ann_exclusions_return_k_valid_items():
+    full = FullSoftmaxHead(50, 8, None)
+    model = types.SimpleNamespace(head=full, n_items=50, name="itemlm", item_vectors=full.item_vectors)
+    h = torch.randn(2, 8)
+    dec = AnnTopK(model, index=AnnIndex.build(model, "flat"))
+    _, top = dec.topk(h, 5)
+    exclude = [top[0, :3].numpy(), np.zeros(0, dtype=np.int64)]
+    s, i = dec.topk(h, 5, exclude=exclude)
+    assert not set(i[0].tolist()) & set(exclude[0].tolist()) and torch.isfinite(s).all()
+    assert torch.equal(i[1], top[1])
+    assert torch.equal(i[0, :2], top[0, 3:5])

@@ -1,0 +1,253 @@
+"""Two-level softmax: probabilities against brute force, loss, clusters, a tiny ItemLM that learns
+a known rule with it, checkpoints that carry their clusters, and the CLI around them."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from itemgen.checkpoint import load_checkpoint
+from itemgen.cli import app
+from itemgen.clusters import (ClusterError, Clusters, build_clusters, cluster_path, default_n_clusters,
+                              kmeans_clusters)
+from itemgen.config import ConfigError, from_dict
+from itemgen.data import ItemTable, SequenceDataset
+from itemgen.heads import TwoLevelHead
+from itemgen.synthetic import make_dataset
+from itemgen.train import train
+
+runner = CliRunner()
+
+
+def random_head(n_items, n_clusters, hidden=8, n_text=5, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    assign = torch.cat([torch.arange(n_clusters), torch.randint(0, n_clusters, (n_items - n_clusters,), generator=g)])
+    assign = assign[torch.randperm(n_items, generator=g)]
+    text = torch.randn(n_text, hidden, generator=g)
+    head = TwoLevelHead(n_items, hidden, (lambda: text) if n_text else None, assign)
+    with torch.no_grad():
+        head.item_out.copy_(torch.randn(n_items, hidden, generator=g) * scale)
+        head.centroids.copy_(torch.randn(n_clusters, hidden, generator=g) * scale)
+    return head, text, assign
+
+
+def brute_force_probs(head, text, assign, h):
+    """P over V u I from the definition, one item at a time (float64)."""
+    h = h.double()
+    level1 = torch.cat([h @ text.double().T, h @ head.centroids.double().T], dim=1)
+    p_cluster = torch.softmax(level1, dim=1)  # (B, V + C)
+    V = text.shape[0]
+    out = torch.zeros(h.shape[0], V + head.n_items, dtype=torch.float64)
+    out[:, :V] = p_cluster[:, :V]
+    for t in range(head.n_items):
+        c = int(assign[t])
+        members = torch.nonzero(assign == c)[:, 0]
+        within = torch.softmax(h @ head.item_out.double()[members].T, dim=1)
+        out[:, V + t] = p_cluster[:, V + c] * within[:, int(torch.nonzero(members == t)[0, 0])]
+    return out
+
+
+@pytest.mark.parametrize("n_items, n_clusters, n_text", [(30, 5, 7), (17, 1, 0), (12, 12, 3), (40, 6, 0)])
+def test_probabilities_sum_to_one_and_match_brute_force(n_items, n_clusters, n_text):
+    head, text, assign = random_head(n_items, n_clusters, n_text=n_text, seed=n_items)
+    h = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        lp = head.log_probs(h)  # (B, V + I)
+        ref = brute_force_probs(head, text, assign, h)
+        assert lp.shape == (6, n_text + n_items)
+        assert torch.allclose(lp.exp().sum(1), torch.ones(6, dtype=lp.dtype), atol=1e-5)
+        assert torch.allclose(lp.exp().double(), ref, atol=1e-6)
+        assert torch.allclose(head.item_log_probs(h), lp[:, n_text:])
+        # the loss is -log of the brute-force probability of each target
+        targets = torch.tensor([0, 3, n_items - 1, 5, 5, 2])
+        want = -torch.log(ref[torch.arange(6), n_text + targets]).sum()
+        assert torch.allclose(head.loss(h, targets).double(), want, rtol=1e-5)
+
+
+def test_loss_gradient_touches_only_the_labels_clusters():
+    head, _, assign = random_head(60, 8, seed=3)
+    head.sparse_grad = True
+    targets = torch.tensor([1, 7, 7])
+    h = torch.randn(3, 8, requires_grad=True)
+    head.loss(h, targets).backward()
+    g = head.item_out.grad.coalesce()
+    touched = set(g.indices()[0].tolist())
+    allowed = set(torch.nonzero(torch.isin(assign, assign[targets]))[:, 0].tolist())
+    assert touched <= allowed and touched  # sparse rows: members of the labels' clusters only
+    dense = TwoLevelHead(60, 8, None, assign)
+    dense.load_state_dict(head.state_dict())
+    dense.loss(h.detach(), targets).backward()
+    assert torch.allclose(dense.item_out.grad, g.to_dense(), atol=1e-6)
+
+
+def test_head_rejects_bad_assignments():
+    with pytest.raises(ValueError, match="covers"):
+        TwoLevelHead(10, 4, None, torch.zeros(9, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty cluster"):
+        TwoLevelHead(3, 4, None, torch.tensor([0, 2, 2]))
+
+
+# ---- clusters ---------------------------------------------------------------------------
+
+def two_communities(n_users=400, seed=0):
+    """Items 0..19 and 20..39 are never used by the same user: collaborative clusters are known."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for u in range(n_users):
+        base = 0 if u % 2 == 0 else 20
+        seqs.append(base + rng.integers(0, 20, size=int(rng.integers(4, 9))))
+    ids = [f"I{i}" for i in range(40)]
+    return SequenceDataset("communities", ItemTable(ids, {}), [f"U{u}" for u in range(n_users)], seqs)
+
+
+def test_kmeans_on_als_embeddings_recovers_communities():
+    ds = two_communities()
+    c = build_clusters(ds, "kmeans", n_clusters=2, seed=0)
+    assert c.n_clusters == 2 and c.n_items == 40
+    assert len(set(c.assign[:20])) == 1 and len(set(c.assign[20:])) == 1
+    assert c.assign[0] != c.assign[20]
+    assert c.dataset == ds.content_hash()
+
+
+def test_kmeans_splits_oversized_clusters():
+    x = np.zeros((50, 4), dtype=np.float32)
+    x[:45, 0], x[45:, 1] = 1.0, 1.0  # one huge group, one small one
+    assign, info = kmeans_clusters(x, n_clusters=5, seed=0, max_size_factor=2.0)
+    sizes = np.bincount(assign)
+    assert sizes.max() <= info["size_cap"] == 20 and info["split_clusters"] >= 1
+    assert len(set(assign[:45]) & set(assign[45:])) == 0
+
+
+def test_frequency_and_random_clusters():
+    ds = make_dataset(n_users=300, n_items=50, noise=0.5, seed=4)
+    f = build_clusters(ds, "frequency", n_clusters=5)
+    counts = np.bincount(np.concatenate(ds.split.train), minlength=50)
+    sizes = f.sizes()
+    assert sizes.max() - sizes.min() <= 1
+    # cluster 0 holds the most frequent items, cluster 4 the rarest
+    for a, b in zip(range(4), range(1, 5)):
+        assert counts[f.assign == a].min() >= counts[f.assign == b].max()
+    r1 = build_clusters(ds, "random", seed=7)
+    r2 = build_clusters(ds, "random", seed=7)
+    r3 = build_clusters(ds, "random", seed=8)
+    assert r1.n_clusters == default_n_clusters(50) == 7
+    assert np.array_equal(r1.assign, r2.assign) and not np.array_equal(r1.assign, r3.assign)
+    assert r1.sizes().max() - r1.sizes().min() <= 1
+
+
+def test_clusters_use_the_training_split_only():
+    """An item seen only as a valid/test target has no training count: frequency puts it last."""
+    seqs = [np.array([0, 1, 2, 3, 4, 9, 9, 9])] + [np.array([0, 1, 2, 3]) for _ in range(5)]
+    ds = SequenceDataset("leak", ItemTable([f"I{i}" for i in range(10)], {}), [f"U{u}" for u in range(6)], seqs)
+    f = build_clusters(ds, "frequency", n_clusters=10)
+    assert f.assign[9] >= 5  # 9 appears in the training part once (the valid/test 9s are not counted)
+    assert f.assign[0] < f.assign[9]
+
+
+def test_cluster_file_errors(tmp_path):
+    ds = make_dataset(n_users=50, n_items=20, seed=0)
+    with pytest.raises(ClusterError, match="not one of kmeans, frequency, random"):
+        build_clusters(ds, "spectral")
+    with pytest.raises(ClusterError, match="between 1 and the catalog size 20"):
+        build_clusters(ds, "random", n_clusters=21)
+    c = build_clusters(ds, "random")
+    c.save(tmp_path / "c.json")
+    assert np.array_equal(Clusters.load(tmp_path / "c.json", 20).assign, c.assign)
+    with pytest.raises(ClusterError, match="assign 20 items but the item table has 25"):
+        Clusters.load(tmp_path / "c.json", 25)
+    with pytest.raises(ClusterError, match="cluster file not found"):
+        Clusters.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"assign": [0, 2]}')
+    with pytest.raises(ClusterError, match="not a valid cluster file|empty"):
+        Clusters.load(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="itemlm.head: full|two_level"):
+        from_dict({"itemlm": {"head": "three_level"}})
+    with pytest.raises(ConfigError, match="itemlm.cluster_method"):
+        from_dict({"itemlm": {"cluster_method": "spectral"}})
+
+
+def test_cli_clusters_build_prints_stats(tmp_path):
+    data = tmp_path / "data"
+    make_dataset(n_users=200, n_items=36, seed=1).save(data)
+    res = runner.invoke(app, ["clusters", "build", str(data), "--method", "frequency"])
+    assert res.exit_code == 0, res.output
+    assert "clusters" in res.output and "max" in res.output and "median" in res.output
+    c = Clusters.load(cluster_path(data, "frequency"), 36)
+    assert c.n_clusters == 6 and c.method == "frequency"
+    res = runner.invoke(app, ["clusters", "build", str(data), "--method", "nope"])
+    assert res.exit_code == 2 and "not one of kmeans, frequency, random" in res.output
+    res = runner.invoke(app, ["clusters", "build", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "not a prepared dataset" in res.output
+
+
+# ---- a two-level ItemLM end to end ------------------------------------------------------
+
+RULE = dict(n_users=600, n_items=40, min_len=4, max_len=8, noise=0.0, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_level")
+    ds = make_dataset(**RULE)
+    data = root / "data"
+    ds.save(data)
+    cfg = from_dict({
+        "model": "itemlm", "data": {"path": str(data), "max_history": 10},
+        "itemlm": {"backbone": "tiny", "prompt": "compact", "item_dim": 32, "id_only_share": 0.5,
+                   "head": "two_level", "cluster_method": "random"},
+        "train": {"out": str(root / "run"), "lr": 3e-3, "batch_size": 32, "max_steps": 150, "eval_every": 50,
+                  "eval_users": None, "warmup_steps": 10, "progress": False, "patience": 100}})
+    result = train(cfg, dataset=ds)
+    return ds, data, cfg, result
+
+
+def test_two_level_itemlm_learns_the_rule(trained):
+    ds, data, cfg, result = trained
+    from itemgen.evaluate import evaluate
+
+    model, _, _ = load_checkpoint(result.best)
+    assert isinstance(model.head, TwoLevelHead) and model.head.n_clusters == 6
+    m = evaluate(model, ds.split.test, max_history=10)
+    assert m["recall@1"] >= 0.9, m
+    # the clusters were built with the dataset and copied into the checkpoint
+    stored = Clusters.load(cluster_path(data, "random"), 40)
+    assert np.array_equal(Clusters.load(result.best / "clusters.json", 40).assign, stored.assign)
+
+
+def test_checkpoint_with_foreign_clusters_is_an_error(trained, tmp_path):
+    ds, data, cfg, result = trained
+    broken = tmp_path / "ckpt"
+    shutil.copytree(result.best, broken)
+    blob = json.loads((broken / "clusters.json").read_text())
+    blob["assign"] = blob["assign"][:-1]
+    blob["n_items"] = 39
+    (broken / "clusters.json").write_text(json.dumps(blob))
+    with pytest.raises(ClusterError, match="assign 39 items but the item table has 40"):
+        load_checkpoint(broken)
+    (broken / "clusters.json").unlink()
+    with pytest.raises(ClusterError, match="cluster file not found"):
+        load_checkpoint(broken)
+
+
+def test_evaluate_with_every_decoder(trained):
+    ds, data, cfg, result = trained
+    from itemgen.api import evaluate_checkpoint
+
+    exact = evaluate_checkpoint(result.best, decode="exact")["metrics"]
+    structure = evaluate_checkpoint(result.best, decode="structure")["metrics"]
+    for key in ("recall@1", "recall@10", "ndcg@10"):
+        assert structure[key] == pytest.approx(exact[key], abs=1e-9), key
+    assert 1 <= structure["decoder"]["clusters_opened_mean"] <= 6
+    res = runner.invoke(app, ["evaluate", str(result.best), "--decode", "ann"])
+    assert res.exit_code == 2 and "no ANN index" in res.output and "itemgen index build" in res.output
+    res = runner.invoke(app, ["index", "build", str(result.best), "--type", "flat", "--states", "256"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", str(result.best), "--decode", "ann"])
+    assert res.exit_code == 0, res.output
+    ann = json.loads((result.best / "eval_test_ann.json").read_text())["metrics"]
+    assert ann["recall@10"] >= exact["recall@10"] - 0.05 and ann["recall@1"] >= 0.85
+    res = runner.invoke(app, ["index", "build", str(result.best), "--type", "annoy"])
+    assert res.exit_code == 2 and "not one of flat, ivf, hnsw" in res.output
