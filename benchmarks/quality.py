@@ -37,9 +37,9 @@ PROFILES = {
     "cpu": {
         "itemlm": {"itemlm": {"backbone": "smollm2-135m", "n_layers": 2, "prompt": "compact",
                               "fields": ["title", "brand", "category"], "max_field_tokens": 8},
-                   "train": {"batch_size": 32, "max_steps": 800, "lr": 2e-3, "backbone_lr": 5e-4,
-                             "eval_every": 200, "warmup_steps": 50}},
-        "sasrec": {"train": {"batch_size": 128, "max_steps": 2000, "lr": 2e-3, "eval_every": 200,
+                   "train": {"batch_size": 32, "max_steps": 300, "lr": 2e-3, "backbone_lr": 5e-4,
+                             "eval_every": 100, "warmup_steps": 50}},
+        "sasrec": {"train": {"batch_size": 128, "max_steps": 600, "lr": 2e-3, "eval_every": 150,
                              "warmup_steps": 50}},
     },
     "gpu": {
