@@ -219,7 +219,7 @@ class L2DTopK:
         (l_v = mean of v's states among them); the others rank below, in global order; cold -inf.
         ``neighbours`` (B, M) state indices replaces the FAISS search (the brute-force reference)."""
         if neighbours is None:
-            _, neighbours = self.memory.index().search(np.ascontiguousarray(h.cpu().numpy()), self.m)
+            neighbours = self._search(h)
         scores = self.global_scores(h)  # (B, I) fallback order
         for b in range(h.shape[0]):
             nb = torch.as_tensor(neighbours[b][neighbours[b] >= 0])  # (M,)
@@ -234,6 +234,21 @@ class L2DTopK:
             row[finite] += -d_local.max() - 1.0 - row[finite].max()
             row[items] = -d_local
         return scores
+
+    def _search(self, h: torch.Tensor) -> np.ndarray:
+        """(B, D) -> (B, M) indices of the nearest memory states (-1 where fewer exist)."""
+        import faiss
+
+        index = self.memory.index()
+        threads = faiss.omp_get_max_threads()
+        # FAISS's OpenMP team spinning against torch's threads cost ~1 s per request on a busy
+        # CPU (measured); one thread is as fast for the small batches decoding sees
+        faiss.omp_set_num_threads(1)
+        try:
+            _, nb = index.search(np.ascontiguousarray(h.cpu().numpy()), self.m)
+        finally:
+            faiss.omp_set_num_threads(threads)
+        return nb
 
     @torch.inference_mode()
     def topk(self, query, k: int, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
