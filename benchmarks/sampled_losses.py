@@ -1,18 +1,19 @@
 """Sampled ranking losses against the full softmax (issue 6, item 3; arXiv 2410.06371), one CPU
-profile: SASRec on one prepared dataset, a fixed number of steps, the same seed and batches.
+profile: SASRec on one prepared dataset, a fixed number of steps, several seeds.
 
-    flock /tmp/itemgen-bench.lock python benchmarks/sampled_losses.py --data DATASET_DIR
+    python benchmarks/sampled_losses.py --data DATASET_DIR
 
 Runs: ``full`` (cross-entropy over the whole catalog), then for each sampler (--samplers), each
 sample size (--negatives) and each loss (sampled_softmax, warp, lambdarank) the loss with and
-without correction (losses.py says what the correction is for each). Every run trains from the
-same initialisation for --steps steps, validates once at the end and is scored on the whole test
-split with exact full-catalog ranking. ``--only`` runs a subset (names as in the results file,
-e.g. ``full`` or ``warp/popularity/32/corrected``); runs already in the results file with the
-same profile are kept, so the grid can be filled over several invocations of <= 10 minutes.
+without correction (losses.py says what the correction is for each). For each seed (--seeds) every
+run trains from the same initialisation and batches for --steps steps, validates once at the end
+and is scored on the whole test split with exact full-catalog ranking. ``--only`` runs a subset
+(names as in the results file, e.g. ``full`` or ``warp/popularity/32/corrected``); (run, seed)
+results already in the results file with the same profile are kept, so the grid can be filled
+over several invocations of <= 10 minutes.
 
 For each (loss, sampler, sample size) the summary gives the NDCG@10 gap to full softmax without
-and with correction and the share of the uncorrected gap the correction closes.
+and with correction (means over seeds) and the share of the uncorrected gap the correction closes.
 Writes benchmarks/results/sampled_losses.json and docs/sampled_losses.md.
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 from pathlib import Path
 
@@ -43,7 +46,7 @@ def loss_section(name: str) -> dict:
     return {"kind": kind, "sampler": sampler, "negatives": int(n), "correction": corr == "corrected"}
 
 
-def make_config(args, name: str):
+def make_config(args, name: str, seed: int):
     from itemgen.config import from_dict
 
     return from_dict({
@@ -51,13 +54,27 @@ def make_config(args, name: str):
         "sasrec": {"hidden": args.hidden, "n_layers": 2, "n_heads": 2, "dropout": 0.2},
         "data": {"path": str(args.data), "max_history": args.max_history},
         "loss": loss_section(name),
-        "train": {"out": str(Path(args.workdir) / name.replace("/", "_")), "seed": args.seed,
+        "train": {"out": str(Path(args.workdir) / f"{name.replace('/', '_')}_seed{seed}"), "seed": seed,
                   "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 50, "max_steps": args.steps,
                   "eval_every": args.steps, "eval_users": args.valid_users, "patience": 100, "progress": False},
     })
 
 
+def aggregate(run: dict) -> dict:
+    """Means (and the NDCG@10 standard deviation) over the seeds a run has."""
+    per_seed = list(run["seeds"].values())
+    keys = [k for k in per_seed[0]["test"] if k not in ("users", "seconds")]
+    mean = {k: statistics.fmean(r["test"][k] for r in per_seed) for k in keys}
+    nd = [r["test"]["ndcg@10"] for r in per_seed]
+    return {**run, "n_seeds": len(per_seed), "test": mean,
+            "ndcg@10_sd": statistics.stdev(nd) if len(nd) > 1 else None,
+            "train_seconds": statistics.median(r["train_seconds"] for r in per_seed),
+            "seconds_per_step": statistics.median(r["seconds_per_step"] for r in per_seed)}
+
+
 def summarize(runs: dict) -> list[dict]:
+    """Per (loss, sampler, N): NDCG@10 of full softmax, uncorrected and corrected, as means over the
+    seeds all three have, and the per-seed paired difference corrected - uncorrected."""
     rows = []
     full = runs.get("full")
     for name, r in runs.items():
@@ -66,17 +83,22 @@ def summarize(runs: dict) -> list[dict]:
         base = name[: -len("/uncorrected")]
         c = runs.get(base + "/corrected")
         kind, sampler, n = base.split("/")
-        row = {"loss": kind, "sampler": sampler, "negatives": int(n),
-               "uncorrected_ndcg@10": r["test"]["ndcg@10"],
-               "corrected_ndcg@10": c["test"]["ndcg@10"] if c else None,
-               "full_ndcg@10": full["test"]["ndcg@10"] if full else None}
+        row = {"loss": kind, "sampler": sampler, "negatives": int(n), "seeds": 0,
+               "full_ndcg@10": None, "uncorrected_ndcg@10": None, "corrected_ndcg@10": None}
         if c and full:
-            gap_u = full["test"]["ndcg@10"] - r["test"]["ndcg@10"]
-            gap_c = full["test"]["ndcg@10"] - c["test"]["ndcg@10"]
-            row.update({"gap_uncorrected": gap_u, "gap_corrected": gap_c,
-                        # share of the uncorrected gap that the correction closes (1 = all of it);
-                        # undefined when the uncorrected loss is not worse than full softmax
-                        "share_closed": (gap_u - gap_c) / gap_u if gap_u > 0 else None})
+            seeds = sorted(set(r["seeds"]) & set(c["seeds"]) & set(full["seeds"]))
+            if seeds:
+                nd = lambda run: [run["seeds"][s]["test"]["ndcg@10"] for s in seeds]  # noqa: E731
+                f, u, k = statistics.fmean(nd(full)), statistics.fmean(nd(r)), statistics.fmean(nd(c))
+                diff = [b - a for a, b in zip(nd(r), nd(c))]
+                gap_u, gap_c = f - u, f - k
+                row.update({"seeds": len(seeds), "full_ndcg@10": f, "uncorrected_ndcg@10": u,
+                            "corrected_ndcg@10": k, "gap_uncorrected": gap_u, "gap_corrected": gap_c,
+                            "corrected_minus_uncorrected": statistics.fmean(diff),
+                            "corrected_minus_uncorrected_sd": statistics.stdev(diff) if len(diff) > 1 else None,
+                            # share of the uncorrected gap that the correction closes (1 = all of it);
+                            # undefined when the uncorrected loss is not worse than full softmax
+                            "share_closed": (gap_u - gap_c) / gap_u if gap_u > 0 else None})
         rows.append(row)
     return rows
 
@@ -92,9 +114,10 @@ def markdown(report: dict) -> str:
         "",
         f"SASRec (hidden {p['hidden']}, 2 layers, {p['params']:,} parameters) on `{report['dataset']['name']}` "
         f"({report['dataset']['items']:,} items, {report['dataset']['test_users']:,} test users), "
-        f"{p['steps']} steps of batch {p['batch_size']} (lr {p['lr']}, seed {p['seed']}), max history "
-        f"{p['max_history']}, CPU with {p['threads']} torch thread(s). Every run: same initialisation, same "
-        "batches; test split scored by exact full-catalog ranking after the last step.",
+        f"{p['steps']} steps of batch {p['batch_size']} (lr {p['lr']}), max history "
+        f"{p['max_history']}, CPU with {p['threads']} torch thread(s). Per seed every run has the same "
+        "initialisation and batches; test split scored by exact full-catalog ranking after the last step. "
+        "Metrics are means over the seeds (NDCG@10 standard deviation over seeds beside it).",
         "",
         "Command: `" + report["command"] + "` (the grid is filled over several invocations with `--only`; each "
         "run records its own commit and date in the JSON).",
@@ -103,23 +126,33 @@ def markdown(report: dict) -> str:
         "negative ranks) are estimated with importance weights 1/(N q) — scaled to the catalog and unbiased "
         "for the sampler — instead of the plain count within the sample (src/itemgen/losses.py).",
         "",
-        "| run | Recall@1 | Recall@10 | NDCG@10 | MRR | train s | s/step |",
-        "|---|---|---|---|---|---|---|",
+        "This is a quality comparison; training times are wall-clock on a shared 2-core machine as it was "
+        "(load average at the start of each run in the last column), so compare them only loosely.",
+        "",
+        "| run | seeds | Recall@1 | Recall@10 | NDCG@10 | NDCG@10 sd | MRR | train s (median) | s/step | "
+        "load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["runs"].items():
         t = r["test"]
-        lines.append(f"| {name} | {fmt(t['recall@1'])} | {fmt(t['recall@10'])} | {fmt(t['ndcg@10'])} | "
-                     f"{fmt(t['mrr'])} | {r['train_seconds']:.0f} | {r['seconds_per_step']:.3f} |")
+        loads = [x.get("load_average_at_start") for x in r["seeds"].values()]
+        loads = [x for x in loads if x is not None]
+        lines.append(f"| {name} | {r['n_seeds']} | {fmt(t['recall@1'])} | {fmt(t['recall@10'])} | "
+                     f"{fmt(t['ndcg@10'])} | {fmt(r['ndcg@10_sd'])} | {fmt(t['mrr'])} | "
+                     f"{r['train_seconds']:.0f} | {r['seconds_per_step']:.3f} | "
+                     f"{fmt(statistics.median(loads) if loads else None, 1)} |")
     lines += ["", "Gap to full softmax in NDCG@10 (positive = worse than full softmax) and the share of the "
               "uncorrected gap that the correction closes:", "",
-              "| loss | sampler | N | full | uncorrected | corrected | gap uncorr. | gap corr. | share closed |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| loss | sampler | N | seeds | full | uncorrected | corrected | gap uncorr. | gap corr. | "
+              "share closed | corr. - uncorr. per seed (mean ± sd) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in report["summary"]:
         share = s.get("share_closed")
-        lines.append(f"| {s['loss']} | {s['sampler']} | {s['negatives']} | {fmt(s['full_ndcg@10'])} | "
+        lines.append(f"| {s['loss']} | {s['sampler']} | {s['negatives']} | {s['seeds']} | {fmt(s['full_ndcg@10'])} | "
                      f"{fmt(s['uncorrected_ndcg@10'])} | {fmt(s['corrected_ndcg@10'])} | "
                      f"{fmt(s.get('gap_uncorrected'))} | {fmt(s.get('gap_corrected'))} | "
-                     f"{'n/a (uncorrected not worse)' if share is None and 'gap_uncorrected' in s else fmt(share, 2)} |")
+                     f"{'n/a (uncorrected not worse)' if share is None and 'gap_uncorrected' in s else fmt(share, 2)} | "
+                     f"{fmt(s.get('corrected_minus_uncorrected'))} ± {fmt(s.get('corrected_minus_uncorrected_sd'))} |")
     opened = [s for s in report["summary"] if (s.get("gap_uncorrected") or 0) > 0]
     closed = [s for s in opened if s["share_closed"] is not None and s["share_closed"] >= 0.5]
     lines += ["", f"Verdict (computed): the uncorrected loss is worse than full softmax in {len(opened)} of "
@@ -136,7 +169,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--max-history", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--negatives", default="32,512", help="two (or more) sample sizes")
     p.add_argument("--samplers", default="popularity", help="uniform,popularity")
     p.add_argument("--valid-users", type=int, default=2000)
@@ -153,6 +186,7 @@ def main(argv=None) -> dict:
     from itemgen.checkpoint import load_checkpoint
     from itemgen.data import SequenceDataset, atomic_write_text
     from itemgen.evaluate import evaluate
+    from itemgen.recommender import build_model
     from itemgen.train import train
 
     torch.set_num_threads(args.threads)
@@ -168,7 +202,7 @@ def main(argv=None) -> dict:
     ds = SequenceDataset.load(args.data)
     info = run_info()
     profile = {"model": "sasrec", "hidden": args.hidden, "steps": args.steps, "batch_size": args.batch_size,
-               "lr": args.lr, "max_history": args.max_history, "seed": args.seed, "threads": args.threads,
+               "lr": args.lr, "max_history": args.max_history, "threads": args.threads,
                "valid_users": args.valid_users}
     out = Path(args.out)
     runs: dict = {}
@@ -176,39 +210,44 @@ def main(argv=None) -> dict:
         old = json.loads(out.read_text())
         same = {k: v for k, v in old.get("profile", {}).items() if k != "params"} == profile
         if same and old.get("dataset", {}).get("content_hash") == ds.content_hash():
-            runs = old.get("runs", {})
+            runs = {n: {"loss": r["loss"], "seeds": r["seeds"]} for n, r in old.get("runs", {}).items()
+                    if "seeds" in r}
         else:
             print(f"{out}: different profile or dataset, starting a new results file")
 
-    params = None
-    for name in names:
-        cfg = make_config(args, name)
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    params = sum(x.numel() for x in build_model(make_config(args, "full", seeds[0]), ds.items).parameters())
+
+    def write() -> dict:
+        order = run_names(sorted({n.split('/')[1] for n in runs if n != "full"}),
+                          sorted({int(n.split('/')[2]) for n in runs if n != "full"}))
+        agg = {n: aggregate(runs[n]) for n in order if n in runs}
+        report = {"benchmark": "sampled_losses", **info, "profile": {**profile, "params": params},
+                  "dataset": {"name": ds.name, "path": str(args.data), "items": ds.n_items,
+                              "test_users": len(ds.split.test), "content_hash": ds.content_hash()},
+                  "runs": agg, "summary": summarize(agg)}
+        atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(Path(args.doc), markdown(report))
+        return report
+
+    report = None
+    for seed, name in [(s, n) for s in seeds for n in names]:
+        cfg = make_config(args, name, seed)
+        load = os.getloadavg()[0]  # shared machine: how busy it was when this run started
         t0 = time.perf_counter()
         result = train(cfg, dataset=ds)
         wall = time.perf_counter() - t0
         model, _, _ = load_checkpoint(result.best)
-        params = sum(x.numel() for x in model.parameters())
         test = evaluate(model, ds.split.test, max_history=args.max_history)
-        runs[name] = {"loss": loss_section(name), "test": test, "valid": result.best_valid,
+        runs.setdefault(name, {"loss": loss_section(name), "seeds": {}})["seeds"][str(seed)] = {
+                      "test": test, "valid": result.best_valid,
                       "train_seconds": result.train_seconds, "seconds_per_step": result.train_seconds / result.step,
-                      "wall_seconds": wall, "steps": result.step, "git_commit": info["git_commit"],
+                      "wall_seconds": wall, "steps": result.step, "load_average_at_start": load, "git_commit": info["git_commit"],
                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": info["command"]}
-        print(f"{name}: test ndcg@10 {test['ndcg@10']:.4f} recall@10 {test['recall@10']:.4f} "
+        report = write()  # after every run: a timeout loses at most the run in progress
+        print(f"{name} seed {seed}: test ndcg@10 {test['ndcg@10']:.4f} recall@10 {test['recall@10']:.4f} "
               f"({result.train_seconds:.0f} s)", flush=True)
-    order = run_names(sorted({n.split('/')[1] for n in runs if n != "full"}),
-                      sorted({int(n.split('/')[2]) for n in runs if n != "full"}))
-    runs = {n: runs[n] for n in order if n in runs}
-    if params is None:
-        from itemgen.recommender import build_model
-
-        params = sum(x.numel() for x in build_model(make_config(args, "full"), ds.items).parameters())
-    report = {"benchmark": "sampled_losses", **info, "profile": {**profile, "params": params},
-              "dataset": {"name": ds.name, "path": str(args.data), "items": ds.n_items,
-                          "test_users": len(ds.split.test), "content_hash": ds.content_hash()},
-              "runs": runs, "summary": summarize(runs)}
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
-    atomic_write_text(Path(args.doc), markdown(report))
-    return report
+    return report if report is not None else write()
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class BERT4Rec(Recommender):
         return max(1, math.ceil(self.cfg.mask_prob * length))
 
     def _pad(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded shifted ids (B, L) and lengths (B,); attention ignores the padding."""
+        """Token ids (already shifted) right-padded to (B, L), and lengths (B,); attention ignores padding."""
         L = max(len(s) for s in seqs)
         x = torch.zeros((len(seqs), L), dtype=torch.long)
         for b, s in enumerate(seqs):

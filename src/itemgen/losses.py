@@ -22,6 +22,8 @@ to real r as digamma(r + 1) + Euler's gamma. LambdaRank: pairwise logistic loss 
 positive and each negative, weighted by |delta NDCG| of swapping their (estimated) ranks.
 
 Every function returns the SUM over labels (the train loop divides by the global label count).
+For ItemLM the sampled path ranks items only: text tokens, which the full head also normalises
+over, are left out. Negatives come from torch's global RNG, which checkpoints save for --resume.
 """
 
 from __future__ import annotations
