@@ -15,15 +15,6 @@ from itemgen.train import train
 RULE = dict(n_users=600, n_items=40, min_len=4, max_len=8, noise=0.0, seed=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one thread is faster than contended ones, and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(name, out, **sections):
     t = {"out": str(out), "lr": 5e-3, "batch_size": 64, "max_steps": 120, "eval_every": 40, "eval_users": None,
          "warmup_steps": 10, "progress": False, "patience": 100}

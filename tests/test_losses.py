@@ -15,15 +15,6 @@ from itemgen.losses import (PopularitySampler, SampledLoss, UniformSampler, atta
                             sampled_softmax, warp)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one thread is faster than contended ones, and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def catalog(I=60, D=8, M=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(M, D, generator=g), torch.randn(I, D, generator=g), torch.randint(I, (M,), generator=g)
