@@ -104,11 +104,13 @@ def test_prefix_cache_matches_full_prompt(data, prompt):
         prefix = model.prefix_cache()
         cached = model.encode_cached(hist, prefix)
         again = model.encode_cached(hist[:3], prefix)  # the prefix cache is reused, not consumed
+        packs = model.encode_cached(hist, prefix, pack_tokens=20)  # several forward passes
         top_cached = model.score_items(cached).argsort(1, descending=True)[:, :5]
         top_full = model.score_items(full).argsort(1, descending=True)[:, :5]
     assert prefix.get_seq_length() == len(model.prompts.prefix) > 0
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(again, full[:3], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packs, full, atol=1e-5, rtol=1e-4)
     assert torch.equal(top_cached, top_full)
 
 
@@ -364,6 +366,18 @@ def test_api_key(predictor, ckpt, data, tmp_path, monkeypatch):
         read_api_key(str(tmp_path / "missing"))
     monkeypatch.delenv("ITEMGEN_API_KEY")
     assert read_api_key(None) is None
+
+
+def test_sessions_off_with_several_workers_and_unavailable_session_decoder(predictor, ckpt, data, client):
+    app = create_app(ServeSettings(checkpoint=str(ckpt), sessions_enabled=False), predictor=predictor, api_key="")
+    with TestClient(app) as c:
+        body = error_of(c.post("/v1/sessions/a/events", json={"item": data.items.ids[0]}), 501)
+        assert "--workers 1" in body["error"]
+        assert c.post("/v1/recommend", json={"history": ids(data, [1])}).status_code == 200
+    client.post("/v1/sessions/dec/events", json={"item": data.items.ids[0]})
+    body = error_of(client.get("/v1/sessions/dec/recommend", params={"decode": "nope"}), 422)
+    assert "decoder 'nope' is not available" in body["error"]
+    assert client.get("/v1/sessions/dec/recommend").status_code == 200  # the session still works
 
 
 def test_concurrent_requests_are_micro_batched_and_equal_unbatched(predictor, ckpt, data):

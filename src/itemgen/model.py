@@ -150,12 +150,14 @@ class ItemLM(Recommender):
                              for layer in src.layers], config=self.backbone.config)
 
     def extend(self, cache, tokens: torch.Tensor, items: torch.Tensor,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run positions tokens/items (B, S) on top of ``cache`` (which grows by S);
-        attention_mask (B, past + S) or None for no padding -> hidden states (B, S, H)."""
+               attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run positions tokens/items (B, S) on top of ``cache`` (which grows by S); attention_mask
+        (B, past + S), a 4D additive mask (B, 1, S, past + S), or None for no padding; position_ids
+        (B, S) default to past, past + 1, ... -> hidden states (B, S, H)."""
         past = cache.get_seq_length()
         B, S = tokens.shape
-        pos = torch.arange(past, past + S, device=tokens.device)[None].expand(B, S)
+        pos = position_ids if position_ids is not None else \
+            torch.arange(past, past + S, device=tokens.device)[None].expand(B, S)
         out = self.decoder(inputs_embeds=self.embed(tokens, items), attention_mask=attention_mask,
                            position_ids=pos, cache=cache, use_cache=True)
         return out.last_hidden_state
@@ -171,28 +173,39 @@ class ItemLM(Recommender):
         return cache
 
     @torch.inference_mode()
-    def encode_cached(self, histories: list[np.ndarray], prefix) -> torch.Tensor:
+    def encode_cached(self, histories: list[np.ndarray], prefix, pack_tokens: int = 1024) -> torch.Tensor:
         """= encode(query_batch(histories)), but the prompt prefix comes from ``prefix``
-        (prefix_cache()) instead of being recomputed for every row -> (B, H)."""
+        (prefix_cache()) instead of being recomputed for every row, and rows are packed into one
+        sequence without padding (up to ``pack_tokens`` tokens per forward pass): a row's tokens
+        see the prefix and their own row only, at the positions they would have alone -> (B, H)."""
         P = prefix.get_seq_length()
         if P == 0:
             return self.encode(self.to_device(self.query_batch(histories)))
         enc = [self.prompts.inference_prompt(h) for h in histories]
-        B, S = len(enc), max(len(e) for e in enc) - P
-        tokens = torch.full((B, S), self.pad_token, dtype=torch.long)
-        items = torch.full((B, S), -1, dtype=torch.long)
-        mask = torch.zeros((B, P + S), dtype=torch.long)
-        mask[:, :P] = 1
-        lengths = torch.tensor([len(e) - P for e in enc])  # (B,)
-        for b, e in enumerate(enc):  # right-pad the part after the prefix: causal rows never see pads
-            n = len(e) - P
-            t = torch.from_numpy(e.tokens[P:])
-            tokens[b, :n] = torch.where(t >= 0, t, self.pad_token)
-            items[b, :n] = torch.from_numpy(e.items[P:])
-            mask[b, P:P + n] = 1
+        out, start, total = [], 0, 0
+        for b, e in enumerate(enc):  # greedy packs of consecutive rows
+            total += len(e) - P
+            if b + 1 == len(enc) or total + len(enc[b + 1]) - P > pack_tokens:
+                out.append(self._encode_pack(enc[start:b + 1], prefix))
+                start, total = b + 1, 0
+        return torch.cat(out)  # (B, H)
+
+    def _encode_pack(self, enc, prefix) -> torch.Tensor:
+        P = prefix.get_seq_length()
+        n = torch.tensor([len(e) - P for e in enc])  # (B,) tokens after the prefix per row
+        tokens = torch.from_numpy(np.concatenate([e.tokens[P:] for e in enc]))  # (T,)
+        items = torch.from_numpy(np.concatenate([e.items[P:] for e in enc]))  # (T,)
+        tokens = torch.where(tokens >= 0, tokens, self.pad_token)
+        row = torch.repeat_interleave(torch.arange(len(enc)), n)  # (T,) which row each token is in
+        pos = P + torch.arange(len(row)) - torch.repeat_interleave(n.cumsum(0) - n, n)  # (T,)
+        see = (row[:, None] == row[None, :]) & (pos[:, None] >= pos[None, :])  # (T, T) own row, causal
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        mask = torch.zeros((1, 1, len(row), P + len(row)), dtype=dtype)  # additive; the prefix is visible
+        mask[0, 0, :, P:].masked_fill_(~see, torch.finfo(dtype).min)
         dev = self.device
-        h = self.extend(self.new_cache((prefix, B)), tokens.to(dev), items.to(dev), mask.to(dev))  # (B, S, H)
-        return h[torch.arange(B, device=dev), lengths.to(dev) - 1]  # (B, H)
+        h = self.extend(self.new_cache((prefix, 1)), tokens[None].to(dev), items[None].to(dev), mask.to(dev),
+                        pos[None].to(dev))  # (1, T, H)
+        return h[0, (n.cumsum(0) - 1).to(dev)]  # (B, H): each row's last token
 
     def score_items(self, query):
         return self.head.item_log_probs(query)
