@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPTS = ["The best microscope for a beginner is", "Safety goggles protect your eyes from"]
 
 
@@ -59,7 +61,7 @@ def greedy(backbone, tokenizer) -> list[list[int]]:
     out = []
     with torch.inference_mode():
         for text in PROMPTS:
-            ids = torch.as_tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            ids = torch.as_tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=backbone.device)
             g = backbone.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                                   pad_token_id=tokenizer.pad_token_id)
             out.append(g[0, ids.shape[1]:].tolist())
@@ -75,7 +77,7 @@ def step_seconds(model, cfg, seqs, repeats: int, steps: int) -> float:
     model.train()
     rng = np.random.default_rng(0)
     bs = cfg.train.batch_size
-    batches = [model.train_batch(seqs[i * bs:(i + 1) * bs], rng) for i in range(steps)]
+    batches = [model.to_device(model.train_batch(seqs[i * bs:(i + 1) * bs], rng)) for i in range(steps)]
     n_labels = [model.n_labels(seqs[i * bs:(i + 1) * bs]) for i in range(steps)]
     times = []
     for r in range(repeats + 1):  # the first pass warms up allocators and is dropped
@@ -85,6 +87,8 @@ def step_seconds(model, cfg, seqs, repeats: int, steps: int) -> float:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         if r:
             times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times)
@@ -101,6 +105,8 @@ def request_latency_ms(model, examples, max_history: int, n: int) -> float:
         t0 = time.perf_counter()
         q = model.encode(model.to_device(model.query_batch([ex.history[-max_history:]])))
         dec.topk(q, 10)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times[3:])
 
@@ -148,7 +154,7 @@ def main(argv=None) -> dict:
         print(f"== {name}", file=sys.stderr, flush=True)
         cfg = make_config(args, name, itemlm)
         torch.manual_seed(0)
-        fresh = build_model(cfg, ds.items)
+        fresh = build_model(cfg, ds.items).to(DEVICE)
         n_params = sum(p.numel() for p in fresh.parameters())
         n_train = sum(p.numel() for p in fresh.parameters() if p.requires_grad)
         gen_before = greedy(fresh.backbone, fresh.tokenizer)
@@ -157,7 +163,7 @@ def main(argv=None) -> dict:
         res = train(cfg, dataset=ds)
         from itemgen.checkpoint import load_checkpoint
 
-        model, _, _ = load_checkpoint(res.out / "last")
+        model, _, _ = load_checkpoint(res.out / "last", DEVICE)
         metrics = evaluate(model, test, max_history=args.max_history)
         with adapters_disabled(model.backbone):
             gen_after = greedy(model.backbone, model.tokenizer)
@@ -174,12 +180,25 @@ def main(argv=None) -> dict:
         print(json.dumps({name: {k: v for k, v in results[name].items() if not k.startswith("generation_")}}),
               file=sys.stderr, flush=True)
         del model
+        write(args, ds, test, results)
+    return write(args, ds, test, results)
+
+
+def write(args, ds, test, results: dict) -> dict:
+    """Write the JSON and the Markdown table (after every variant: a cut-short run keeps its rows)."""
+    from itemgen.api import run_info
+    from itemgen.data import atomic_write_text
+
     if "full" in results:
-        for name, r in results.items():
+        for r in results.values():
             r["speedup_vs_full"] = round(results["full"]["seconds_per_step"] / r["seconds_per_step"], 3)
+    info = run_info()
+    if info["git_commit"] is None:  # a copy of the tree without .git (a device machine): the caller says
+        info["git_commit"] = os.environ.get("GIT_COMMIT")
     report = {
-        "benchmark": "frozen", **run_info(),
-        "profile": {"device": "cpu", "backbone": args.backbone, "n_layers": args.n_layers, "steps": args.steps,
+        "benchmark": "frozen", **info,
+        "profile": {"device": "cuda" if torch.cuda.is_available() else "cpu", "backbone": args.backbone,
+                    "n_layers": args.n_layers, "steps": args.steps,
                     "batch_size": args.batch_size, "lr": args.lr, "backbone_lr": args.backbone_lr,
                     "max_history": args.max_history, "fields": ["title"], "max_field_tokens": args.max_field_tokens,
                     "test_users": len(test), "timing": f"median of {args.timing_repeats} x {args.timing_steps} steps"},
@@ -197,7 +216,7 @@ def markdown(rep: dict) -> str:
         "# Frozen-LLM item-encoder mode vs full fine-tuning",
         "",
         f"Dataset `{rep['dataset']}`, backbone {pr['backbone']} truncated to {pr['n_layers']} layers, CPU "
-        f"({rep['hardware']['cores']} cores, shared), {pr['steps']} steps of batch {pr['batch_size']}, "
+        f"({rep['hardware']['cores']} cores, shared; GPU: {rep['hardware']['gpu']}), {pr['steps']} steps of batch {pr['batch_size']}, "
         f"max_history {pr['max_history']}, item text = title ({pr['max_field_tokens']} tokens). Test metrics on "
         f"{pr['test_users']} test users, exact full-catalog scoring. Step time: {pr['timing']} on the same "
         "batches, measured side by side in one run.",
