@@ -72,9 +72,13 @@ def aggregate(run: dict) -> dict:
             "seconds_per_step": statistics.median(r["seconds_per_step"] for r in per_seed)}
 
 
+SUMMARY_METRICS = ("ndcg@10", "recall@10")
+
+
 def summarize(runs: dict) -> list[dict]:
-    """Per (loss, sampler, N): NDCG@10 of full softmax, uncorrected and corrected, as means over the
-    seeds all three have, and the per-seed paired difference corrected - uncorrected."""
+    """Per (loss, sampler, N) and metric: full softmax, uncorrected and corrected as means over the
+    seeds all three have, the gaps to full softmax, and the per-seed paired difference
+    corrected - uncorrected (mean and sd)."""
     rows = []
     full = runs.get("full")
     for name, r in runs.items():
@@ -83,22 +87,24 @@ def summarize(runs: dict) -> list[dict]:
         base = name[: -len("/uncorrected")]
         c = runs.get(base + "/corrected")
         kind, sampler, n = base.split("/")
-        row = {"loss": kind, "sampler": sampler, "negatives": int(n), "seeds": 0,
-               "full_ndcg@10": None, "uncorrected_ndcg@10": None, "corrected_ndcg@10": None}
-        if c and full:
-            seeds = sorted(set(r["seeds"]) & set(c["seeds"]) & set(full["seeds"]))
-            if seeds:
-                nd = lambda run: [run["seeds"][s]["test"]["ndcg@10"] for s in seeds]  # noqa: E731
-                f, u, k = statistics.fmean(nd(full)), statistics.fmean(nd(r)), statistics.fmean(nd(c))
-                diff = [b - a for a, b in zip(nd(r), nd(c))]
-                gap_u, gap_c = f - u, f - k
-                row.update({"seeds": len(seeds), "full_ndcg@10": f, "uncorrected_ndcg@10": u,
-                            "corrected_ndcg@10": k, "gap_uncorrected": gap_u, "gap_corrected": gap_c,
-                            "corrected_minus_uncorrected": statistics.fmean(diff),
-                            "corrected_minus_uncorrected_sd": statistics.stdev(diff) if len(diff) > 1 else None,
-                            # share of the uncorrected gap that the correction closes (1 = all of it);
-                            # undefined when the uncorrected loss is not worse than full softmax
-                            "share_closed": (gap_u - gap_c) / gap_u if gap_u > 0 else None})
+        row = {"loss": kind, "sampler": sampler, "negatives": int(n), "seeds": 0}
+        seeds = sorted(set(r["seeds"]) & set(c["seeds"]) & set(full["seeds"])) if c and full else []
+        row["seeds"] = len(seeds)
+        for m in SUMMARY_METRICS:
+            if not seeds:
+                row.update({f"full_{m}": None, f"uncorrected_{m}": None, f"corrected_{m}": None})
+                continue
+            vals = lambda run: [run["seeds"][s]["test"][m] for s in seeds]  # noqa: E731
+            f, u, k = statistics.fmean(vals(full)), statistics.fmean(vals(r)), statistics.fmean(vals(c))
+            diff = [b - a for a, b in zip(vals(r), vals(c))]
+            gap_u, gap_c = f - u, f - k
+            row.update({f"full_{m}": f, f"uncorrected_{m}": u, f"corrected_{m}": k,
+                        f"gap_uncorrected_{m}": gap_u, f"gap_corrected_{m}": gap_c,
+                        f"corrected_minus_uncorrected_{m}": statistics.fmean(diff),
+                        f"corrected_minus_uncorrected_sd_{m}": statistics.stdev(diff) if len(diff) > 1 else None,
+                        # share of the uncorrected gap that the correction closes (1 = all of it);
+                        # undefined when the uncorrected loss is not worse than full softmax
+                        f"share_closed_{m}": (gap_u - gap_c) / gap_u if gap_u > 0 else None})
         rows.append(row)
     return rows
 
@@ -141,23 +147,26 @@ def markdown(report: dict) -> str:
                      f"{fmt(t['ndcg@10'])} | {fmt(r['ndcg@10_sd'])} | {fmt(t['mrr'])} | "
                      f"{r['train_seconds']:.0f} | {r['seconds_per_step']:.3f} | "
                      f"{fmt(statistics.median(loads) if loads else None, 1)} |")
-    lines += ["", "Gap to full softmax in NDCG@10 (positive = worse than full softmax) and the share of the "
-              "uncorrected gap that the correction closes:", "",
-              "| loss | sampler | N | seeds | full | uncorrected | corrected | gap uncorr. | gap corr. | "
-              "share closed | corr. - uncorr. per seed (mean ± sd) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in report["summary"]:
-        share = s.get("share_closed")
-        lines.append(f"| {s['loss']} | {s['sampler']} | {s['negatives']} | {s['seeds']} | {fmt(s['full_ndcg@10'])} | "
-                     f"{fmt(s['uncorrected_ndcg@10'])} | {fmt(s['corrected_ndcg@10'])} | "
-                     f"{fmt(s.get('gap_uncorrected'))} | {fmt(s.get('gap_corrected'))} | "
-                     f"{'n/a (uncorrected not worse)' if share is None and 'gap_uncorrected' in s else fmt(share, 2)} | "
-                     f"{fmt(s.get('corrected_minus_uncorrected'))} ± {fmt(s.get('corrected_minus_uncorrected_sd'))} |")
-    opened = [s for s in report["summary"] if (s.get("gap_uncorrected") or 0) > 0]
-    closed = [s for s in opened if s["share_closed"] is not None and s["share_closed"] >= 0.5]
-    lines += ["", f"Verdict (computed): the uncorrected loss is worse than full softmax in {len(opened)} of "
-              f"{len(report['summary'])} settings; the correction closes at least half of that gap in "
-              f"{len(closed)} of those {len(opened)}."]
+    for m in SUMMARY_METRICS:
+        M = m.replace("ndcg", "NDCG").replace("recall", "Recall")
+        lines += ["", f"Gap to full softmax in {M} (positive = worse than full softmax), the share of the "
+                  "uncorrected gap that the correction closes, and the paired per-seed difference:", "",
+                  "| loss | sampler | N | seeds | full | uncorrected | corrected | gap uncorr. | gap corr. | "
+                  "share closed | corr. - uncorr. per seed (mean ± sd) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in report["summary"]:
+            share = s.get(f"share_closed_{m}")
+            lines.append(f"| {s['loss']} | {s['sampler']} | {s['negatives']} | {s['seeds']} | {fmt(s[f'full_{m}'])} | "
+                         f"{fmt(s[f'uncorrected_{m}'])} | {fmt(s[f'corrected_{m}'])} | "
+                         f"{fmt(s.get(f'gap_uncorrected_{m}'))} | {fmt(s.get(f'gap_corrected_{m}'))} | "
+                         f"{'n/a (uncorrected not worse)' if share is None and f'gap_uncorrected_{m}' in s else fmt(share, 2)} | "
+                         f"{fmt(s.get(f'corrected_minus_uncorrected_{m}'))} ± "
+                         f"{fmt(s.get(f'corrected_minus_uncorrected_sd_{m}'))} |")
+        opened = [s for s in report["summary"] if (s.get(f"gap_uncorrected_{m}") or 0) > 0]
+        closed = [s for s in opened if (s[f"share_closed_{m}"] or 0) >= 0.5]
+        lines += ["", f"Verdict on {M} (computed): the uncorrected loss is worse than full softmax in "
+                  f"{len(opened)} of {len(report['summary'])} settings; the correction closes at least half of "
+                  f"that gap in {len(closed)} of those {len(opened)}."]
     return "\n".join(lines) + "\n"
 
 
