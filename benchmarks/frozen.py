@@ -193,8 +193,8 @@ def write(args, ds, test, results: dict) -> dict:
         for r in results.values():
             r["speedup_vs_full"] = round(results["full"]["seconds_per_step"] / r["seconds_per_step"], 3)
     info = run_info()
-    if info["git_commit"] is None:  # a copy of the tree without .git (a device machine): the caller says
-        info["git_commit"] = os.environ.get("GIT_COMMIT")
+    if os.environ.get("GIT_COMMIT"):  # a copy of the tree without its history (a device machine)
+        info["git_commit"] = os.environ["GIT_COMMIT"]
     report = {
         "benchmark": "frozen", **info,
         "profile": {"device": "cuda" if torch.cuda.is_available() else "cpu", "backbone": args.backbone,
@@ -215,8 +215,9 @@ def markdown(rep: dict) -> str:
     lines = [
         "# Frozen-LLM item-encoder mode vs full fine-tuning",
         "",
-        f"Dataset `{rep['dataset']}`, backbone {pr['backbone']} truncated to {pr['n_layers']} layers, CPU "
-        f"({rep['hardware']['cores']} cores, shared; GPU: {rep['hardware']['gpu']}), {pr['steps']} steps of batch {pr['batch_size']}, "
+        f"Dataset `{rep['dataset']}`, backbone {pr['backbone']} truncated to {pr['n_layers']} layers, "
+        f"{rep['hardware']['gpu'] or 'CPU only'} ({rep['hardware']['cores']} CPU cores), "
+        f"{pr['steps']} steps of batch {pr['batch_size']}, "
         f"max_history {pr['max_history']}, item text = title ({pr['max_field_tokens']} tokens). Test metrics on "
         f"{pr['test_users']} test users, exact full-catalog scoring. Step time: {pr['timing']} on the same "
         "batches, measured side by side in one run.",
