@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -119,8 +120,11 @@ def main(argv=None) -> dict:
                               **{k: round(m[k], 4) for k in ("recall@10", "ndcg@10")}}), file=sys.stderr, flush=True)
         for dname in rows:
             rows[dname]["speedup_vs_native"] = round(rows[native]["latency_ms"] / rows[dname]["latency_ms"], 2)
+        info = run_info()
+        if os.environ.get("GIT_COMMIT"):  # a copy of the tree without its history (a device machine)
+            info["git_commit"] = os.environ["GIT_COMMIT"]
         report["runs"][name] = {
-            "checkpoint": str(ckpt), "model": model.name, "dataset": ds.name, **run_info(),
+            "checkpoint": str(ckpt), "model": model.name, "dataset": ds.name, **info,
             "profile": {"device": "cuda" if torch.cuda.is_available() else "cpu",
                         "backbone": getattr(getattr(cfg, model.name, None), "backbone", None),
                         "n_layers": getattr(getattr(cfg, model.name, None), "n_layers", None),
