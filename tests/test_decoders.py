@@ -61,7 +61,7 @@ def test_structure_equals_brute_force_on_many_random_cases():
                                 item_scale=float(rng.uniform(0.1, 3.0)), duplicates=case % 3 == 0)
         h = torch.randn(int(rng.integers(1, 9)), 8, generator=torch.Generator().manual_seed(case)) * 1.5
         k = int(rng.integers(1, n_items + 1)) if case % 4 else min(10, n_items)
-        dec = StructureTopK(model)
+        dec = StructureTopK(model, normalized=True)
         scores, ids = dec.topk(h, k)
         ref = model.head.item_log_probs(h)
         assert_valid_topk(scores, ids, ref, k)
@@ -75,7 +75,7 @@ def test_structure_equals_brute_force_on_many_random_cases():
 def test_structure_opens_few_clusters_when_one_dominates():
     model = two_level_model(400, 20, seed=1)
     h = model.head.centroids[3:4] * 4  # a query that points at cluster 3
-    dec = StructureTopK(model)
+    dec = StructureTopK(model, normalized=True)
     scores, ids = dec.topk(h, 5)
     assert_valid_topk(scores, ids, model.head.item_log_probs(h), 5)
     assert dec.stats() == {"clusters": 20, "queries": 1, "clusters_opened_mean": 1.0}
@@ -85,10 +85,12 @@ def test_structure_unnormalized_and_exclusions():
     model = two_level_model(120, 10, n_text=6, seed=2)
     h = torch.randn(4, 8)
     ref = model.head.item_log_probs(h)
-    s, i = StructureTopK(model, normalized=False).topk(h, 7)
+    s, i = StructureTopK(model).topk(h, 7)  # default: log P + log Z_1, same ranking
     assert torch.equal(i, torch.topk(ref, 7, dim=1).indices)
+    z1 = torch.logsumexp(torch.cat([h @ model.head._text_weight().T, h @ model.head.centroids.T], 1), 1)
+    assert torch.allclose(s - z1[:, None], torch.topk(ref, 7, dim=1).values, atol=1e-4)
     exclude = [np.asarray(torch.topk(ref[b], 3).indices) for b in range(4)]
-    s, i = StructureTopK(model).topk(h, 7, exclude=exclude)
+    s, i = StructureTopK(model, normalized=True).topk(h, 7, exclude=exclude)
     masked = ref.clone()
     for b, e in enumerate(exclude):
         masked[b, e] = float("-inf")
@@ -139,15 +141,22 @@ def test_ann_two_level_is_exact_when_log_normalizers_are_exact():
     assert torch.allclose(s - z1, torch.topk(ref, 10, dim=1).values, atol=1e-4)
 
 
-def test_log_normalizer_estimate_is_a_weighted_mean_of_true_values():
+def test_log_normalizer_estimate_averages_true_values_where_clusters_compete():
     model = two_level_model(80, 6, seed=6)
+    head = model.head
     states = torch.randn(50, 8)
-    b = estimate_log_normalizers(model.head, states, batch_size=16)
-    true = model.head.cluster_log_normalizers(states).double().numpy()  # (n, C)
-    assert b.shape == (6,)
-    assert np.all(b >= true.min(0) - 1e-6) and np.all(b <= true.max(0) + 1e-6)
-    same = estimate_log_normalizers(model.head, states[:1].expand(7, -1))
-    assert np.allclose(same, true[0], atol=1e-5)
+    b = estimate_log_normalizers(head, states, top_m=2, batch_size=16)
+    true = head.cluster_log_normalizers(states).double()  # (n, C)
+    top = torch.topk(states @ head.centroids.T, 2, dim=1).indices  # (n, 2)
+    for c in range(6):
+        rows = (top == c).any(1)
+        if rows.any():
+            assert b[c] == pytest.approx(float(true[rows, c].mean()), abs=1e-5)
+    one = estimate_log_normalizers(head, states[:1].expand(7, -1), top_m=2)
+    picked = top[0].tolist()
+    fallback = float(true[0, picked].mean())
+    for c in range(6):
+        assert one[c] == pytest.approx(float(true[0, c]) if c in picked else fallback, abs=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])

@@ -54,37 +54,49 @@ def fingerprint(model) -> str:
 
 
 @torch.inference_mode()
-def estimate_log_normalizers(head: TwoLevelHead, states: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """(C,) b_c: average of log Z_c(h) over hidden states h (n, H), each state weighted by its
-    P(c | h) among item clusters, so b_c fits the states where cluster c competes for the top-k.
-    Clusters no state gives weight fall back to the unweighted mean."""
-    num = torch.zeros(head.n_clusters, dtype=torch.float64)
-    den = torch.zeros(head.n_clusters, dtype=torch.float64)
-    plain = torch.zeros(head.n_clusters, dtype=torch.float64)
+def estimate_log_normalizers(head: TwoLevelHead, states: torch.Tensor, top_m: int = 8,
+                             batch_size: int = 256) -> np.ndarray:
+    """(C,) b_c: the mean of log Z_c(h) over the training states h (n, H) for which c is among the
+    ``top_m`` most probable clusters, i.e. where c competes for the top-k; a cluster no state
+    ranks that high gets the mean over all those (state, cluster) pairs. Costs
+    n * top_m * (cluster size) * H, never n * |I| * H."""
+    C = head.n_clusters
+    m = min(top_m, C)
+    total = torch.zeros(C, dtype=torch.float64)
+    count = torch.zeros(C, dtype=torch.float64)
     states = states.to(head.item_out.device, head.item_out.dtype)
     for start in range(0, len(states), batch_size):
         h = states[start:start + batch_size]  # (b, H)
-        log_zc = head.cluster_log_normalizers(h).double().cpu()  # (b, C)
-        w = torch.softmax((h @ head.centroids.T).double().cpu(), dim=1)  # (b, C)
-        num += (w * log_zc).sum(0)
-        den += w.sum(0)
-        plain += log_zc.sum(0)
-    mean = plain / max(len(states), 1)
-    ok = den > 1e-12
-    return torch.where(ok, num / den.clamp(min=1e-300), mean).numpy()
+        top = torch.topk(h @ head.centroids.T, m, dim=1).indices  # (b, m)
+        for c in torch.unique(top).tolist():
+            rows = torch.nonzero((top == c).any(1))[:, 0]
+            logit = h[rows] @ head.item_out.index_select(0, head.members(c)).T  # (r, S)
+            total[c] += torch.logsumexp(logit.double(), dim=1).sum().cpu()
+            count[c] += len(rows)
+    if count.sum() == 0:
+        raise ValueError("no hidden states to estimate log Z_c on")
+    fallback = total.sum() / count.sum()
+    return torch.where(count > 0, total / count.clamp(min=1), fallback).numpy()
 
 
-def index_vectors(model, log_norm: np.ndarray | None) -> np.ndarray:
-    """(I, D) float32 database vectors: [e_c + e_t, -b_c] (two-level) or item_vectors()."""
+def index_vectors(model, log_norm: np.ndarray | None, chunk: int = 65536) -> np.ndarray:
+    """(I, D) float32 database vectors: [e_c + e_t, -b_c] (two-level) or item_vectors(); built in
+    row chunks so that a large catalog holds one copy, not three."""
     head = _head(model)
-    with torch.inference_mode():
-        v = model.item_vectors().detach().float().cpu().numpy()
     if head is None:
-        return np.ascontiguousarray(v)
+        with torch.inference_mode():
+            return np.ascontiguousarray(model.item_vectors().detach().float().cpu().numpy())
     if log_norm is None:
         raise ValueError("a two-level index needs per-cluster log-normalizers (estimate_log_normalizers)")
-    b = np.asarray(log_norm, dtype=np.float32)[head.assign.cpu().numpy()]  # (I,)
-    return np.ascontiguousarray(np.concatenate([v, -b[:, None]], axis=1))
+    n, d = head.item_out.shape
+    out = np.empty((n, d + 1), dtype=np.float32)
+    b = torch.as_tensor(np.asarray(log_norm), dtype=torch.float32)
+    with torch.inference_mode():
+        for r in range(0, n, chunk):
+            a = head.assign[r:r + chunk]
+            out[r:r + chunk, :d] = (head.item_out[r:r + chunk] + head.centroids[a]).float().cpu().numpy()
+            out[r:r + chunk, d] = -b[a.cpu()].numpy()
+    return out
 
 
 def query_vectors(model, query: torch.Tensor) -> np.ndarray:

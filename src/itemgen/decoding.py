@@ -42,14 +42,15 @@ class ExactTopK:
 class StructureTopK:
     """Exact top-k for the two-level softmax (method.md 4.3): since P(t | h) <= P(c(t) | h), open
     clusters in decreasing P(c | h), score their members, keep the k best; stop once the next
-    cluster's P(c | h) is below the k-th best full probability. Scores are exact log P(t | h)
-    (``normalized=False`` skips the text-token normaliser log Z_1: same ranking, scores shifted).
+    cluster's P(c | h) is below the k-th best full probability. Scores are log P(t | h) + log Z_1(h)
+    (the level-1 normaliser over text tokens and clusters is the same for every item, so the ranking
+    is exact, and skipping it saves a (B, V) product); ``normalized=True`` returns exact log P(t | h).
     ``stats()`` reports how many clusters were opened per query."""
 
     name = "structure"
     margin = 1e-4  # open a cluster even if its bound is this far below: float rounding never cuts one
 
-    def __init__(self, model: Recommender, normalized: bool = True, **_):
+    def __init__(self, model: Recommender, normalized: bool = False, **_):
         from itemgen.heads import TwoLevelHead
 
         self.head = getattr(model, "head", None)
@@ -93,7 +94,7 @@ class StructureTopK:
             for c in torch.unique(cs).tolist():  # each cluster's vectors read once per round
                 rows = active[cs == c]
                 mem = head.members(c)  # (S,)
-                logit = (h[rows] @ head.item_out[mem].T).float()  # (R, S)
+                logit = (h[rows] @ head.item_out.index_select(0, mem).T).float()  # (R, S)
                 lp = lpc[rows, c, None] + logit - torch.logsumexp(logit, dim=1, keepdim=True)
                 if excl is not None:
                     for j, r in enumerate(rows.tolist()):
