@@ -258,9 +258,6 @@ def validate(cfg: Config) -> None:
         (m.head in ("full", "two_level"), "itemlm.head: full|two_level"),
         (m.cluster_method in ("kmeans", "frequency", "random"), "itemlm.cluster_method: kmeans|frequency|random"),
         (m.n_clusters is None or m.n_clusters >= 1, "itemlm.n_clusters must be >= 1"),
-        (m.head in ("full", "two_level"), "itemlm.head: full|two_level"),
-        (m.cluster_method in ("kmeans", "frequency", "random"), "itemlm.cluster_method: kmeans|frequency|random"),
-        (m.n_clusters is None or m.n_clusters >= 1, "itemlm.n_clusters must be >= 1"),
         (m.item_encoder in ("none", "text", "text+id"), "itemlm.item_encoder: none|text|text+id"),
         (m.lora_r >= 0, "itemlm.lora_r must be >= 0"),
         (m.lora_r == 0 or m.freeze_backbone, "itemlm.lora_r > 0 needs itemlm.freeze_backbone=true "

@@ -85,8 +85,6 @@ class ItemLM(Recommender):
         self.tokenizer.save_pretrained(bdir)
         if self.clusters is not None:
             self.clusters.save(Path(directory) / "clusters.json")
-        if self.clusters is not None:
-            self.clusters.save(Path(directory) / "clusters.json")
 
     # ---- forward -----------------------------------------------------------------------
     @property
