@@ -251,3 +251,20 @@ def test_evaluate_with_every_decoder(trained):
     assert ann["recall@10"] >= exact["recall@10"] - 0.05 and ann["recall@1"] >= 0.85
     res = runner.invoke(app, ["index", "build", str(result.best), "--type", "annoy"])
     assert res.exit_code == 2 and "not one of flat, ivf, hnsw" in res.output
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_chunked_gather_dot_matches_plain_autograd(sparse):
+    """The memory-lean within-cluster logits give autograd's gradients (h and item vectors)."""
+    from itemgen.heads import _GatherDot
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(50, 6, generator=g, requires_grad=True)
+    h = torch.randn(11, 6, generator=g, requires_grad=True)  # 11 labels: chunks of 8 and 3
+    idx = torch.randint(0, 50, (11, 7), generator=g)
+    weights = torch.randn(11, 7, generator=g)
+    (_GatherDot.apply(h, W, idx, sparse) * weights).sum().backward()
+    gh, gw = h.grad.clone(), W.grad.to_dense() if sparse else W.grad.clone()
+    h.grad = W.grad = None
+    (torch.einsum("nh,nsh->ns", h, W[idx]) * weights).sum().backward()
+    assert torch.allclose(gh, h.grad, atol=1e-5) and torch.allclose(gw, W.grad, atol=1e-5)

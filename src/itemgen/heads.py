@@ -49,6 +49,46 @@ class FullSoftmaxHead(nn.Module):
         return logits[:, logits.shape[1] - self.n_items:] - torch.logsumexp(logits, dim=1, keepdim=True)
 
 
+class _GatherDot(torch.autograd.Function):
+    """out[n, s] = h[n] . W[idx[n, s]] for h (N, H), W (I, H), idx (N, S), in chunks of labels, so
+    the (N, S, H) gathered rows never exist at once and are not kept for backward (recomputed).
+    W's gradient is dense (index_add into zeros) or sparse (one row per (n, s))."""
+
+    CHUNK = 8  # labels per chunk
+
+    @staticmethod
+    def forward(ctx, h, W, idx, sparse: bool):
+        ctx.save_for_backward(h, W, idx)
+        ctx.sparse = sparse
+        out = torch.empty(idx.shape, dtype=torch.promote_types(h.dtype, W.dtype), device=h.device)
+        for a in range(0, len(idx), _GatherDot.CHUNK):
+            rows = W.index_select(0, idx[a:a + _GatherDot.CHUNK].reshape(-1)).view(*idx[a:a + _GatherDot.CHUNK].shape, -1)
+            out[a:a + _GatherDot.CHUNK] = torch.bmm(rows, h[a:a + _GatherDot.CHUNK, :, None].to(rows.dtype))[:, :, 0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N, S)
+        h, W, idx = ctx.saved_tensors
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.empty_like(h)
+            for a in range(0, len(idx), _GatherDot.CHUNK):
+                rows = W.index_select(0, idx[a:a + _GatherDot.CHUNK].reshape(-1)).view(*idx[a:a + _GatherDot.CHUNK].shape, -1)
+                grad_h[a:a + _GatherDot.CHUNK] = torch.bmm(grad[a:a + _GatherDot.CHUNK, None, :].to(rows.dtype), rows)[:, 0]
+        if ctx.needs_input_grad[1]:
+            g = grad.to(W.dtype)
+            if ctx.sparse:  # values (N * S, H): one row per gathered slot
+                values = (g[:, :, None] * h.to(W.dtype)[:, None, :]).reshape(-1, W.shape[1])
+                grad_w = torch.sparse_coo_tensor(idx.reshape(1, -1), values, W.shape)
+            else:
+                grad_w = torch.zeros_like(W)
+                for a in range(0, len(idx), _GatherDot.CHUNK):
+                    ga, ha = g[a:a + _GatherDot.CHUNK], h[a:a + _GatherDot.CHUNK].to(W.dtype)
+                    grad_w.index_add_(0, idx[a:a + _GatherDot.CHUNK].reshape(-1),
+                                      (ga[:, :, None] * ha[:, None, :]).reshape(-1, W.shape[1]))
+        return grad_h, grad_w, None, None
+
+
 class TwoLevelHead(nn.Module):
     """Two-level softmax (method.md 4.2): P(t | h) = P(c(t) | h) * P(t | c(t), h).
 
@@ -123,8 +163,7 @@ class TwoLevelHead(nn.Module):
         slot = torch.arange(int(size.max()), device=h.device)  # (S,) S = largest cluster among labels
         valid = slot[None] < size[:, None]  # (N, S)
         idx = (self.offsets[c][:, None] + slot[None]).clamp(max=self.n_items - 1)
-        vec = F.embedding(self.order[idx], self.item_out, sparse=self.sparse_grad)  # (N, S, H)
-        within = torch.bmm(vec, h[:, :, None].to(vec.dtype))[:, :, 0].float()  # (N, S)
+        within = _GatherDot.apply(h, self.item_out, self.order[idx], self.sparse_grad).float()  # (N, S)
         within = within.masked_fill(~valid, float("-inf"))
         return loss + F.cross_entropy(within, self.pos[targets], reduction="sum")
 
