@@ -108,6 +108,7 @@ def main(argv=None) -> dict:
             r = ranked(model, dec, test, mh, args.cutoff, args.batch_size)
             eval_s = time.perf_counter() - t1
             m = ranking_metrics(r)
+            m["mrr"] = float(np.mean(np.where(r <= args.cutoff, 1.0 / r, 0.0)))  # a miss adds 0, not 1/(cutoff+1)
             m["mrr_cutoff"] = args.cutoff
             rows[dname] = {
                 "method": f"{model.name} ({dname})", "decode": dname, "test": m,

@@ -33,6 +33,10 @@ def results(tmp_path):
     # latency only, per dataset by key
     write(d, "latency.json", {"command": "benchmarks/latency.py", "git_commit": "ccc333",
                               "datasets": {"office": {"itemlm": {"latency": {"p50_ms": 7.25}}}}})
+    # a dataset described by a dict, rows in a list under a generic key
+    write(d, "sampled.json", {"command": "benchmarks/sampled.py", "git_commit": "ddd444",
+                              "dataset": {"name": "Office", "path": "/x"},
+                              "runs": [{"method": "warp/uniform", "test": {"ndcg@10": 0.02}}]})
     write(d, "broken.json", "{not json")
     write(d, "empty.json", {"command": "x", "notes": ["nothing measured"]})
     return d
@@ -48,6 +52,8 @@ def test_report_marks_missing_numbers_and_plots(results, tmp_path):
     info = write_report(results, tmp_path / "docs" / "results.md")
     text = (tmp_path / "docs" / "results.md").read_text()
     assert info["datasets"] == ["office", "scientific"]
+    warp = table_row(text, "warp/uniform")
+    assert warp[4] == "0.0200" and warp[2] == NOT_MEASURED
     # columns: method, file, R@1, R@10, NDCG@10, MRR, train s, latency, profile, src
     sas = table_row(text, "sasrec")
     assert sas[2:6] == ["0.0123", "0.0456", "0.0289", "0.0211"] and sas[6] == "12.5" and sas[7] == NOT_MEASURED
@@ -87,6 +93,6 @@ def test_cli(results, tmp_path):
     out = tmp_path / "out" / "results.md"
     r = CliRunner().invoke(app, ["report", "--results", str(results), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert out.is_file() and "3 rows over 2 datasets" in r.output
+    assert out.is_file() and "4 rows over 2 datasets" in r.output
     r = CliRunner().invoke(app, ["report", "--results", str(tmp_path / "missing"), "--out", str(out)])
     assert r.exit_code == 2 and "results folder not found" in r.output

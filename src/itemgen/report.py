@@ -86,6 +86,8 @@ def _metrics(d: dict) -> dict:
 
 
 def dataset_key(name) -> str:
+    if isinstance(name, dict):  # {"name": ..., "path": ...} descriptions of a dataset
+        name = name.get("name") or name.get("path")
     name = str(name).strip().lower() if name else "unspecified"
     return DATASET_ALIASES.get(name, name)
 
