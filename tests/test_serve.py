@@ -3,7 +3,6 @@ slow references (cached prompt prefix, sessions, micro-batching), and the real s
 over loopback with a graceful shutdown."""
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -399,6 +398,18 @@ def test_concurrent_requests_are_micro_batched_and_equal_unbatched(predictor, ck
     for b, s in zip(batched, single):
         assert [x["id"] for x in b] == [x["id"] for x in s]
         np.testing.assert_allclose([x["score"] for x in b], [x["score"] for x in s], atol=1e-5)
+
+
+def test_worker_processes_build_their_app_from_the_environment(ckpt, data, monkeypatch):
+    """--workers N: each uvicorn worker process calls app_from_env (sessions off, metrics per process)."""
+    from itemgen.serve import SETTINGS_ENV, app_from_env, settings_env
+
+    monkeypatch.setenv(SETTINGS_ENV, settings_env(ServeSettings(str(ckpt), max_batch=4, sessions_enabled=False)))
+    monkeypatch.delenv("ITEMGEN_API_KEY", raising=False)
+    with TestClient(app_from_env()) as c:
+        assert c.get("/readyz").json()["max_batch"] == 4
+        assert c.post("/v1/recommend", json={"history": ids(data, [1, 2])}).status_code == 200
+        assert c.post("/v1/sessions/a/events", json={"item": data.items.ids[0]}).status_code == 501
 
 
 def test_cli_rejects_bad_arguments(tmp_path, ckpt):

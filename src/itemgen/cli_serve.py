@@ -25,7 +25,8 @@ def serve(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
           max_body_bytes: int = typer.Option(1 << 20, min=1024, help="largest request body"),
           threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads per process"),
           prefix_cache: bool = typer.Option(True, help="reuse the prompt prefix's keys/values (ItemLM)"),
-          graceful_timeout_s: float = typer.Option(30.0, min=0.0, help="how long shutdown waits for requests in flight"),
+          graceful_timeout_s: float = typer.Option(30.0, min=0.0,
+                                                   help="how long shutdown waits for requests in flight"),
           access_log: bool = typer.Option(False, help="log every request"),
           log_level: str = typer.Option("info")):
     """Serve recommendations over HTTP (FastAPI on uvicorn); see docs/serve.md."""

@@ -345,8 +345,8 @@ class ServerState:
     def check_k(self, k: int) -> None:
         limit = min(self.n_items, self.settings.max_k)
         if not 1 <= k <= limit:
-            raise ApiError(422, f"k must be between 1 and {limit} (the catalog has {self.n_items} items"
-                                f"{'' if limit == self.n_items else f', this server returns at most {limit}'}), got {k}")
+            cap = "" if limit == self.n_items else f", this server returns at most {limit}"
+            raise ApiError(422, f"k must be between 1 and {limit} (the catalog has {self.n_items} items{cap}), got {k}")
 
     def resolve(self, histories: list[list[str]], unknown: str) -> list[np.ndarray]:
         """External ids -> index arrays; unknown ids are a 422 listing them, or are dropped."""
@@ -516,7 +516,8 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None, api_
             raise ApiError(404, f"no session {sid} (never created, expired or evicted)")
         items, dropped = state.sessions.snapshot(s)
         if engine.incremental:
-            r = await state.answer(state.batcher.call(engine.run_session, s, items, dropped, k, exclude_history, decode))
+            job = state.batcher.call(engine.run_session, s, items, dropped, k, exclude_history, decode)
+            r = await state.answer(job)
         else:
             r = await state.rank(Query(np.asarray(items, dtype=np.int64), k, exclude_history, decode))
         return {"items": state.format(r), "model": model_name(), "latency_ms": (time.perf_counter() - t0) * 1e3}
