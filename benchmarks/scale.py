@@ -238,7 +238,7 @@ def run_worker(args: list[str], timeout: float) -> dict:
 
 
 def ann_specs(n_items: int) -> list[str]:
-    specs = ["ivf:4", "ivf:16", "ivf:64"]
+    specs = ["ivf:1", "ivf:4", "ivf:16", "ivf:64"]
     if n_items <= 100_000:
         specs += ["hnsw:64", "flat"]
     return specs
@@ -309,7 +309,15 @@ def write_doc(results: dict) -> None:
              "Produced by `flock /tmp/itemgen-bench.lock python benchmarks/scale.py` "
              "(results: `benchmarks/results/scale.json`; each entry names its command, commit and date). "
              "One CPU thread for every method; medians of repeated runs; ratios from the same run.", "",
-             "Synthetic model: " + results.get("setup", {}).get("description", ""), ""]
+             "Synthetic model: " + results.get("setup", {}).get("description", ""), "",
+             "## Using it", "",
+             "```bash",
+             "itemgen clusters build DATA --method kmeans        # or frequency | random; DATA/clusters/kmeans.json",
+             "itemgen train configs/itemlm-cpu.yaml data.path=DATA itemlm.head=two_level itemlm.cluster_method=kmeans",
+             "itemgen evaluate RUN/best --decode structure       # exact top-k, clusters opened in the report",
+             "itemgen index build RUN/best --type ivf            # flat | ivf | hnsw, saved as RUN/best/ann.faiss",
+             "itemgen evaluate RUN/best --decode ann",
+             "```", ""]
     if "train" in results:
         lines += ["## Training-head step (forward + backward, 64 labels, |V| = 49152 text tokens included)", "",
                   "| items | head | step ms | peak MiB | speed-up vs full | memory ratio vs full |",

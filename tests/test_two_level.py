@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from itemgen.checkpoint import load_checkpoint
+from itemgen.checkpoint import CheckpointError, load_checkpoint
 from itemgen.cli import app
 from itemgen.clusters import (ClusterError, Clusters, build_clusters, cluster_path, default_n_clusters,
                               kmeans_clusters)
@@ -226,6 +226,12 @@ def test_checkpoint_with_foreign_clusters_is_an_error(trained, tmp_path):
     blob["n_items"] = 39
     (broken / "clusters.json").write_text(json.dumps(blob))
     with pytest.raises(ClusterError, match="assign 39 items but the item table has 40"):
+        load_checkpoint(broken)
+    blob = json.loads((result.best / "clusters.json").read_text())
+    blob["assign"] = [i % 5 for i in range(40)]  # right items, another cluster count
+    blob["n_clusters"] = 5
+    (broken / "clusters.json").write_text(json.dumps(blob))
+    with pytest.raises(CheckpointError, match="does not fit.*clusters.json.*head.centroids"):
         load_checkpoint(broken)
     (broken / "clusters.json").unlink()
     with pytest.raises(ClusterError, match="cluster file not found"):

@@ -87,7 +87,11 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     if not weights.is_file():
         raise CheckpointError(f"{directory}: missing model.safetensors")
     model = build_model(cfg, items, checkpoint_dir=directory)
-    missing, unexpected = load_model(model, str(weights), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except RuntimeError as e:  # shape mismatch, e.g. clusters.json with another cluster count
+        raise CheckpointError(f"{weights} does not fit the {cfg.model} model described by {directory} "
+                              f"(config, items.json, clusters.json): {str(e).strip().splitlines()[-1]}") from None
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match a {cfg.model} model for {len(items)} items: "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
