@@ -341,6 +341,15 @@ def test_internal_errors_do_not_leak(client, data, monkeypatch):
     assert client.post("/v1/recommend", json={"history": ids(data, [1, 2])}).status_code == 200  # still serving
 
 
+def test_overload_is_shed_with_503(client, data, monkeypatch):
+    state = client.app.state.itemgen
+    monkeypatch.setattr(state.batcher, "pending", lambda: 5000)  # as if 5000 histories were queued
+    r = client.post("/v1/recommend", json={"history": ids(data, [1, 2])})
+    assert "server overloaded" in error_of(r, 503)["error"] and r.headers["retry-after"] == "1"
+    monkeypatch.undo()
+    assert client.post("/v1/recommend", json={"history": ids(data, [1, 2])}).status_code == 200
+
+
 def test_api_key(predictor, ckpt, data, tmp_path, monkeypatch):
     app = create_app(ServeSettings(checkpoint=str(ckpt)), predictor=predictor, api_key=KEY)
     body = {"history": ids(data, [1, 2]), "k": 2}

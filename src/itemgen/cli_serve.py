@@ -23,6 +23,7 @@ def serve(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
           max_sessions: int = typer.Option(10_000, min=1, help="sessions kept (least recently used evicted)"),
           session_ttl_s: float = typer.Option(1800.0, min=1.0, help="idle seconds before a session expires"),
           max_body_bytes: int = typer.Option(1 << 20, min=1024, help="largest request body"),
+          max_queue: int = typer.Option(1024, min=1, help="histories waiting for the model before requests get 503"),
           threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads per process"),
           prefix_cache: bool = typer.Option(True, help="reuse the prompt prefix's keys/values (ItemLM)"),
           graceful_timeout_s: float = typer.Option(30.0, min=0.0,
@@ -43,7 +44,7 @@ def serve(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
         read_config(checkpoint)  # a clear message now rather than a failed worker later
         settings = ServeSettings(
             checkpoint=str(checkpoint), batch_window_ms=batch_window_ms, max_batch=max_batch,
-            max_history=max_history, max_k=max_k, max_body_bytes=max_body_bytes, max_sessions=max_sessions,
+            max_history=max_history, max_k=max_k, max_body_bytes=max_body_bytes, max_queue=max_queue, max_sessions=max_sessions,
             session_ttl_s=session_ttl_s, prefix_cache=prefix_cache, sessions_enabled=workers == 1,
             api_key_file=str(api_key_file) if api_key_file else None, threads=threads)
         settings.check()

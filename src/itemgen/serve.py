@@ -58,6 +58,7 @@ class ServeSettings:
     max_k: int = 1000
     max_batch_request: int = 256  # histories per /v1/recommend/batch request
     max_body_bytes: int = 1 << 20
+    max_queue: int = 1024  # histories waiting for the model beyond which requests get 503 (shed load)
     max_sessions: int = 10_000
     session_ttl_s: float = 1800.0
     prefix_cache: bool = True  # reuse the prompt prefix's keys/values (ItemLM)
@@ -70,7 +71,7 @@ class ServeSettings:
                          ("max_history", self.max_history >= 1), ("max_k", self.max_k >= 1),
                          ("max_batch_request", self.max_batch_request >= 1),
                          ("max_body_bytes", self.max_body_bytes >= 1024), ("max_sessions", self.max_sessions >= 1),
-                         ("session_ttl_s", self.session_ttl_s > 0)):
+                         ("session_ttl_s", self.session_ttl_s > 0), ("max_queue", self.max_queue >= 1)):
             if not ok:
                 raise ValueError(f"serve setting {name}={getattr(self, name)!r} is out of range")
 
@@ -379,6 +380,12 @@ class ServerState:
         items = self.predictor.items
         return [{"id": items.ids[i], "score": float(s), "title": items.title(i)} for s, i in zip(r.scores, r.ids)]
 
+    def check_queue(self, rows: int = 1) -> None:
+        """Shed load instead of queueing without bound: latency would grow for everyone."""
+        if self.batcher.pending() + rows > self.settings.max_queue:
+            raise ApiError(503, f"server overloaded: {self.batcher.pending()} histories waiting for the model; "
+                                "retry shortly")
+
     async def rank(self, q: Query) -> Ranked:
         return await self.answer(self.batcher.submit(q))
 
@@ -419,7 +426,8 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None, api_
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return JSONResponse({"error": e.message, **e.extra}, status_code=e.status)
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse({"error": e.message, **e.extra}, status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -461,6 +469,7 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None, api_
         state.require_ready()
         state.check_k(req.k)
         (idx,) = state.resolve([req.history], req.unknown_items)
+        state.check_queue()
         r = await state.rank(Query(idx, req.k, req.exclude_history, req.decode))
         return {"items": state.format(r), "model": model_name(), "latency_ms": (time.perf_counter() - t0) * 1e3}
 
@@ -474,6 +483,7 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None, api_
                                 f"{settings.max_batch_request}")
         state.check_k(req.k)
         idx = state.resolve(req.histories, req.unknown_items)
+        state.check_queue(len(idx))
         ranked = await asyncio.gather(*[state.rank(Query(h, req.k, req.exclude_history, req.decode)) for h in idx])
         return {"results": [{"items": state.format(r)} for r in ranked], "model": model_name(),
                 "latency_ms": (time.perf_counter() - t0) * 1e3}
@@ -515,6 +525,7 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None, api_
         if s is None:
             raise ApiError(404, f"no session {sid} (never created, expired or evicted)")
         items, dropped = state.sessions.snapshot(s)
+        state.check_queue()
         if engine.incremental:
             job = state.batcher.call(engine.run_session, s, items, dropped, k, exclude_history, decode)
             r = await state.answer(job)
