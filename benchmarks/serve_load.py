@@ -30,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def main() -> None:
     histories = [h[-200:] for h in histories if h]
     random.Random(0).shuffle(histories)
     levels = [int(x) for x in args.levels.split(",")]
-    logs = Path(args.out).with_suffix("")
+    logs = Path(tempfile.mkdtemp(prefix="itemgen-serve-load-")) / "server"  # server logs stay out of the repo
     common = ["--batch-window-ms", str(args.batch_window_ms)]
     on = Server(args.checkpoint, args.threads, [*common, "--max-batch", str(args.max_batch)], Path(f"{logs}.on.log"))
     off = Server(args.checkpoint, args.threads, [*common, "--max-batch", "1"], Path(f"{logs}.off.log"))
