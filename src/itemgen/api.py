@@ -33,6 +33,8 @@ class Predictor:
         return cls(model, cfg, items, directory)
 
     def decoder(self, name: str = "exact"):
+        if name == "exact":  # models without full-catalog scores (beam search) name their own
+            name = getattr(self.model, "default_decoder", "exact")
         if name not in self._decoders:
             self._decoders[name] = make_decoder(name, self.model, checkpoint_dir=self.directory) \
                 if name != "exact" else make_decoder(name, self.model)
@@ -105,6 +107,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", decode: 
     if ds.n_items != len(items):
         raise CheckpointError(f"checkpoint has {len(items)} items, dataset {ds.n_items}")
     examples = ds.examples(split)
+    if decode == "exact":  # models without full-catalog scores (beam search) name their own decoder
+        decode = getattr(model, "default_decoder", "exact")
     if decode == "exact":
         metrics = evaluate(model, examples, max_history=cfg.data.max_history, batch_size=batch_size,
                            exclude_history=exclude_history)

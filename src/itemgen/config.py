@@ -83,6 +83,28 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class TitleLMConfig:
+    """Title baseline, items written as text (title_lm.py)."""
+    backbone: str = "tiny"
+    n_layers: int | None = None
+    prompt: str = "default"  # default | compact (generative.py)
+    max_title_tokens: int = 32  # per title, in the history and as the label (then an end token)
+    max_field_tokens: int = 16  # brand and category in the history
+
+
+@dataclass(frozen=True)
+class SemanticIDConfig:
+    """Semantic-ID baseline, items written as code tuples (semantic_ids.py)."""
+    backbone: str = "tiny"
+    n_layers: int | None = None
+    prompt: str = "default"
+    levels: int = 3  # residual k-means levels; one collision code follows
+    codebook_size: int = 256  # codes per level (capped at the number of items)
+    embeddings: str = "auto"  # auto | text | ials: what the codes are clustered from
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/default"
     seed: int = 0
@@ -105,13 +127,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: str = "itemlm"  # itemlm | sasrec | bert4rec | gru4rec
+    model: str = "itemlm"  # itemlm | sasrec | bert4rec | gru4rec | title | semantic_id
     data: DataConfig = field(default_factory=DataConfig)
     itemlm: ItemLMConfig = field(default_factory=ItemLMConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
     gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    title: TitleLMConfig = field(default_factory=TitleLMConfig)
+    semantic_ids: SemanticIDConfig = field(default_factory=SemanticIDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -263,6 +287,12 @@ def validate(cfg: Config) -> None:
         (m.lora_r == 0 or m.freeze_backbone, "itemlm.lora_r > 0 needs itemlm.freeze_backbone=true "
                                              "(LoRA trains adapters on a frozen backbone)"),
         (cfg.sasrec.hidden % cfg.sasrec.n_heads == 0, "sasrec.hidden must be divisible by sasrec.n_heads"),
+        (cfg.title.prompt in ("default", "compact"), "title.prompt: default|compact"),
+        (cfg.title.max_title_tokens >= 1, "title.max_title_tokens must be >= 1"),
+        (cfg.semantic_ids.prompt in ("default", "compact"), "semantic_ids.prompt: default|compact"),
+        (cfg.semantic_ids.levels >= 1, "semantic_ids.levels must be >= 1"),
+        (cfg.semantic_ids.codebook_size >= 2, "semantic_ids.codebook_size must be >= 2"),
+        (cfg.semantic_ids.embeddings in ("auto", "text", "ials"), "semantic_ids.embeddings: auto|text|ials"),
         (cfg.bert4rec.hidden % cfg.bert4rec.n_heads == 0, "bert4rec.hidden must be divisible by bert4rec.n_heads"),
         (0.0 < cfg.bert4rec.mask_prob <= 1.0, "bert4rec.mask_prob must be in (0, 1]"),
         (0.0 <= cfg.bert4rec.mask_last_prob <= 1.0, "bert4rec.mask_last_prob must be in [0, 1]"),

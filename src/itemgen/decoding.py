@@ -39,6 +39,25 @@ class ExactTopK:
         return torch.topk(scores, k, dim=1)
 
 
+class BeamTopK:
+    """Trie-constrained beam search for models that write items as token sequences (titles,
+    semantic IDs; generative.py): ``query`` is the prompt batch their ``encode`` returns."""
+
+    name = "beam"
+    cutoff = 20  # evaluate_decoder asks for at most this many items: Recall/NDCG@<=20 stay exact
+
+    def __init__(self, model: Recommender, num_beams: int | None = None, **_):
+        if not hasattr(model, "beam_topk"):
+            raise ValueError(f"decoder 'beam' needs a model that generates items token by token "
+                             f"(title, semantic_id), not {model.name!r}")
+        self.model, self.num_beams = model, num_beams
+
+    @torch.inference_mode()
+    def topk(self, query, k: int, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
+        check_k(k, self.model.n_items)
+        return self.model.beam_topk(query, k, exclude, self.num_beams)
+
+
 class StructureTopK:
     """Exact top-k for the two-level softmax (method.md 4.3): since P(t | h) <= P(c(t) | h), open
     clusters in decreasing P(c | h), score their members, keep the k best; stop once the next
@@ -119,7 +138,7 @@ def _ann(model: Recommender, **kwargs):
     return AnnTopK(model, **kwargs)
 
 
-DECODERS = {"exact": ExactTopK, "structure": StructureTopK, "ann": _ann}
+DECODERS = {"exact": ExactTopK, "beam": BeamTopK, "structure": StructureTopK, "ann": _ann}
 
 
 def _l2d(kind: str):

@@ -17,6 +17,11 @@ from itemgen.recommender import Recommender
 def rank_examples(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
                   exclude_history: bool = False) -> np.ndarray:
     """-> (n,) rank of each example's target among all items (1 = best, ties against)."""
+    if getattr(model, "default_decoder", "exact") != "exact":  # no full-catalog scores (beam search)
+        from itemgen.decoding import make_decoder
+
+        return decoder_ranks(model, make_decoder(model.default_decoder, model), examples,
+                             max_history=max_history, batch_size=batch_size, exclude_history=exclude_history)
     was_training = model.training
     model.eval()
     ranks = np.zeros(len(examples), dtype=np.int64)
@@ -38,6 +43,11 @@ def rank_examples(model: Recommender, examples: list[Example], *, max_history: i
 
 def evaluate(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
              exclude_history: bool = False) -> dict:
+    if getattr(model, "default_decoder", "exact") != "exact":
+        from itemgen.decoding import make_decoder
+
+        return evaluate_decoder(model, make_decoder(model.default_decoder, model), examples,
+                                max_history=max_history, batch_size=batch_size, exclude_history=exclude_history)
     t0 = time.perf_counter()
     ranks = rank_examples(model, examples, max_history=max_history, batch_size=batch_size,
                           exclude_history=exclude_history)
@@ -59,10 +69,25 @@ def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, ma
                      batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100) -> dict:
     """Metrics for decoders that return a top-k list only (structure, ANN, beam search): a target
     outside the top ``cutoff`` gets rank cutoff + 1, so Recall/NDCG at K <= 20 are exact and MRR
-    is truncated at ``cutoff`` (reported as ``mrr_cutoff``)."""
+    is truncated at ``cutoff`` (reported as ``mrr_cutoff``; a decoder's own ``cutoff`` attribute,
+    e.g. beam search's, lowers it)."""
     t0 = time.perf_counter()
+    k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
+    ranks = decoder_ranks(model, decoder, examples, max_history=max_history, batch_size=batch_size,
+                          exclude_history=exclude_history, cutoff=k)
+    out = ranking_metrics(ranks)
+    out["mrr_cutoff"] = k
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+@torch.inference_mode()
+def decoder_ranks(model: Recommender, decoder, examples: list[Example], *, max_history: int,
+                  batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100) -> np.ndarray:
+    """-> (n,) rank of each target in the decoder's top-k (k = cutoff); cutoff + 1 outside it."""
+    was_training = model.training
     model.eval()
-    k = min(cutoff, model.n_items)
+    k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
     ranks = np.full(len(examples), k + 1, dtype=np.int64)
     order = sorted(range(len(examples)), key=lambda i: min(len(examples[i].history), max_history))
     for start in range(0, len(order), batch_size):
@@ -75,7 +100,5 @@ def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, ma
             hit = np.flatnonzero(top[row] == examples[i].target)
             if hit.size:
                 ranks[i] = hit[0] + 1
-    out = ranking_metrics(ranks)
-    out["mrr_cutoff"] = k
-    out["seconds"] = round(time.perf_counter() - t0, 3)
-    return out
+    model.train(was_training)
+    return ranks

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from itemgen.config import Config
     from itemgen.data import ItemTable
 
-MODEL_NAMES = ("itemlm", "sasrec", "bert4rec", "gru4rec")
+MODEL_NAMES = ("itemlm", "sasrec", "bert4rec", "gru4rec", "title", "semantic_id")
 
 
 class Recommender(nn.Module):
@@ -90,4 +90,12 @@ def build_model(cfg: "Config", items: "ItemTable", checkpoint_dir=None) -> Recom
         from itemgen.gru4rec import GRU4Rec
 
         return GRU4Rec(len(items), cfg.gru4rec, cfg.data.max_history)
+    if cfg.model == "title":
+        from itemgen.title_lm import TitleLM
+
+        return TitleLM.build(cfg, items, checkpoint_dir)
+    if cfg.model == "semantic_id":
+        from itemgen.semantic_ids import SemanticIDLM
+
+        return SemanticIDLM.build(cfg, items, checkpoint_dir)
     raise ValueError(f"unknown model {cfg.model!r} (known: {', '.join(MODEL_NAMES)})")

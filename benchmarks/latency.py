@@ -1,0 +1,344 @@
+"""Recommendation latency: single-token ItemLM against multi-token baselines (titles, semantic
+IDs) on the same backbone, the cost model behind the paper's 5x-14x (method.md section 5), and
+the single-step floor (a bare forward pass of the backbone).
+
+    flock /tmp/itemgen-bench.lock python benchmarks/latency.py --data DATASET_DIR \
+        [--quality-runs RUNS_DIR] [--latency-users 20] [--throughput-users 32]
+
+One invocation per dataset; results are merged into benchmarks/results/latency.json (key: the
+dataset name) and docs/latency.md and docs/latency.png are rebuilt from the whole file.
+
+Latency uses SmolLM2-135M with ALL its layers and freshly initialised item weights (latency
+does not depend on trained values). Every method answers the same users (the first
+--latency-users of a fixed 200-user test sample, histories cut to the last 20 items, top-10),
+round-robin user by user so that load changes on a shared machine hit every method alike. The
+NDCG@10 column comes from checkpoints trained with benchmarks/latency_quality.sh (a cheap CPU
+profile: first 4 layers, a few minutes) evaluated on all 200 users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from itemgen.api import run_info
+from itemgen.config import from_dict
+from itemgen.data import SequenceDataset, atomic_write_text
+from itemgen.evaluate import subsample
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "latency.json"
+BACKBONE = "smollm2-135m"
+
+
+# ---- models --------------------------------------------------------------------------------
+def build(kind: str, ds: SequenceDataset, data_dir: str, n_layers: int | None, codes_from: Path | None):
+    """A model with fresh weights on the full backbone, and a recommend(histories, k) -> ids."""
+    from itemgen.decoding import ExactTopK
+
+    base = {"data": {"path": data_dir, "max_history": 20}}
+    if kind.startswith("itemlm"):
+        head = "two_level" if "two_level" in kind else "full"
+        prompt = "compact" if "compact" in kind else "default"
+        cfg = from_dict({**base, "model": "itemlm", "itemlm": {
+            "backbone": BACKBONE, "n_layers": n_layers, "prompt": prompt, "head": head, "cluster_method": "random"}})
+        from itemgen.recommender import build_model
+
+        model = build_model(cfg, ds.items).eval()
+        if head == "two_level":
+            from itemgen.decoding import StructureTopK
+
+            dec = StructureTopK(model)
+        else:
+            dec = ExactTopK(model)
+        if kind.endswith("prefix_kv"):
+            prefix = model.prefix_cache()
+            return model, lambda h, k: dec.topk(model.encode_cached(h, prefix), k)[1]
+        return model, lambda h, k: dec.topk(model.encode(model.query_batch(h)), k)[1]
+    if kind == "title":
+        from itemgen.title_lm import TitleLM
+
+        cfg = from_dict({**base, "model": "title", "title": {"backbone": BACKBONE, "n_layers": n_layers}})
+        model = TitleLM.build(cfg, ds.items).eval()
+        return model, lambda h, k: model.beam_topk(model.query_batch(h), k)[1]
+    if kind == "semantic_id":
+        from itemgen.backbones import load_backbone
+        from itemgen.semantic_ids import SemanticIDLM, residual_kmeans, with_collision_code
+
+        cfg = from_dict({**base, "model": "semantic_id", "semantic_ids": {"backbone": BACKBONE, "n_layers": n_layers}})
+        backbone, tok = load_backbone(BACKBONE, n_layers=n_layers)
+        text_vocab = backbone.get_input_embeddings().weight.shape[0]
+        if codes_from is not None and (codes_from / "semantic_ids.json").is_file():
+            meta = json.loads((codes_from / "semantic_ids.json").read_text())
+            codes, codebook = np.asarray(meta["codes"]), meta["codebook"]
+        else:  # the trie's shape only: L + 1 decode steps whatever the codes are
+            emb = np.random.default_rng(0).standard_normal((ds.n_items, 64)).astype(np.float32)
+            codebook = min(cfg.semantic_ids.codebook_size, ds.n_items)
+            codes = with_collision_code(residual_kmeans(emb, cfg.semantic_ids.levels, codebook))
+        model = SemanticIDLM(backbone, tok, codes, codebook, text_vocab, cfg.semantic_ids).eval()
+        return model, lambda h, k: model.beam_topk(model.query_batch(h), k)[1]
+    raise ValueError(kind)
+
+
+class CallCounter:
+    """Counts forward calls of the transformer: the sequential model steps per request."""
+
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls += 1
+
+
+def prompt_tokens(model, kind: str, hist) -> int:
+    """Positions the first (prefill) forward pass computes for one user."""
+    b = model.query_batch([hist])
+    n = int(b["attention_mask"].sum())
+    if kind.endswith("prefix_kv"):
+        n -= len(model.prompts.prefix)
+    return n
+
+
+# ---- timing --------------------------------------------------------------------------------
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs), q))
+
+
+@torch.inference_mode()
+def bare_forward_seconds(backbone_decoder, n_tokens: int, repeats: int) -> float:
+    """Median time of one forward pass of the transformer (no head) over n_tokens at batch 1."""
+    ids = torch.randint(100, 1000, (1, n_tokens))
+    backbone_decoder(input_ids=ids, use_cache=False)  # warm
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backbone_decoder(input_ids=ids, use_cache=False)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+@torch.inference_mode()
+def decode_step_seconds(backbone_decoder, rows: int, context: int, repeats: int) -> float:
+    """Median time of one cached decode step for ``rows`` beams over ``context`` past tokens."""
+    ids = torch.randint(100, 1000, (rows, context))
+    out = backbone_decoder(input_ids=ids, use_cache=True)
+    cache = out.cache
+    mask = torch.ones(rows, context + 1, dtype=torch.long)
+    pos = torch.full((rows, 1), context)
+    ts = []
+    for _ in range(repeats):
+        cache.crop(context)
+        t0 = time.perf_counter()
+        backbone_decoder(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def ndcg_at_10(top: np.ndarray, targets: list[int]) -> float:
+    gains = []
+    for row, t in zip(top, targets):
+        hit = np.flatnonzero(row[:10] == t)
+        gains.append(1.0 / np.log2(hit[0] + 2) if hit.size else 0.0)
+    return float(np.mean(gains))
+
+
+@torch.inference_mode()
+def quality(run_dir: Path, hists, targets, batch: int) -> dict:
+    """NDCG@10 of a trained checkpoint on the benchmark users (top-10 from its own decoder)."""
+    from itemgen.checkpoint import load_checkpoint
+    from itemgen.decoding import make_decoder
+
+    ckpt = run_dir / "best"
+    if not (ckpt / "model.safetensors").is_file():
+        return {"ndcg@10": None, "note": f"no trained checkpoint in {ckpt}"}
+    model, cfg, _ = load_checkpoint(ckpt)
+    dec = make_decoder(getattr(model, "default_decoder", "exact"), model)
+    tops = []
+    for s in range(0, len(hists), batch):
+        q = model.encode(model.query_batch(hists[s:s + batch]))
+        tops.append(dec.topk(q, 10)[1].cpu().numpy())
+    metrics = json.loads((ckpt / "metrics.json").read_text()) if (ckpt / "metrics.json").is_file() else {}
+    log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()] if (run_dir / "log.jsonl").is_file() else []
+    return {"ndcg@10": round(ndcg_at_10(np.concatenate(tops), targets), 4), "checkpoint": str(ckpt),
+            "train_steps": metrics.get("step"), "n_layers": getattr(getattr(cfg, cfg.model if cfg.model != "semantic_id"
+                                                                             else "semantic_ids", None), "n_layers", None),
+            "train_seconds": round(log[-1]["seconds"], 1) if log else None}
+
+
+QUALITY_PROFILE = ("benchmarks/latency_quality.sh: SmolLM2-135M first 2 layers, compact prompts, batch 16, "
+                   "at most 4 minutes or 400 steps per model on the shared 2-core CPU")
+
+
+def add_quality(rows: dict, methods: list[str], runs: Path, hists, targets, batch: int) -> None:
+    for k in methods:
+        run = runs / k
+        rows.setdefault(k, {})["quality"] = quality(run, hists, targets, batch) if run.is_dir() else \
+            {"ndcg@10": None, "note": f"no trained model ({run} missing)"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="prepared dataset directory (itemgen data prepare)")
+    ap.add_argument("--users", type=int, default=200, help="test users sampled (seed 0)")
+    ap.add_argument("--latency-users", type=int, default=20, help="of those, how many are timed at batch 1")
+    ap.add_argument("--throughput-users", type=int, default=32, help="users timed at batch --batch")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--max-history", type=int, default=20)
+    ap.add_argument("--n-layers", type=int, default=None, help="backbone layers for latency (default: all)")
+    ap.add_argument("--methods", default="itemlm,itemlm_two_level,title,semantic_id")
+    ap.add_argument("--further", default="itemlm_compact,itemlm_prefix_kv,itemlm_compact_prefix_kv",
+                    help="single-step variants for the 'go further' table")
+    ap.add_argument("--quality-runs", type=Path, default=None,
+                    help="folder with itemlm/, title/, semantic_id/ runs of benchmarks/latency_quality.sh")
+    ap.add_argument("--quality-only", action="store_true",
+                    help="only (re)compute the NDCG@10 column of an existing result for this dataset")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats of each cost-model micro timing")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores are oversubscribed)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    ds = SequenceDataset.load(args.data)
+    sample = subsample(ds.split.test, args.users, seed=0)
+    hists = [e.history[-args.max_history:] for e in sample]
+    targets = [e.target for e in sample]
+    has_titles = "title" in ds.items.fields and any(ds.items.fields["title"])
+    methods = [m for m in args.methods.split(",") if m]
+    if args.quality_only:
+        if args.quality_runs is None:
+            ap.error("--quality-only needs --quality-runs")
+        allres = json.loads(args.out.read_text())
+        if ds.name not in allres:
+            ap.error(f"{args.out} has no result for {ds.name}: run the latency benchmark first")
+        add_quality(allres[ds.name]["methods"], methods, args.quality_runs, hists, targets, args.batch)
+        allres[ds.name]["quality_profile"] = QUALITY_PROFILE
+        atomic_write_text(args.out, json.dumps(allres, indent=2) + "\n")
+        from latency_report import write_report
+
+        write_report(allres)
+        return 0
+    skipped = {}
+    if not has_titles and "title" in methods:
+        methods.remove("title")
+        skipped["title"] = "dataset has no item titles"
+        print(f"{ds.name}: no item titles; skipping the title baseline", file=sys.stderr)
+    further = [m for m in args.further.split(",") if m]
+    codes_from = args.quality_runs / "semantic_id" / "best" if args.quality_runs else None
+
+    models, fns, counters = {}, {}, {}
+    for kind in methods + further:
+        try:
+            models[kind], fns[kind] = build(kind, ds, args.data, args.n_layers, codes_from)
+        except (AttributeError, ValueError, ImportError) as e:  # e.g. a head or cache not available
+            skipped[kind] = f"{type(e).__name__}: {e}"
+            print(f"skipping {kind}: {e}", file=sys.stderr)
+            continue
+        counters[kind] = CallCounter(models[kind].decoder)
+    kinds = list(fns)
+
+    # batch 1, round-robin over methods user by user (2 untimed warm-up users)
+    lat_users = list(range(min(args.latency_users, len(hists))))
+    lat = {k: [] for k in kinds}
+    steps = {k: [] for k in kinds}
+    for warm in range(2):
+        for k in kinds:
+            fns[k]([hists[warm]], args.k)
+    for u in lat_users:
+        for k in kinds:
+            c = counters[k]
+            before = c.calls
+            t0 = time.perf_counter()
+            ids = fns[k]([hists[u]], args.k)
+            lat[k].append(time.perf_counter() - t0)
+            steps[k].append(c.calls - before)
+            ids = ids.reshape(-1).tolist()
+            assert len(set(ids)) == args.k and min(ids) >= 0, (k, ids)  # k distinct real items
+        print(f"user {u}: " + "  ".join(f"{k} {lat[k][-1] * 1e3:.0f}ms" for k in kinds), file=sys.stderr)
+
+    # throughput at batch --batch (same users for every method)
+    tp_users = list(range(min(args.throughput_users, len(hists))))
+    thr = {k: 0.0 for k in kinds}
+    for s in range(0, len(tp_users), args.batch):
+        chunk = [hists[u] for u in tp_users[s:s + args.batch]]
+        for k in kinds:
+            t0 = time.perf_counter()
+            fns[k](chunk, args.k)
+            thr[k] += time.perf_counter() - t0
+
+    # cost model: per-token prefill and per-step decode costs, bare forward passes of the backbone
+    from itemgen.backbones import load_backbone
+
+    bare_lm, _ = load_backbone(BACKBONE, n_layers=args.n_layers)
+    bare = getattr(bare_lm.eval(), bare_lm.base_model_prefix)
+    lengths = [32, 128, 512, 1024]
+    prefill_t = {n: bare_forward_seconds(bare, n, args.repeats) for n in lengths}
+    slope, intercept = np.polyfit(lengths, [prefill_t[n] for n in lengths], 1)
+
+    rows = {}
+    for k in kinds:
+        prompt = [prompt_tokens(models[k], k, hists[u]) for u in lat_users]
+        mean_prompt = float(np.mean(prompt))
+        decode_steps = float(np.mean(steps[k])) - 1  # forward passes after the prefill
+        beams = args.k
+        step_s = decode_step_seconds(bare, beams, int(round(mean_prompt)), args.repeats) if decode_steps > 0 else 0.0
+        predicted = intercept + slope * mean_prompt + decode_steps * step_s
+        bare_same = bare_forward_seconds(bare, int(round(np.mean([int(models[k].query_batch([hists[u]])["attention_mask"].sum())
+                                                                     for u in lat_users]))), args.repeats)
+        rows[k] = {
+            "mean_prefill_tokens": round(mean_prompt, 1),
+            "decode_steps": round(decode_steps, 2),
+            "p50_ms_batch1": round(1e3 * pct(lat[k], 50), 1),
+            "p95_ms_batch1": round(1e3 * pct(lat[k], 95), 1),
+            "throughput_users_per_s_batch": round(len(tp_users) / thr[k], 2),
+            "decode_step_ms": round(1e3 * step_s, 1),
+            "predicted_ms": round(1e3 * predicted, 1),
+            "bare_forward_ms_full_prompt": round(1e3 * bare_same, 1),
+            "vs_bare_forward": round(pct(lat[k], 50) / bare_same, 3),
+        }
+    base = "itemlm"
+    for k in kinds:
+        if base in rows:
+            rows[k]["measured_speedup_of_itemlm"] = round(rows[k]["p50_ms_batch1"] / rows[base]["p50_ms_batch1"], 2)
+            rows[k]["predicted_speedup_of_itemlm"] = round(rows[k]["predicted_ms"] / rows[base]["predicted_ms"], 2)
+            rows[k]["throughput_ratio_itemlm_over"] = round(rows[base]["throughput_users_per_s_batch"]
+                                                             / rows[k]["throughput_users_per_s_batch"], 2)
+    if args.quality_runs is not None:
+        add_quality(rows, methods, args.quality_runs, hists, targets, args.batch)
+
+    result = {
+        **run_info(),
+        "dataset": ds.name, "data": args.data, "n_items": ds.n_items,
+        "profile": {"backbone": BACKBONE, "n_layers": args.n_layers or bare_lm.config.num_hidden_layers,
+                    "users_sampled": len(hists), "latency_users": len(lat_users), "throughput_users": len(tp_users),
+                    "batch": args.batch, "k": args.k, "beams": args.k, "max_history": args.max_history,
+                    "threads": args.threads, "item_weights": "random init (latency does not depend on values)"},
+        "cost_model": {"prefill_ms_by_tokens": {str(n): round(1e3 * t, 1) for n, t in prefill_t.items()},
+                       "prefill_ms_per_token": round(1e3 * slope, 4), "prefill_ms_intercept": round(1e3 * intercept, 2)},
+        "methods": rows,
+        "skipped": skipped,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    allres = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    allres[ds.name] = result
+    atomic_write_text(args.out, json.dumps(allres, indent=2) + "\n")
+    print(json.dumps(rows, indent=2))
+    from latency_report import write_report  # noqa: E402 (sibling script)
+
+    write_report(allres)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    raise SystemExit(main())

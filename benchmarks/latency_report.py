@@ -1,0 +1,120 @@
+"""docs/latency.md and docs/latency.png from benchmarks/results/latency.json (called by
+benchmarks/latency.py after every run; `python benchmarks/latency_report.py` rebuilds them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC, PNG = ROOT / "docs" / "latency.md", ROOT / "docs" / "latency.png"
+RESULTS = ROOT / "benchmarks" / "results" / "latency.json"
+
+LABELS = {"itemlm": "ItemLM single-step, full softmax", "itemlm_two_level": "ItemLM single-step, two-level + structure",
+          "title": "Title, constrained beam search", "semantic_id": "Semantic IDs, constrained beam search",
+          "itemlm_compact": "ItemLM, compact prompt", "itemlm_prefix_kv": "ItemLM, default prompt + prefix KV reused",
+          "itemlm_compact_prefix_kv": "ItemLM, compact prompt + prefix KV reused"}
+MAIN = ("itemlm", "itemlm_two_level", "title", "semantic_id")
+
+
+def fmt(x, nd=1):
+    return "n/a" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def write_report(allres: dict) -> None:
+    lines = ["# Latency: single-token items against multi-token baselines", "",
+             "Produced by `benchmarks/latency.py` (command, commit, hardware and every figure: "
+             "`benchmarks/results/latency.json`). Backbone SmolLM2-135M with all its layers, item weights freshly "
+             "initialised (latency does not depend on their values), histories cut to the last 20 items, top-10, "
+             "beam width 10 for the multi-step baselines (KV cache, `torch.inference_mode`), timed round-robin user by "
+             "user. NDCG@10 comes from checkpoints trained with the cheap CPU profile of "
+             "`benchmarks/latency_quality.sh` (first 4 layers, minutes of training): it compares the methods under a "
+             "tiny budget, not their converged quality.", ""]
+    for name, r in allres.items():
+        p = r["profile"]
+        lines += [f"## {name} ({r['n_items']} items)", "",
+                  f"{p['latency_users']} of the {p['users_sampled']} sampled test users timed at batch 1; "
+                  f"throughput over {p['throughput_users']} users at batch {p['batch']}; {p['threads']} threads; "
+                  f"{r['date']}, commit {str(r['git_commit'])[:8]}.", "",
+                  "| method | prefill tokens | decode steps | p50 ms (b=1) | p95 ms (b=1) | users/s (b=32) "
+                  "| ItemLM speedup, measured | predicted | NDCG@10 |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for k in MAIN:
+            m = r["methods"].get(k)
+            if m is None or "p50_ms_batch1" not in m:
+                if k in r.get("skipped", {}):
+                    lines.append(f"| {LABELS[k]} | skipped: {r['skipped'][k]} | | | | | | | |")
+                continue
+            q = (m.get("quality") or {}).get("ndcg@10")
+            lines.append(f"| {LABELS[k]} | {fmt(m['mean_prefill_tokens'])} | {fmt(m['decode_steps'])} | "
+                         f"{fmt(m['p50_ms_batch1'])} | {fmt(m['p95_ms_batch1'])} | "
+                         f"{fmt(m['throughput_users_per_s_batch'], 2)} | {fmt(m.get('measured_speedup_of_itemlm'), 2)}x | "
+                         f"{fmt(m.get('predicted_speedup_of_itemlm'), 2)}x | {fmt(q, 4) if q is not None else 'not measured'} |")
+        if r.get("quality_profile"):
+            lines += ["", f"NDCG@10 on all {p['users_sampled']} sampled users; models: {r['quality_profile']}."]
+        cm = r["cost_model"]
+        lines += ["", f"Cost model: prefill {cm['prefill_ms_per_token']:.3f} ms/token + {cm['prefill_ms_intercept']:.1f} ms "
+                  f"(bare forward passes at {', '.join(cm['prefill_ms_by_tokens'])} tokens); per decode step (10 beams, "
+                  "cached, at the method's prompt length): " + ", ".join(
+                      f"{LABELS[k].split(',')[0]} {r['methods'][k]['decode_step_ms']:.1f} ms" for k in MAIN
+                      if k in r["methods"] and r["methods"][k].get("decode_steps", 0) > 0) + ". Predicted latency = "
+                  "prefill(prefill tokens) + decode steps x per-step cost; the speedup columns divide each method's "
+                  "latency by ItemLM's.", "",
+                  "Single-step floor (a bare forward pass of the backbone over the same number of prompt tokens, batch 1):", "",
+                  "| variant | prefill tokens computed | p50 ms | bare forward ms (full prompt) | ratio |",
+                  "|---|---:|---:|---:|---:|"]
+        for k in ("itemlm", "itemlm_compact", "itemlm_prefix_kv", "itemlm_compact_prefix_kv", "itemlm_two_level"):
+            m = r["methods"].get(k)
+            if m is None or "p50_ms_batch1" not in m:
+                continue
+            lines.append(f"| {LABELS[k]} | {fmt(m['mean_prefill_tokens'])} | {fmt(m['p50_ms_batch1'])} | "
+                         f"{fmt(m['bare_forward_ms_full_prompt'])} | {fmt(m['vs_bare_forward'], 3)}x |")
+        lines.append("")
+    notes = ROOT / "docs" / "latency_notes.md"
+    if notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
+    _atomic(DOC, "\n".join(lines) + "\n")
+    _plot(allres)
+
+
+def _atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _plot(allres: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(allres), figsize=(5.5 * len(allres), 4), squeeze=False)
+    for ax, (name, r) in zip(axes[0], allres.items()):
+        ks = [k for k in MAIN if "p50_ms_batch1" in r["methods"].get(k, {})]
+        p50 = [r["methods"][k]["p50_ms_batch1"] for k in ks]
+        p95 = [r["methods"][k]["p95_ms_batch1"] for k in ks]
+        pred = [r["methods"][k]["predicted_ms"] for k in ks]
+        x = range(len(ks))
+        ax.bar([i - 0.2 for i in x], p50, 0.4, label="measured p50")
+        ax.errorbar([i - 0.2 for i in x], p50, yerr=[[0] * len(ks), [b - a for a, b in zip(p50, p95)]],
+                    fmt="none", ecolor="k", capsize=3, label="to p95")
+        ax.bar([i + 0.2 for i in x], pred, 0.4, label="cost model")
+        ax.set_yscale("log")
+        ax.set_xticks(list(x), [LABELS[k].split(",")[0] + ("\n2-level" if "two_level" in k else "") for k in ks], fontsize=8)
+        ax.set_ylabel("ms per user, batch 1")
+        ax.set_title(f"{name}: top-10, {r['profile']['n_layers']} layers")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=PNG.parent, prefix=".latency.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, PNG)
+
+
+if __name__ == "__main__":
+    write_report(json.loads(RESULTS.read_text()))
