@@ -151,7 +151,10 @@ def als_item_factors(ds: SequenceDataset, factors: int = 64, iterations: int = 1
                                     random_state=seed, num_threads=1)
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1, "blas"):  # implicit runs its own threads; nested BLAS threads only slow it
+    import warnings
+
+    with threadpool_limits(1, "blas"), warnings.catch_warnings():  # implicit runs its own threads
+        warnings.filterwarnings("ignore", message="OpenBLAS is configured", category=RuntimeWarning)
         model.fit(user_items, show_progress=False)
     f = np.asarray(model.item_factors, dtype=np.float32)
     return f
