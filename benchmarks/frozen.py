@@ -129,6 +129,7 @@ def main(argv=None) -> dict:
     p.add_argument("--timing-repeats", type=int, default=3)
     p.add_argument("--latency-requests", type=int, default=20)
     p.add_argument("--only", default=None, help="comma-separated subset of variants")
+    p.add_argument("--timing-only", action="store_true", help="parameters and step time only (no training)")
     p.add_argument("--workdir", default="/tmp/itemgen-frozen")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/frozen.json"))
     p.add_argument("--doc", default=str(ROOT / "docs/frozen.md"))
@@ -157,9 +158,17 @@ def main(argv=None) -> dict:
         fresh = build_model(cfg, ds.items).to(DEVICE)
         n_params = sum(p.numel() for p in fresh.parameters())
         n_train = sum(p.numel() for p in fresh.parameters() if p.requires_grad)
-        gen_before = greedy(fresh.backbone, fresh.tokenizer)
+        gen_before = None if args.timing_only else greedy(fresh.backbone, fresh.tokenizer)
         sec_step = step_seconds(fresh, cfg, timing_seqs, args.timing_repeats, args.timing_steps)
         del fresh
+        if args.timing_only:
+            results[name] = {"method": f"itemlm-{name}", "itemlm": itemlm, "params": n_params,
+                             "trainable_params": n_train, "trainable_share": round(n_train / n_params, 5),
+                             "seconds_per_step": round(sec_step, 4),
+                             "examples_per_second": round(args.batch_size / sec_step, 2)}
+            print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+            write(args, ds, test, results)
+            continue
         res = train(cfg, dataset=ds)
         from itemgen.checkpoint import load_checkpoint
 
@@ -201,7 +210,8 @@ def write(args, ds, test, results: dict) -> dict:
                     "n_layers": args.n_layers, "steps": args.steps,
                     "batch_size": args.batch_size, "lr": args.lr, "backbone_lr": args.backbone_lr,
                     "max_history": args.max_history, "fields": ["title"], "max_field_tokens": args.max_field_tokens,
-                    "test_users": len(test), "timing": f"median of {args.timing_repeats} x {args.timing_steps} steps"},
+                    "test_users": len(test), "timing": f"median of {args.timing_repeats} x {args.timing_steps} steps",
+                    "timing_only": args.timing_only},
         "dataset": ds.name, "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +227,8 @@ def markdown(rep: dict) -> str:
         "",
         f"Dataset `{rep['dataset']}`, backbone {pr['backbone']} truncated to {pr['n_layers']} layers, "
         f"{rep['hardware']['gpu'] or 'CPU only'} ({rep['hardware']['cores']} CPU cores), "
-        f"{pr['steps']} steps of batch {pr['batch_size']}, "
+        + ("timing only (no training, no quality), batch " if pr.get("timing_only") else f"{pr['steps']} steps of batch ")
+        + f"{pr['batch_size']}, "
         f"max_history {pr['max_history']}, item text = title ({pr['max_field_tokens']} tokens). Test metrics on "
         f"{pr['test_users']} test users, exact full-catalog scoring. Step time: {pr['timing']} on the same "
         "batches, measured side by side in one run.",
@@ -228,6 +239,11 @@ def markdown(rep: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in rep["results"].items():
+        if "test" not in r:  # --timing-only
+            lines.append(f"| {name} | {r['trainable_params']:,} | {r['trainable_share']:.3f} | {r['seconds_per_step']:.3f} | "
+                         f"{r.get('speedup_vs_full', float('nan')):.2f}x | not measured | not measured | not measured | "
+                         "not measured | not measured | not measured |")
+            continue
         m = r["test"]
         lines.append(f"| {name} | {r['trainable_params']:,} | {r['trainable_share']:.3f} | {r['seconds_per_step']:.3f} | "
                      f"{r.get('speedup_vs_full', float('nan')):.2f}x | {m['recall@1']:.4f} | {m['recall@10']:.4f} | "

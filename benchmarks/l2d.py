@@ -67,6 +67,7 @@ def main(argv=None) -> dict:
     p.add_argument("--per-sequence", type=int, default=None, help="memory: latest prefixes per training sequence")
     p.add_argument("--latency-requests", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids barrier stalls on a busy CPU)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/l2d.json"))
     p.add_argument("--doc", default=str(ROOT / "docs/l2d.md"))
     args = p.parse_args(argv)
@@ -80,6 +81,8 @@ def main(argv=None) -> dict:
     from itemgen.metrics import ranking_metrics
     from itemgen.train import load_dataset, training_sequences
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out_path = Path(args.out)
     report = json.loads(out_path.read_text()) if out_path.is_file() else {"benchmark": "l2d", "runs": {}}
     names = args.name or [Path(c).resolve().parent.name + "/" + Path(c).name for c in args.checkpoint]
@@ -130,7 +133,7 @@ def main(argv=None) -> dict:
                         "backbone": getattr(getattr(cfg, model.name, None), "backbone", None),
                         "n_layers": getattr(getattr(cfg, model.name, None), "n_layers", None),
                         "steps": json.loads((ckpt / "metrics.json").read_text()).get("step"),
-                        "max_history": mh},
+                        "max_history": mh, "torch_threads": torch.get_num_threads()},
             "memory": {"states": int(len(mem.targets)), "dim": int(mem.states.shape[1]), "dtype": "float16",
                        "per_sequence": args.per_sequence, "build_seconds": round(build_s, 1),
                        "items_with_states": int((counts > 0).sum()), "items": int(model.n_items)},
