@@ -102,9 +102,9 @@ class ItemLM(Recommender):
     def embed(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """tokens, items (B, L) -> inputs_embeds (B, L, H)."""
         text = self.backbone.get_input_embeddings()(tokens)  # (B, L, H)
-        is_item = items >= 0
-        item = self.item_proj(self.item_input(items.clamp(min=0)))  # (B, L, H)
-        return torch.where(is_item[..., None], item.to(text.dtype), text)
+        is_item = items >= 0  # (B, L)
+        item = self.item_proj(self.item_input(items[is_item]))  # (N_slots, H): no MLP at text positions
+        return text.masked_scatter(is_item[..., None], item.to(text.dtype))
 
     def hidden(self, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
         """-> last hidden states (B, L, H)."""
