@@ -37,6 +37,11 @@ def results(tmp_path):
     write(d, "sampled.json", {"command": "benchmarks/sampled.py", "git_commit": "ddd444",
                               "dataset": {"name": "Office", "path": "/x"},
                               "runs": [{"method": "warp/uniform", "test": {"ndcg@10": 0.02}}]})
+    # unnamed list rows told apart by a setting; the dataset inside the profile; a *_ms key by pattern
+    write(d, "serve.json", {"command": "benchmarks/serve_load.py", "git_commit": "eee555",
+                            "profile": {"dataset": "Office"},
+                            "levels": [{"clients": 1, "p50_ms": 5.5}, {"clients": 8, "p50_ms": 9.0}],
+                            "decode": {"ann": {"batch1_query_ms": 0.75}}})
     write(d, "broken.json", "{not json")
     write(d, "empty.json", {"command": "x", "notes": ["nothing measured"]})
     return d
@@ -52,6 +57,8 @@ def test_report_marks_missing_numbers_and_plots(results, tmp_path):
     info = write_report(results, tmp_path / "docs" / "results.md")
     text = (tmp_path / "docs" / "results.md").read_text()
     assert info["datasets"] == ["office", "scientific"]
+    assert table_row(text, "levels/clients=1")[7] == "5.50" and table_row(text, "levels/clients=8")[7] == "9.00"
+    assert table_row(text, "decode/ann")[7] == "0.75"
     warp = table_row(text, "warp/uniform")
     assert warp[4] == "0.0200" and warp[2] == NOT_MEASURED
     # columns: method, file, R@1, R@10, NDCG@10, MRR, train s, latency, profile, src
@@ -93,6 +100,6 @@ def test_cli(results, tmp_path):
     out = tmp_path / "out" / "results.md"
     r = CliRunner().invoke(app, ["report", "--results", str(results), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert out.is_file() and "4 rows over 2 datasets" in r.output
+    assert out.is_file() and "7 rows over 2 datasets" in r.output
     r = CliRunner().invoke(app, ["report", "--results", str(tmp_path / "missing"), "--out", str(out)])
     assert r.exit_code == 2 and "results folder not found" in r.output

@@ -29,6 +29,7 @@ TRAIN_KEYS = ("train_seconds", "training_seconds", "train_time_s", "train_s")
 LATENCY_KEYS = ("latency_ms", "per_request_ms", "ms_per_request", "request_ms", "p50_ms", "latency_p50_ms",
                 "median_ms", "latency_ms_median")
 NAME_KEYS = ("method", "variant", "name", "model")
+DISCRIMINATORS = ("clients", "concurrency", "batch_size", "batch", "size", "items", "threads", "k")
 CONTAINERS = ("results", "rows", "variants", "runs", "methods", "datasets")  # path keys that name no method
 INHERITED = ("dataset", "profile", "command", "git_commit", "date", "hardware")
 DATASET_ALIASES = {"amazon2018-scientific": "scientific", "amazon2014-office": "office",
@@ -60,10 +61,16 @@ def _first(d: dict, keys) -> float | None:
     return None
 
 
+LATENCY_PATTERN = re.compile(r"(latency|request|query|batch1|p50).*_ms$")  # fallback: e.g. batch1_query_ms
+
+
 def _latency(d: dict) -> float | None:
     v = _first(d, LATENCY_KEYS)
     if v is not None:
         return v
+    for k in sorted(d):  # deterministic when several match
+        if LATENCY_PATTERN.search(k) and "step" not in k and _num(d[k]) is not None:
+            return _num(d[k])
     lat = d.get("latency")  # {"p50_ms": ..} or {"median_ms": ..}
     if isinstance(lat, dict):
         return _first(lat, LATENCY_KEYS)
@@ -149,11 +156,19 @@ def _make_row(source: str, d: dict, ctx: dict, path: list[str]) -> Row:
 def _walk(node, source: str, ctx: dict, path: list[str], rows: list[Row]) -> None:
     if isinstance(node, list):
         for i, x in enumerate(node):
-            _walk(x, source, ctx, path if isinstance(x, dict) else path + [str(i)], rows)
+            tag = str(i)
+            if isinstance(x, dict):  # unnamed list rows: tell them apart by a setting they hold
+                tag = next((f"{k}={x[k]}" for k in DISCRIMINATORS if k in x and not isinstance(x[k], (dict, list))),
+                           f"#{i}")
+                if any(isinstance(x.get(k), str) for k in NAME_KEYS):
+                    tag = None
+            _walk(x, source, ctx, path + [tag] if tag else path, rows)
         return
     if not isinstance(node, dict):
         return
     ctx = {**ctx, **{k: node[k] for k in INHERITED if k in node}}
+    if "dataset" not in node and isinstance(node.get("profile"), dict) and "dataset" in node["profile"]:
+        ctx["dataset"] = node["profile"]["dataset"]  # some files say it inside their profile
     if _num(node.get("train_seconds")) is not None:
         ctx["train_seconds"] = float(node["train_seconds"])
     if _metrics(node) or _latency(node) is not None:
