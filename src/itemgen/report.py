@@ -229,11 +229,15 @@ def plot(rows: list[Row], dataset: str, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in pts:
-        ax.scatter(r.latency_ms, r.metrics["ndcg@10"])
+    for r in pts:  # the marker says which hardware produced the point: never compare across them
+        ax.scatter(r.latency_ms, r.metrics["ndcg@10"], marker="^" if "gpu=" in r.profile else "o")
         ax.annotate(f"{r.method} [{r.source}]", (r.latency_ms, r.metrics["ndcg@10"]), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
+    from matplotlib.lines import Line2D
+
+    ax.legend(handles=[Line2D([], [], marker="o", ls="", color="gray", label="CPU profile"),
+                       Line2D([], [], marker="^", ls="", color="gray", label="GPU profile")], fontsize=8)
     ax.set_xlabel("per-request latency (ms, log scale)")
     ax.set_ylabel("NDCG@10 (test)")
     ax.set_title(f"{dataset}: latency vs NDCG@10 (profiles differ: see docs/results.md)")
