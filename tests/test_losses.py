@@ -89,6 +89,8 @@ def test_whole_catalog_sample_equals_the_full_loss(kind):
     loss = SampledLoss(LossConfig(kind=kind, margin=0.5), 15)
     got = loss(h, t, W, negatives=full_catalog_negatives(15))
     assert torch.allclose(got, torch.as_tensor(ref, dtype=got.dtype), rtol=1e-5), (got, ref)
+    exact = SampledLoss(LossConfig(kind=kind, margin=0.5, sampler="all", correction=False), 15)  # w = 1 anyway
+    assert torch.allclose(exact(h, t, W), got)
 
 
 # ---- logQ sampled softmax converges to the full softmax ---------------------------------

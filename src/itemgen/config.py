@@ -77,7 +77,7 @@ class LossConfig:
     sampled kinds see ``negatives`` items drawn per batch (shared by every label in it)."""
     kind: str = "full"  # full | sampled_softmax | warp | lambdarank
     negatives: int = 256
-    sampler: str = "uniform"  # uniform | popularity (training-split counts + 1)
+    sampler: str = "uniform"  # uniform | popularity (training-split counts + 1) | all (exact reference)
     correction: bool = True  # logQ (softmax); catalog-scaled, importance-weighted rank (warp, lambdarank)
     margin: float = 1.0  # WARP hinge margin
 
@@ -300,7 +300,7 @@ def validate(cfg: Config) -> None:
         (cfg.loss.kind in ("full", "sampled_softmax", "warp", "lambdarank"),
          "loss.kind: full|sampled_softmax|warp|lambdarank"),
         (cfg.loss.negatives >= 1, "loss.negatives must be >= 1"),
-        (cfg.loss.sampler in ("uniform", "popularity"), "loss.sampler: uniform|popularity"),
+        (cfg.loss.sampler in ("uniform", "popularity", "all"), "loss.sampler: uniform|popularity|all"),
         (cfg.loss.margin >= 0, "loss.margin must be >= 0"),
     ]
     for ok, msg in checks:

@@ -95,16 +95,32 @@ def item_counts(seqs, n_items: int) -> np.ndarray:
     return np.bincount(np.concatenate(seqs), minlength=n_items)[:n_items]
 
 
+class AllItems:
+    """Every item once, q = 1/I (``loss.negatives`` is ignored): the sampled losses then take their
+    exact full-catalog form, the reference a sampled run is compared with (I-sized, so not for
+    large catalogs)."""
+
+    name = "all"
+
+    def __init__(self, n_items: int):
+        self.n_items = n_items
+
+    def sample(self, n: int, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return full_catalog_negatives(self.n_items, device)
+
+
 def make_sampler(kind: str, n_items: int, counts=None):
     if kind == "uniform":
         return UniformSampler(n_items)
+    if kind == "all":
+        return AllItems(n_items)
     if kind == "popularity":
         if counts is None:
             raise ValueError("loss.sampler=popularity needs item counts from the training split")
         if len(counts) != n_items:
             raise ValueError(f"item counts cover {len(counts)} items, the catalog has {n_items}")
         return PopularitySampler(counts)
-    raise ValueError(f"unknown sampler {kind!r} (known: uniform, popularity)")
+    raise ValueError(f"unknown sampler {kind!r} (known: uniform, popularity, all)")
 
 
 # ---- the losses, on given negatives --------------------------------------------------------
