@@ -8,7 +8,8 @@ import torch
 
 from itemgen.decoding import make_decoder
 from itemgen.l2d import Memory, build_memory, training_prefixes
-from itemgen.recommender import Recommender
+from itemgen.recommender import Recommender, build_model
+from itemgen.synthetic import make_dataset
 
 
 class Stub(Recommender):
@@ -108,3 +109,24 @@ def test_memory_beside_checkpoint_and_evaluate(tmp_path):
     assert report["metrics"]["recall@10"] > 0.5, report["metrics"]
     local = evaluate_checkpoint(result.best, decode="l2d_local")
     assert local["metrics"]["users"] == report["metrics"]["users"]
+
+
+def test_generative_model_states_and_decoding():
+    """A title model's encode() returns its prompt batch: L2D reads the LM's last hidden state."""
+    from itemgen.config import from_dict
+    from itemgen.l2d import query_states
+
+    ds = make_dataset(n_users=30, n_items=20, seed=2)
+    cfg = from_dict({"model": "title", "title": {"backbone": "tiny", "prompt": "compact", "max_title_tokens": 8,
+                                                 "max_field_tokens": 2}, "data": {"path": "x", "max_history": 3}})
+    model = build_model(cfg, ds.items).eval()
+    hist = [np.array([1, 2]), np.array([3])]
+    batch = model.query_batch(hist)
+    with torch.inference_mode():
+        h = model.decoder(input_ids=batch["tokens"], attention_mask=batch["attention_mask"],
+                          position_ids=batch["position_ids"]).last_hidden_state[:, -1]
+    assert torch.allclose(query_states(model, model.encode(batch)), h.float())
+    mem = build_memory(model, [s[:-2] for s in ds.sequences], max_history=3)
+    scores, ids = make_decoder("l2d_global", model, memory=mem).topk(model.encode(batch), 5)
+    warm = set(mem.targets.tolist())
+    assert ids.shape == (2, 5) and set(ids.flatten().tolist()) <= warm and torch.isfinite(scores).all()
