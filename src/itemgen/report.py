@@ -106,7 +106,7 @@ def profile_text(ctx: dict, row: dict) -> str:
     if isinstance(prof, str):
         parts.append(prof)
     elif isinstance(prof, dict):
-        parts += [f"{k}={v}" for k, v in prof.items() if k in ("device", "backbone", "n_layers", "steps",
+        parts += [f"{k}={v}" for k, v in prof.items() if k in ("device", "model", "backbone", "n_layers", "steps",
                                                                   "batch_size", "max_history") and v is not None]
     cfg = row.get("config")
     if isinstance(cfg, dict):
