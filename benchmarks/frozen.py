@@ -229,8 +229,9 @@ def markdown(rep: dict) -> str:
         f"{rep['hardware']['gpu'] or 'CPU only'} ({rep['hardware']['cores']} CPU cores), "
         + ("timing only (no training, no quality), batch " if pr.get("timing_only") else f"{pr['steps']} steps of batch ")
         + f"{pr['batch_size']}, "
-        f"max_history {pr['max_history']}, item text = title ({pr['max_field_tokens']} tokens). Test metrics on "
-        f"{pr['test_users']} test users, exact full-catalog scoring. Step time: {pr['timing']} on the same "
+        f"max_history {pr['max_history']}, item text = title ({pr['max_field_tokens']} tokens). "
+        + ("" if pr.get("timing_only") else f"Test metrics on {pr['test_users']} test users, exact full-catalog scoring. ")
+        + f"Step time: {pr['timing']} on the same "
         "batches, measured side by side in one run.",
         "",
         f"Command: `{rep['command']}` at commit `{rep['git_commit']}`, {rep['date']}.",
