@@ -95,6 +95,8 @@ def main() -> None:
                     help=f"comma-separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--profile", default="cpu", choices=list(PROFILES))
     ap.add_argument("--name", default=None, help="row name (default: the variant; use with --set)")
+    ap.add_argument("--decoders", default="exact",
+                    help="comma-separated decoders to evaluate the best checkpoint with (exact, structure, ann)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "datasets")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
@@ -125,8 +127,15 @@ def main() -> None:
             t0 = time.time()
             res = train(cfg, dataset=ds)
             report = evaluate_checkpoint(res.best, split="test")
+            by_decoder = {}
+            for dec in [d for d in args.decoders.split(",") if d != "exact"]:
+                if dec == "ann":  # a flat MIPS index with per-cluster log-normalizer constants
+                    from itemgen.ann import build_checkpoint_index
+
+                    build_checkpoint_index(res.best, "flat")
+                by_decoder[dec] = evaluate_checkpoint(res.best, split="test", decode=dec)["metrics"]
             row = {"dataset": dname, "variant": row_name, "model": model, "profile": args.profile,
-                   "test": report["metrics"], "best_valid": res.best_valid, "steps": res.step,
+                   "test": report["metrics"], "test_by_decoder": by_decoder, "best_valid": res.best_valid, "steps": res.step,
                    "stopped": res.stopped, "train_seconds": round(res.train_seconds, 1),
                    "wall_seconds": round(time.time() - t0, 1), "eval_seconds": report["metrics"]["seconds"],
                    "config": cfg.to_dict(), **info}
@@ -156,10 +165,11 @@ def write_table(results: dict, path: Path) -> None:
              "| dataset | variant | profile | Recall@1 | Recall@10 | NDCG@10 | MRR | steps | train s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(results["rows"], key=lambda r: (r["dataset"], r["variant"])):
-        t = r["test"]
-        lines.append(f"| {r['dataset']} | {r['variant']} | {r['profile']} | {t['recall@1']:.4f} | "
-                     f"{t['recall@10']:.4f} | {t['ndcg@10']:.4f} | {t['mrr']:.4f} | {r['steps']} | "
-                     f"{r['train_seconds']:.0f} |")
+        for dec, t in [("exact", r["test"]), *r.get("test_by_decoder", {}).items()]:
+            name = r["variant"] if dec == "exact" else f"{r['variant']} ({dec})"
+            lines.append(f"| {r['dataset']} | {name} | {r['profile']} | {t['recall@1']:.4f} | "
+                         f"{t['recall@10']:.4f} | {t['ndcg@10']:.4f} | {t['mrr']:.4f} | {r['steps']} | "
+                         f"{r['train_seconds']:.0f} |")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -211,8 +211,9 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
             else:
                 bad_evals += 1
             checkpoint(last_dir, {"valid": metrics}, with_trainer=True)
-            bar.write(f"step {step}: loss {loss_ema:.4f}  valid ndcg@10 {score:.4f}  recall@10 "
-                      f"{metrics['recall@10']:.4f}  (best {best_score:.4f})") if acc.is_main_process else None
+            if acc.is_main_process:
+                bar.write(f"step {step}: loss {loss_ema:.4f}  valid ndcg@10 {score:.4f}  recall@10 "
+                          f"{metrics['recall@10']:.4f}  (best {best_score:.4f})")
             if bad_evals >= t.patience:
                 stopped = "early_stopping"
                 break
@@ -222,7 +223,6 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
             if paused:
                 stopped = "paused"
                 break
-        acc.wait_for_everyone() if world > 1 and step % t.eval_every == 0 else None
     bar.close()
     acc.wait_for_everyone()
     total = elapsed + time.perf_counter() - t0
