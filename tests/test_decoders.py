@@ -126,6 +126,9 @@ def test_ann_full_softmax_flat_is_exact_mips():
     ref = h @ full.item_out.detach().T
     assert torch.equal(i, torch.topk(ref, 10, dim=1).indices)
     assert torch.allclose(s, torch.topk(ref, 10, dim=1).values, atol=1e-4)
+    ivf = AnnIndex.build(model, "ivf", nlist=10, nprobe=10)  # k-means lists; probing all = exact
+    assert ivf.params["nlist"] == 10 and "lists" not in ivf.params
+    assert torch.equal(AnnTopK(model, index=ivf).topk(h, 10)[1], torch.topk(ref, 10, dim=1).indices)
 
 
 def test_ann_two_level_is_exact_when_log_normalizers_are_exact():
@@ -174,7 +177,9 @@ def test_ann_index_types_recall_and_round_trip(kind, tmp_path):
     targets = torch.randint(0, n_items, (64,), generator=g)
     h = head.item_vectors().detach()[targets] + 0.3 * torch.randn(64, hidden, generator=g)
     train_states = head.item_vectors().detach()[torch.randint(0, n_items, (500,), generator=g)]
-    index = AnnIndex.build(model, kind, train_states, nlist=40, nprobe=8)
+    index = AnnIndex.build(model, kind, train_states, nprobe=8)
+    if kind == "ivf":  # two-level: the model's clusters are the lists
+        assert index.params["nlist"] == n_clusters and index.params["lists"] == "model clusters"
     _, ids = AnnTopK(model, index=index).topk(h, 10)
     _, ref = torch.topk(head.item_log_probs(h), 10, dim=1)
     recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(ids, ref)])

@@ -145,6 +145,20 @@ class AnnIndex:
         params: dict = {"n_items": n, "dim": d, "states": 0 if states is None else len(states)}
         if kind == "flat":
             index = faiss.IndexFlatIP(d)
+        elif kind == "ivf" and head is not None:
+            # the model's own clusters are the inverted lists, probed in decreasing h . e_c (the
+            # structure decoder's order): no k-means, and the lists are what the model ranks by
+            nlist = head.n_clusters
+            nprobe = nprobe or max(1, min(nlist, 4))
+            quantizer = faiss.IndexFlatIP(d)
+            cent = np.zeros((nlist, d), dtype=np.float32)
+            cent[:, :d - 1] = head.centroids.detach().float().cpu().numpy()
+            quantizer.add(cent)
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.is_trained = True
+            lists = np.ascontiguousarray(head.assign.cpu().numpy(), dtype=np.int64)
+            index.add_core(n, faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
+            params.update(nlist=nlist, nprobe=nprobe, lists="model clusters")
         elif kind == "ivf":
             nlist = nlist or max(1, round(np.sqrt(n)))
             nprobe = nprobe or max(1, nlist // 16)
@@ -162,7 +176,8 @@ class AnnIndex:
             index = faiss.IndexHNSWFlat(d + 1, hnsw_m)
             index.hnsw.efConstruction = ef_construction
             params.update(hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=ef_construction, l2_radius=radius)
-        index.add(x)
+        if index.ntotal == 0:
+            index.add(x)
         params["build_seconds"] = round(time.perf_counter() - t0, 3)
         return cls(index, kind, fingerprint(model), params, log_norm)
 

@@ -64,7 +64,8 @@ class StructureTopK:
     cluster's P(c | h) is below the k-th best full probability. Scores are log P(t | h) + log Z_1(h)
     (the level-1 normaliser over text tokens and clusters is the same for every item, so the ranking
     is exact, and skipping it saves a (B, V) product); ``normalized=True`` returns exact log P(t | h).
-    ``stats()`` reports how many clusters were opened per query."""
+    ``stats()`` reports how many clusters were opened per query. Batched in rounds: each round,
+    every query still running opens its next cluster (one padded, chunked gather for all)."""
 
     name = "structure"
     margin = 1e-4  # open a cluster even if its bound is this far below: float rounding never cuts one
@@ -86,6 +87,8 @@ class StructureTopK:
 
     @torch.inference_mode()
     def topk(self, query: torch.Tensor, k: int, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
+        from itemgen.heads import _GatherDot
+
         check_k(k, self.model.n_items)
         head = self.head
         h = query.to(head.item_out.dtype)  # (B, H)
@@ -110,19 +113,22 @@ class StructureTopK:
             if not active.numel():
                 break
             cs = order[active, ptr[active]]  # (A,) cluster each active query opens now
-            for c in torch.unique(cs).tolist():  # each cluster's vectors read once per round
-                rows = active[cs == c]
-                mem = head.members(c)  # (S,)
-                logit = (h[rows] @ head.item_out.index_select(0, mem).T).float()  # (R, S)
-                lp = lpc[rows, c, None] + logit - torch.logsumexp(logit, dim=1, keepdim=True)
-                if excl is not None:
-                    for j, r in enumerate(rows.tolist()):
-                        if excl[r].numel():
-                            lp[j, torch.isin(mem, excl[r])] = float("-inf")
-                cand = torch.cat([best[rows], lp], dim=1)  # (R, k + S)
-                cand_ids = torch.cat([best_ids[rows], mem.expand(len(rows), -1)], dim=1)
-                top = torch.topk(cand, k, dim=1)
-                best[rows], best_ids[rows] = top.values, cand_ids.gather(1, top.indices)
+            size = head.sizes[cs]  # (A,)
+            slot = torch.arange(int(size.max()), device=dev)  # (S,)
+            valid = slot[None] < size[:, None]  # (A, S)
+            mem = head.order[(head.offsets[cs][:, None] + slot[None]).clamp(max=head.n_items - 1)]  # (A, S)
+            logit = _GatherDot.apply(h[active], head.item_out, mem, False).float()  # (A, S), chunked gather
+            logit = logit.masked_fill(~valid, float("-inf"))
+            mem = mem.masked_fill(~valid, -1)  # padding slots never name an item
+            lp = lpc[active, cs][:, None] + logit - torch.logsumexp(logit, dim=1, keepdim=True)
+            if excl is not None:
+                for j, r in enumerate(active.tolist()):
+                    if excl[r].numel():
+                        lp[j, torch.isin(mem[j], excl[r])] = float("-inf")
+            cand = torch.cat([best[active], lp], dim=1)  # (A, k + S)
+            cand_ids = torch.cat([best_ids[active], mem], dim=1)
+            top = torch.topk(cand, k, dim=1)
+            best[active], best_ids[active] = top.values, cand_ids.gather(1, top.indices)
             opened[active] += 1
             ptr[active] += 1
             active = active[ptr[active] < C]
