@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="row name (default: the variant; use with --set)")
     ap.add_argument("--decoders", default="exact",
                     help="comma-separated decoders to evaluate the best checkpoint with (exact, structure, ann)")
+    ap.add_argument("--finish-interrupted", action="store_true",
+                    help="no training: report a run that was stopped early from its best/last checkpoints")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "datasets")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
@@ -125,7 +127,7 @@ def main() -> None:
             cfg = from_dict(values)
             print(f"== {dname} / {row_name} ({args.profile})", flush=True)
             t0 = time.time()
-            res = train(cfg, dataset=ds)
+            res = interrupted_result(cfg) if args.finish_interrupted else train(cfg, dataset=ds)
             report = evaluate_checkpoint(res.best, split="test")
             by_decoder = {}
             for dec in [d for d in args.decoders.split(",") if d != "exact"]:
@@ -142,6 +144,16 @@ def main() -> None:
             print(json.dumps({k: row[k] for k in ("dataset", "variant", "steps", "train_seconds")}),
                   {k: round(row["test"][k], 4) for k in ("recall@1", "recall@10", "ndcg@10", "mrr")}, flush=True)
             save_row(args.results, row)
+
+
+def interrupted_result(cfg):
+    """A run killed before its step budget: its last checkpoint says how far it got."""
+    from itemgen.train import TrainResult
+
+    out = Path(cfg.train.out)
+    state = json.loads((out / "last" / "trainer" / "state.json").read_text())
+    return TrainResult(out, out / "best", state["step"], state["best_valid"], state["train_seconds"],
+                       f"interrupted at step {state['step']} of {cfg.train.max_steps} (session time)")
 
 
 def save_row(path: Path, row: dict) -> None:
