@@ -30,7 +30,7 @@ def write_report(allres: dict) -> None:
              "initialised (latency does not depend on their values), histories cut to the last 20 items, top-10, "
              "beam width 10 for the multi-step baselines (KV cache, `torch.inference_mode`), timed round-robin user by "
              "user. NDCG@10 comes from checkpoints trained with the cheap CPU profile of "
-             "`benchmarks/latency_quality.sh` (first 4 layers, minutes of training): it compares the methods under a "
+             "`benchmarks/latency_quality.sh` (first 2 layers, minutes of training): it compares the methods under a "
              "tiny budget, not their converged quality.", ""]
     for name, r in allres.items():
         if "profile" not in r:  # quality only so far
@@ -43,7 +43,7 @@ def write_report(allres: dict) -> None:
                   f"{p['latency_users']} of the {p['users_sampled']} sampled test users timed at batch 1; "
                   f"throughput over {p['throughput_users']} users at batch {p['batch']}; {p['threads']} threads; "
                   f"{r['date']}, commit {str(r['git_commit'])[:8]}.", "",
-                  "| method | prefill tokens | decode steps | p50 ms (b=1) | p95 ms (b=1) | users/s (b=32) "
+                  f"| method | prefill tokens | decode steps | p50 ms (b=1) | p95 ms (b=1) | users/s (b={p['batch']}) "
                   "| ItemLM speedup, measured | predicted | NDCG@10 |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for k in MAIN:
@@ -86,7 +86,7 @@ def _floor(name: str, r: dict) -> list[str]:
 def _floor_rows(r: dict, kinds) -> list[str]:
     lines = ["Against a bare forward pass of the backbone (no item embeddings, no head) over the same number of "
              "prompt tokens, batch 1:", "",
-             "| variant | prompt tokens computed | p50 ms | p95 ms | users/s | bare forward ms (full prompt) | ratio |",
+             f"| variant | prompt tokens computed | p50 ms | p95 ms | users/s (b={r['profile']['batch']}) | bare forward ms (full prompt) | ratio |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for k in kinds:
         m = r["methods"].get(k)
