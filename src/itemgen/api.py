@@ -36,8 +36,7 @@ class Predictor:
         if name == "exact":  # models without full-catalog scores (beam search) name their own
             name = getattr(self.model, "default_decoder", "exact")
         if name not in self._decoders:
-            self._decoders[name] = make_decoder(name, self.model, checkpoint_dir=self.directory) \
-                if name != "exact" else make_decoder(name, self.model)
+            self._decoders[name] = make_decoder(name, self.model, checkpoint_dir=self.directory)
         return self._decoders[name]
 
     def to_indices(self, histories: list[list[str]], unknown: str = "error") -> list[np.ndarray]:

@@ -29,7 +29,7 @@ def mask_items(scores: torch.Tensor, exclude: list[np.ndarray] | None) -> torch.
 class ExactTopK:
     name = "exact"
 
-    def __init__(self, model: Recommender):
+    def __init__(self, model: Recommender, **_):  # ignores checkpoint_dir etc., like the others
         self.model = model
 
     @torch.inference_mode()
