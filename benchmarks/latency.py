@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from itemgen.api import run_info
+from itemgen.backbones import cache_kwargs, output_cache
 from itemgen.config import from_dict
 from itemgen.data import SequenceDataset, atomic_write_text
 from itemgen.evaluate import subsample
@@ -131,13 +132,14 @@ def decode_step_seconds(backbone_decoder, rows: int, context: int, repeats: int)
     """Median time of one cached decode step for ``rows`` beams over ``context`` past tokens."""
     ids = torch.randint(100, 1000, (rows, context))
     out = backbone_decoder(input_ids=ids, use_cache=True)
-    cache = out.cache
+    cache = output_cache(out)
     mask = torch.ones(rows, context + 1, dtype=torch.long)
     pos = torch.full((rows, 1), context)
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        backbone_decoder(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        backbone_decoder(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos, use_cache=True,
+                         **cache_kwargs(backbone_decoder, cache))
         ts.append(time.perf_counter() - t0)
         cache.crop(-1)  # back to ``context`` past tokens
     return statistics.median(ts)
@@ -160,11 +162,13 @@ def quality(run_dir: Path, hists, targets, batch: int) -> dict:
     ckpt = run_dir / "best"
     if not (ckpt / "model.safetensors").is_file():
         return {"ndcg@10": None, "note": f"no trained checkpoint in {ckpt}"}
-    model, cfg, _ = load_checkpoint(ckpt)
+    from itemgen.api import resolve_device
+
+    model, cfg, _ = load_checkpoint(ckpt, device=resolve_device())
     dec = make_decoder(getattr(model, "default_decoder", "exact"), model)
     tops = []
     for s in range(0, len(hists), batch):
-        q = model.encode(model.query_batch(hists[s:s + batch]))
+        q = model.encode(model.to_device(model.query_batch(hists[s:s + batch])))
         tops.append(dec.topk(q, 10)[1].cpu().numpy())
     metrics = json.loads((ckpt / "metrics.json").read_text()) if (ckpt / "metrics.json").is_file() else {}
     log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()] if (run_dir / "log.jsonl").is_file() else []
@@ -202,6 +206,7 @@ def main(argv=None) -> int:
                     help="folder with itemlm/, title/, semantic_id/ runs of benchmarks/latency_quality.sh")
     ap.add_argument("--quality-only", action="store_true",
                     help="only (re)compute the NDCG@10 column of an existing result for this dataset")
+    ap.add_argument("--quality-profile", default=QUALITY_PROFILE, help="how the --quality-runs models were trained")
     ap.add_argument("--repeats", type=int, default=5, help="repeats of each cost-model micro timing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores are oversubscribed)")
     ap.add_argument("--tag", default="", help="store under DATASET:TAG (e.g. 'further' for the single-step variants)")
@@ -223,11 +228,12 @@ def main(argv=None) -> int:
         allres = json.loads(args.out.read_text()) if args.out.is_file() else {}
         allres.setdefault(key, {"dataset": ds.name, "tag": args.tag, "methods": {}})  # latency added later
         add_quality(allres[key]["methods"], methods, args.quality_runs, hists, targets, args.batch)
-        allres[key]["quality_profile"] = QUALITY_PROFILE
+        allres[key]["quality_profile"] = args.quality_profile
         atomic_write_text(args.out, json.dumps(allres, indent=2) + "\n")
-        from latency_report import write_report
+        if args.out.resolve() == RESULTS.resolve():  # docs follow the project's results file only
+            from latency_report import write_report
 
-        write_report(allres)
+            write_report(allres)
         return 0
     skipped = {}
     if not has_titles and "title" in methods:
@@ -340,9 +346,10 @@ def main(argv=None) -> int:
     allres[key] = result
     atomic_write_text(args.out, json.dumps(allres, indent=2) + "\n")
     print(json.dumps(rows, indent=2))
-    from latency_report import write_report  # noqa: E402 (sibling script)
+    if args.out.resolve() == RESULTS.resolve():  # docs follow the project's results file only
+        from latency_report import write_report  # noqa: E402 (sibling script)
 
-    write_report(allres)
+        write_report(allres)
     return 0
 
 

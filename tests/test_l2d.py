@@ -68,6 +68,20 @@ def test_faiss_local_search_matches_brute_force():
     assert not any(int(torch.argmax(ref[b])) in ids[b].tolist() for b in range(8))  # exclusion works
 
 
+def test_torch_search_matches_faiss():
+    from itemgen.l2d import exact_neighbours
+
+    g = torch.Generator().manual_seed(1)
+    states = torch.randn(700, 12, generator=g).half()  # float16, as in a memory
+    h = torch.randn(5, 12, generator=g)
+    mem = Memory(states, torch.zeros(700, dtype=torch.long), 3, {})
+    _, ref = mem.index().search(h.numpy(), 20)
+    got = exact_neighbours(states, h, 20, chunk=256)  # several chunks merged
+    assert (got == ref).all()
+    short = exact_neighbours(states[:7], h, 10)  # fewer states than m: -1 padding, as FAISS does
+    assert (short[:, 7:] == -1).all() and sorted(short[0, :7].tolist()) == list(range(7))
+
+
 def test_training_prefixes_and_bad_inputs():
     hist, tgt = training_prefixes([np.array([1, 2, 3]), np.array([4])], max_history=1)
     assert [h.tolist() for h in hist] == [[1], [2]] and tgt.tolist() == [2, 3]

@@ -96,3 +96,18 @@ def test_scores_match_a_teacher_forced_forward_pass(trained, rule_data):
         with torch.inference_mode():
             ref = -model.loss(b).item()
         assert abs(ref - s) < 1e-3, (ref, s)
+
+
+def test_codes_reused_from_a_checkpoint(trained, rule_data, tmp_path):
+    from itemgen.data import DataError
+    from itemgen.semantic_ids import SemanticIDLM
+
+    model, _, _ = load_checkpoint(trained.best)
+    cfg = from_dict({"model": "semantic_id", "semantic_ids": {"backbone": "tiny", "codes": str(trained.best)}})
+    again = SemanticIDLM.build(cfg, rule_data.items)
+    assert (again.codes == model.codes).all() and again.codebook == model.codebook
+    bad = tmp_path / "semantic_ids.json"
+    bad.write_text('{"codes": [[0, 0]], "codebook": 3}')
+    cfg = from_dict({"model": "semantic_id", "semantic_ids": {"backbone": "tiny", "codes": str(bad)}})
+    with pytest.raises(DataError, match="shape"):
+        SemanticIDLM.build(cfg, rule_data.items)

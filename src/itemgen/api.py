@@ -76,6 +76,11 @@ def load_eval_dataset(cfg: Config, data: str | Path | None) -> SequenceDataset:
     return load_dataset(cfg)
 
 
+def resolve_device(device: str = "auto") -> str:
+    """auto -> cuda when a GPU is visible, else cpu; anything else is passed through."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def run_info() -> dict:
     """Who/what/where for result files: command, commit, hardware, date."""
     try:
@@ -84,6 +89,8 @@ def run_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     import os
+
+    commit = commit or os.environ.get("GIT_COMMIT")  # a copy of the tree without .git (a lent GPU machine)
 
     hw = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -94,9 +101,9 @@ def run_info() -> dict:
 
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", decode: str = "exact",
                         data: str | Path | None = None, exclude_history: bool = False,
-                        batch_size: int = 128, out: str | Path | None = None) -> dict:
+                        batch_size: int = 128, out: str | Path | None = None, device: str = "auto") -> dict:
     checkpoint = Path(checkpoint)
-    model, cfg, items = load_checkpoint(checkpoint)
+    model, cfg, items = load_checkpoint(checkpoint, device=resolve_device(device))
     _, trained_on = read_items(checkpoint)
     ds = load_eval_dataset(cfg, data)
     want = trained_on.get("content_hash")

@@ -76,6 +76,27 @@ class BackboneError(ValueError):
 # public API
 
 
+def cache_kwargs(decoder: torch.nn.Module, cache) -> dict[str, Any]:
+    """The keyword a decoder's forward takes its KV cache by: ``cache`` in recent transformers,
+    ``past_key_values`` before (5.17 still); decided from the forward's signature."""
+    import inspect
+
+    kind = type(decoder)
+    name = _CACHE_KW.get(kind)
+    if name is None:
+        name = _CACHE_KW[kind] = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+_CACHE_KW: dict[type, str] = {}
+
+
+def output_cache(out):
+    """The KV cache of a decoder output (``out.cache``, or ``out.past_key_values`` before the rename)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def backbone_cache_dir() -> Path:
     """Where converted backbones live: ``$ITEMGEN_CACHE``, else ``~/.cache/itemgen``."""
     env = os.environ.get("ITEMGEN_CACHE")

@@ -91,14 +91,15 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint directory")
              data: Optional[Path] = typer.Option(None, help="prepared dataset (default: the one in the config)"),
              exclude_history: bool = typer.Option(False, help="mask each user's history items"),
              batch_size: int = typer.Option(128, min=1),
-             out: Optional[Path] = typer.Option(None, help="JSON report (default CHECKPOINT/eval_SPLIT.json)")):
+             out: Optional[Path] = typer.Option(None, help="JSON report (default CHECKPOINT/eval_SPLIT.json)"),
+             device: str = typer.Option("auto", help="auto (cuda when visible) | cpu | cuda[:N]")):
     """Score the full catalog for every user of a split; write Recall/NDCG/MRR as JSON."""
     from itemgen.api import evaluate_checkpoint
 
     if split not in ("test", "valid"):
         fail(f"--split must be test or valid, not {split!r}")
     report = _guard(evaluate_checkpoint, checkpoint, split=split, decode=decode, data=data,
-                    exclude_history=exclude_history, batch_size=batch_size, out=out)
+                    exclude_history=exclude_history, batch_size=batch_size, out=out, device=device)
     console.print(metrics_table({report["model"]: report["metrics"]}, f"{split} ({report['dataset']})"))
     console.print(f"report: {report['path']}")
 

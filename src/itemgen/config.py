@@ -101,6 +101,7 @@ class SemanticIDConfig:
     levels: int = 3  # residual k-means levels; one collision code follows
     codebook_size: int = 256  # codes per level (capped at the number of items)
     embeddings: str = "auto"  # auto | text | ials: what the codes are clustered from
+    codes: str = ""  # a semantic_ids.json (from a checkpoint) to reuse instead of clustering anew
     seed: int = 0
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from itemgen.backbones import cache_kwargs, output_cache
 from itemgen.prompts import Encoded, collate
 from itemgen.recommender import Recommender
 from itemgen.trie import Trie, beam_search
@@ -125,7 +126,7 @@ class GenerativeItemLM(Recommender):
         mask, pos = batch["attention_mask"], batch["position_ids"][:, -1]  # (B, L), (B,)
         out = self.decoder(input_ids=batch["tokens"], attention_mask=mask, position_ids=batch["position_ids"],
                            use_cache=True)
-        cache = out.cache
+        cache = output_cache(out)
         state = {"mask": mask, "pos": pos}
         dev = mask.device
 
@@ -136,7 +137,7 @@ class GenerativeItemLM(Recommender):
             p = state["pos"][parents] + 1  # (N,)
             state["mask"], state["pos"] = m, p
             o = self.decoder(input_ids=(tokens.to(dev) + self.out_offset)[:, None], attention_mask=m,
-                             position_ids=p[:, None], cache=cache, use_cache=True)
+                             position_ids=p[:, None], use_cache=True, **cache_kwargs(self.decoder, cache))
             return self._log_probs(o.last_hidden_state[:, -1]).cpu()
 
         first = self._log_probs(out.last_hidden_state[:, -1]).cpu()  # (B, T)

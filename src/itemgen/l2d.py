@@ -190,6 +190,23 @@ def memory_for_checkpoint(model: Recommender, checkpoint_dir: str | Path, *, per
     return mem
 
 
+def exact_neighbours(states: torch.Tensor, h: torch.Tensor, m: int, chunk: int = 65536) -> np.ndarray:
+    """states (N, D) float16, h (B, D) -> (B, m) indices of the m nearest states by L2 (-1 where
+    N < m), nearest first; memory chunks of ``chunk`` rows so no (B, N) float32 copy of the states."""
+    h = h.float()
+    best_d = torch.full((len(h), 0), float("inf"))
+    best_i = torch.zeros((len(h), 0), dtype=torch.long)
+    for a in range(0, len(states), chunk):
+        s = states[a:a + chunk].float()  # (n, D)
+        d = (s.square().sum(1)[None] - 2 * h @ s.T) + h.square().sum(1, keepdim=True)  # (B, n)
+        d, i = torch.cat([best_d, d], 1), torch.cat([best_i, torch.arange(a, a + len(s)).expand(len(h), -1)], 1)
+        best_d, sel = torch.topk(d, min(m, d.shape[1]), dim=1, largest=False)
+        best_i = torch.gather(i, 1, sel)
+    out = np.full((len(h), m), -1, dtype=np.int64)
+    out[:, :best_i.shape[1]] = best_i.numpy()
+    return out
+
+
 class L2DTopK:
     """``topk(query, k, exclude) -> (scores, ids)``; scores are negative squared L2 distances."""
 
@@ -237,8 +254,10 @@ class L2DTopK:
 
     def _search(self, h: torch.Tensor) -> np.ndarray:
         """(B, D) -> (B, M) indices of the nearest memory states (-1 where fewer exist)."""
-        import faiss
-
+        try:
+            import faiss
+        except ImportError:  # the ann extra is optional: exact search in torch gives the same neighbours
+            return exact_neighbours(self.memory.states, h, self.m)
         index = self.memory.index()
         threads = faiss.omp_get_max_threads()
         # FAISS's OpenMP team spinning against torch's threads cost ~1 s per request on a busy

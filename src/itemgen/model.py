@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from itemgen.backbones import cache_kwargs
 from itemgen.config import Config, ItemLMConfig
 from itemgen.data import ItemTable
 from itemgen.heads import FullSoftmaxHead, TwoLevelHead
@@ -159,7 +160,7 @@ class ItemLM(Recommender):
         pos = position_ids if position_ids is not None else \
             torch.arange(past, past + S, device=tokens.device)[None].expand(B, S)
         out = self.decoder(inputs_embeds=self.embed(tokens, items), attention_mask=attention_mask,
-                           position_ids=pos, cache=cache, use_cache=True)
+                           position_ids=pos, use_cache=True, **cache_kwargs(self.decoder, cache))
         return out.last_hidden_state
 
     @torch.inference_mode()

@@ -64,9 +64,12 @@ class SemanticIDLM(GenerativeItemLM):
 
         backbone, tokenizer = load_backbone(c.backbone, n_layers=c.n_layers)
         text_vocab = backbone.get_input_embeddings().weight.shape[0]
-        emb = item_embeddings(cfg, items, backbone, tokenizer)
-        codebook = min(c.codebook_size, len(items))
-        codes = with_collision_code(residual_kmeans(emb, c.levels, codebook, c.seed))
+        if c.codes:  # the same codes as an earlier run: comparisons across seeds, backbones, machines
+            codes, codebook = load_codes(c.codes, len(items))
+        else:
+            emb = item_embeddings(cfg, items, backbone, tokenizer)
+            codebook = min(c.codebook_size, len(items))
+            codes = with_collision_code(residual_kmeans(emb, c.levels, codebook, c.seed))
         return cls(backbone, tokenizer, codes, codebook, text_vocab, c)
 
     def save_architecture(self, directory: Path) -> None:
@@ -75,6 +78,20 @@ class SemanticIDLM(GenerativeItemLM):
         self.tokenizer.save_pretrained(bdir)
         (Path(directory) / CODES_FILE).write_text(json.dumps(
             {"codes": self.codes.tolist(), "codebook": self.codebook, "text_vocab": self.text_vocab}) + "\n")
+
+
+def load_codes(path: str | Path, n_items: int) -> tuple[np.ndarray, int]:
+    """A checkpoint's semantic_ids.json (or its folder) -> codes (I, L + 1), codebook size."""
+    path = Path(path)
+    path = path / CODES_FILE if path.is_dir() else path
+    try:
+        meta = json.loads(path.read_text())
+        codes, codebook = np.asarray(meta["codes"], dtype=np.int64), int(meta["codebook"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"semantic_ids.codes: cannot read codes from {path}: {e}") from e
+    if codes.ndim != 2 or len(codes) != n_items:
+        raise DataError(f"semantic_ids.codes: {path} has codes of shape {codes.shape}, the catalog {n_items} items")
+    return codes, codebook
 
 
 def add_code_tokens(backbone, text_vocab: int, n_codes: int, seed: int = 0) -> None:
