@@ -26,13 +26,16 @@ train() {  # name, overrides...
   $PY -m itemgen train "${common[@]}" "$@" train.out="$RUNS/$name" >"$OUT/$name.log" 2>&1 || echo "train $name failed (see $name.log)"
   tail -n 3 "$OUT/$name.log"
 }
-quality() {  # NDCG@10 on latency.py's 200-user sample, then every test user
+sample_ndcg() {  # NDCG@10 on latency.py's user sample
   $PY benchmarks/latency.py --data "$DATA" --quality-runs "$RUNS" --quality-only --methods "$1" --users "$Q_USERS" \
       --quality-profile "$PROFILE" --out "$OUT/latency_quality_$1.json" >>"$OUT/quality_$1.log" 2>&1 || echo "quality $1 failed"
+}
+full_eval() {  # every test user
   if [ "$FULL_EVAL" = 1 ]; then
     $PY -m itemgen evaluate "$RUNS/$1/best" --split test --out "$OUT/eval_$1.json" >>"$OUT/quality_$1.log" 2>&1 || echo "evaluate $1 failed"
   fi
 }
+quality() { sample_ndcg "$1"; full_eval "$1"; }
 PROFILE="benchmarks/device_quality.sh on $($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU")'): SmolLM2-135M first 2 layers, compact prompts, batch 64, at most $MINUTES min training per model"
 
 want() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -46,13 +49,14 @@ chain_itemlm() {
 }
 chain_title() {
   train title model=title title.backbone="$BACKBONE" title.prompt=compact train.lr=0.0005 train.eval_users="$GEN_EVAL"
-  quality title
+  sample_ndcg title
   if want l2d; then
     echo "== l2d $(date +%T)"
     $PY benchmarks/l2d.py --checkpoint "$RUNS/title/best" --name "$(basename "$DATA")/title" --test-users "$L2D_USERS" \
         --out "$OUT/l2d.json" --doc "$OUT/l2d.md" >"$OUT/l2d.log" 2>&1 || echo "l2d failed (see l2d.log)"
     tail -n 5 "$OUT/l2d.log"
   fi
+  full_eval title
 }
 chain_semantic_id() {
   train semantic_id model=semantic_id semantic_ids.backbone="$BACKBONE" semantic_ids.prompt=compact \
