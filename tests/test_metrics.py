@@ -27,6 +27,14 @@ def test_metrics_hand_computed():
     assert m["users"] == 5
 
 
+def test_mrr_of_a_top_k_list_counts_misses_as_zero():
+    # a decoder returning its top 20: rank 21 means "not found", which adds 0, not 1/21
+    m = ranking_metrics([1, 4, 21, 21], mrr_cutoff=20)
+    assert m["mrr"] == pytest.approx((1 + 1 / 4) / 4)
+    assert m["recall@20"] == pytest.approx(2 / 4)
+    assert ranking_metrics([1, 4, 21, 21])["mrr"] == pytest.approx((1 + 1 / 4 + 2 / 21) / 4)  # full ranks
+
+
 def test_metrics_reject_bad_ranks():
     with pytest.raises(ValueError):
         ranking_metrics([])

@@ -111,3 +111,20 @@ def test_bad_checkpoints(tmp_path, trained):
     (broken / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing model.safetensors"):
         load_checkpoint(broken)
+
+
+def test_non_finite_loss_stops_training_before_the_weights_are_hit(rule_data, tmp_path, monkeypatch):
+    from itemgen.next_item import NextItemRecommender
+
+    orig, calls = NextItemRecommender.loss, {"n": 0}
+
+    def nan_at_third_step(self, batch):
+        calls["n"] += 1
+        out = orig(self, batch)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(NextItemRecommender, "loss", nan_at_third_step)
+    with pytest.raises(FloatingPointError, match="step 3"):
+        train(config("sasrec", tmp_path, max_steps=6, eval_every=2), dataset=rule_data)
+    weights = load_file(str(tmp_path / "last" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())  # step 2's checkpoint is intact

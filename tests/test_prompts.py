@@ -89,3 +89,30 @@ def test_compact_prompt_is_shorter(tok, items):
     assert len(c) < len(d) and slots(c) == slots(d)
     with pytest.raises(ValueError, match="prompt style"):
         PromptBuilder(tok, items, (), style="weird")
+
+
+def test_collate_right_pads_and_the_training_loss_does_not_depend_on_the_side():
+    from itemgen.config import from_dict
+    from itemgen.recommender import build_model
+    from itemgen.synthetic import make_dataset
+
+    ds = make_dataset(n_users=20, n_items=15, min_len=2, max_len=9, noise=0.0, seed=0)
+    for name in ("itemlm", "title"):
+        cfg = from_dict({"model": name, "data": {"path": "synthetic-inline"}, name: {"backbone": "tiny"}})
+        torch.manual_seed(0)
+        model = build_model(cfg, ds.items).eval()
+        rng = np.random.default_rng(0)
+        seqs = [s for s in ds.split.train if len(s) >= 2][:6]
+        right = model.train_batch(seqs, rng)
+        L = right["tokens"].shape[1]
+        n = right["attention_mask"].sum(1)
+        assert (right["attention_mask"][:, 0] == 1).all() and n.min() < L  # padding at the end only
+        assert right["position_ids"][0, : int(n[0])].tolist() == list(range(int(n[0])))
+        enc = [model.prompts.training_example(s, np.random.default_rng(0), 1.0, 0.5, "all") for s in seqs] \
+            if name == "itemlm" else [model.encode_prompt(s[:-1], int(s[-1])) for s in seqs]
+        pad = model.pad_token
+        with torch.no_grad():
+            assert model.loss(collate(enc, pad, side="left")).item() == pytest.approx(
+                model.loss(collate(enc, pad, side="right")).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="side"):
+        collate(enc, 0, side="middle")

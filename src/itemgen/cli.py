@@ -49,7 +49,7 @@ def _guard(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
         fail(str(e))
     except KeyError as e:
         fail(e.args[0] if e.args else str(e))

@@ -69,13 +69,13 @@ def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, ma
                      batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100) -> dict:
     """Metrics for decoders that return a top-k list only (structure, ANN, beam search): a target
     outside the top ``cutoff`` gets rank cutoff + 1, so Recall/NDCG at K <= 20 are exact and MRR
-    is truncated at ``cutoff`` (reported as ``mrr_cutoff``; a decoder's own ``cutoff`` attribute,
+    is MRR@cutoff (such a target adds 0) (reported as ``mrr_cutoff``; a decoder's own ``cutoff`` attribute,
     e.g. beam search's, lowers it)."""
     t0 = time.perf_counter()
     k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
     ranks = decoder_ranks(model, decoder, examples, max_history=max_history, batch_size=batch_size,
                           exclude_history=exclude_history, cutoff=k)
-    out = ranking_metrics(ranks)
+    out = ranking_metrics(ranks, mrr_cutoff=k)  # rank k + 1 means "not in the top k"
     out["mrr_cutoff"] = k
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out

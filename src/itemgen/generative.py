@@ -92,7 +92,7 @@ class GenerativeItemLM(Recommender):
 
     # ---- training ----------------------------------------------------------------------
     def train_batch(self, seqs, rng):
-        return collate([self.encode_prompt(s[:-1], int(s[-1])) for s in seqs], self.pad_token)
+        return collate([self.encode_prompt(s[:-1], int(s[-1])) for s in seqs], self.pad_token, side="right")
 
     def n_labels(self, seqs) -> int:
         return sum(len(self.label_tokens[int(s[-1])]) for s in seqs)

@@ -18,7 +18,9 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (scores >= t).sum(dim=1).to(torch.int64)  # counts the target itself once
 
 
-def ranking_metrics(ranks) -> dict[str, float]:
+def ranking_metrics(ranks, mrr_cutoff: int | None = None) -> dict[str, float]:
+    """Recall@K, NDCG@K, MRR of target ranks. ``mrr_cutoff``: ranks are only known up to it (a
+    top-k decoder); a target beyond it adds 0 to MRR, not 1 / rank."""
     r = np.asarray(ranks, dtype=np.float64)
     if r.size == 0:
         raise ValueError("no ranks to evaluate")
@@ -27,6 +29,7 @@ def ranking_metrics(ranks) -> dict[str, float]:
     out = {f"recall@{k}": float(np.mean(r <= k)) for k in RECALL_KS}
     gain = 1.0 / np.log2(r + 1.0)
     out.update({f"ndcg@{k}": float(np.mean(np.where(r <= k, gain, 0.0))) for k in NDCG_KS})
-    out["mrr"] = float(np.mean(1.0 / r))
+    rr = 1.0 / r if mrr_cutoff is None else np.where(r <= mrr_cutoff, 1.0 / r, 0.0)
+    out["mrr"] = float(np.mean(rr))
     out["users"] = int(r.size)
     return out

@@ -118,7 +118,7 @@ class ItemLM(Recommender):
     def train_batch(self, seqs, rng):
         c = self.cfg
         enc = [self.prompts.training_example(s, rng, c.id_only_share, c.field_keep_prob, c.supervise) for s in seqs]
-        return collate(enc, self.pad_token)
+        return collate(enc, self.pad_token, side="right")
 
     def n_labels(self, seqs) -> int:
         return sum(PromptBuilder.n_labels(len(s), self.cfg.supervise) for s in seqs)

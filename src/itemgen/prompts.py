@@ -128,9 +128,14 @@ class PromptBuilder:
         return 1 if supervise == "last" else max(seq_len - 1, 0)
 
 
-def collate(encoded: list[Encoded], pad_token: int) -> dict[str, torch.Tensor]:
-    """Left-pad to the longest prompt: the last position is every row's query position.
-    Returns tokens/items/labels (B, L), attention_mask (B, L), position_ids (B, L)."""
+def collate(encoded: list[Encoded], pad_token: int, side: str = "left") -> dict[str, torch.Tensor]:
+    """Pad to the longest prompt. Left (inference): the last position is every row's query
+    position. Right (training): no position before a row's first token is padding, so no query
+    row has every key masked; such rows give NaN in CUDA's bf16 attention kernels, and the NaN
+    reaches real rows through zero attention weights (seen on an H100; labels are unaffected
+    by the side). Returns tokens/items/labels (B, L), attention_mask (B, L), position_ids (B, L)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
     B, L = len(encoded), max(len(e) for e in encoded)
     tokens = torch.full((B, L), pad_token, dtype=torch.long)
     items = torch.full((B, L), -1, dtype=torch.long)
@@ -138,11 +143,12 @@ def collate(encoded: list[Encoded], pad_token: int) -> dict[str, torch.Tensor]:
     mask = torch.zeros((B, L), dtype=torch.long)
     for b, e in enumerate(encoded):
         n = len(e)
+        sl = slice(L - n, L) if side == "left" else slice(0, n)
         t = torch.from_numpy(e.tokens)
-        tokens[b, L - n:] = torch.where(t >= 0, t, torch.full_like(t, pad_token))
-        items[b, L - n:] = torch.from_numpy(e.items)
-        labels[b, L - n:] = torch.from_numpy(e.labels)
-        mask[b, L - n:] = 1
+        tokens[b, sl] = torch.where(t >= 0, t, torch.full_like(t, pad_token))
+        items[b, sl] = torch.from_numpy(e.items)
+        labels[b, sl] = torch.from_numpy(e.labels)
+        mask[b, sl] = 1
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     return {"tokens": tokens, "items": items, "labels": labels, "attention_mask": mask,
             "position_ids": position_ids}

@@ -187,6 +187,11 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         with acc.autocast():
             loss_sum = model(batch)
         loss = loss_sum * (world / max(n_global, 1))
+        lv = loss.item() / world
+        if not math.isfinite(lv):  # stop before the optimizer writes NaN into every weight
+            raise FloatingPointError(
+                f"training loss is {lv} at step {step + 1} (mixed_precision={mp}); the checkpoints written so "
+                f"far are intact: lower train.lr, or set train.mixed_precision=no")
         acc.backward(loss)
         if t.grad_clip > 0:
             acc.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -195,7 +200,6 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seen += len(global_seqs)
-        lv = loss.item() / world
         loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
         rate = seen / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(loss=f"{loss_ema:.4f}", ex_s=f"{rate:.1f}")
