@@ -19,7 +19,8 @@ Q_USERS=${Q_USERS:-200}; L2D_USERS=${L2D_USERS:-500}  # latency.py's user sample
 mkdir -p "$RUNS" "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # four processes share the machine's cores
 common=(data.path="$DATA" data.max_history=20 train.batch_size=64 train.max_steps=100000 train.warmup_steps=100
-        train.eval_every="$EVAL_EVERY" train.eval_users=500 train.max_minutes="$MINUTES" train.progress=false)
+        train.eval_every="$EVAL_EVERY" train.eval_users=500 train.max_minutes="$MINUTES" train.progress=false
+        ${EXTRA:-})  # EXTRA: more overrides for every model, e.g. EXTRA=train.mixed_precision=no
 train() {  # name, overrides...
   local name=$1; shift
   echo "== $name $(date +%T)"
