@@ -86,12 +86,12 @@ def prepare(name: str, data_root: Path, cache: Path) -> Path:
 
 
 def set_path(tree: dict, dotted: str, raw: str) -> None:
-    import yaml
+    from itemgen.config import load_yaml
 
     *parents, leaf = dotted.split(".")
     for p in parents:
         tree = tree.setdefault(p, {})
-    tree[leaf] = yaml.safe_load(raw)
+    tree[leaf] = load_yaml(raw)
 
 
 def main() -> None:

@@ -15,6 +15,18 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.data.max_history == 50  # default kept
 
 
+def test_yaml_words_that_are_strings_here(tmp_path):
+    # YAML 1.1 would read `no` as false and 1e-4 as a string; both are what the user meant here
+    cfg = load_config(None, ["train.mixed_precision=no", "train.lr=1e-4", "train.progress=false"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.lr == 1e-4 and cfg.train.progress is False
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  mixed_precision: no\n  weight_decay: 1e-5\n")
+    cfg = load_config(p)
+    assert cfg.train.mixed_precision == "no" and cfg.train.weight_decay == 1e-5
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        load_config(None, ["train.lr=fast"])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.lrr=1"], "unknown config key in train: lrr"),
     (["train.batch_size=abc"], "train.batch_size: expected an integer"),
