@@ -29,9 +29,10 @@ def write_report(allres: dict) -> None:
              "`benchmarks/results/latency.json`). Backbone SmolLM2-135M with all its layers, item weights freshly "
              "initialised (latency does not depend on their values), histories cut to the last 20 items, top-10, "
              "beam width 10 for the multi-step baselines (KV cache, `torch.inference_mode`), timed round-robin user by "
-             "user. NDCG@10 comes from checkpoints trained with the cheap CPU profile of "
-             "`benchmarks/latency_quality.sh` (first 2 layers, minutes of training): it compares the methods under a "
-             "tiny budget, not their converged quality.", ""]
+             "user. NDCG@10 comes from checkpoints of the same methods on the first 2 layers of the same backbone "
+             "(the full model does not fit the GPU machine's upload limit), trained for minutes: it compares the "
+             "methods under a small budget, not their converged quality. How each was trained is listed under "
+             "its table.", ""]
     for name, r in allres.items():
         if "profile" not in r:  # quality only so far
             continue
@@ -57,8 +58,13 @@ def write_report(allres: dict) -> None:
                          f"{fmt(m['p50_ms_batch1'])} | {fmt(m['p95_ms_batch1'])} | "
                          f"{fmt(m['throughput_users_per_s_batch'], 2)} | {fmt(m.get('measured_speedup_of_itemlm'), 2)}x | "
                          f"{fmt(m.get('predicted_speedup_of_itemlm'), 2)}x | {fmt(q, 4) if q is not None else 'not measured'} |")
-        if r.get("quality_profile"):
-            lines += ["", f"NDCG@10 on all {p['users_sampled']} sampled users; models: {r['quality_profile']}."]
+        profiles = {k: (r["methods"].get(k, {}).get("quality") or {}) for k in MAIN}
+        profiles = {k: q for k, q in profiles.items() if q.get("ndcg@10") is not None}
+        if profiles:
+            lines += ["", f"NDCG@10 on all {p['users_sampled']} sampled users. Models:", ""]
+            lines += [f"- {LABELS[k]}: {q.get('note') or q.get('profile') or r.get('quality_profile')}; best checkpoint "
+                      f"at step {q.get('train_steps')}, {fmt(q.get('train_seconds'))} s of training."
+                      for k, q in profiles.items()]
         cm = r["cost_model"]
         lines += ["", f"Cost model: prefill {cm['prefill_ms_per_token']:.3f} ms/token + {cm['prefill_ms_intercept']:.1f} ms "
                   f"(bare forward passes at {', '.join(cm['prefill_ms_by_tokens'])} tokens); per decode step (10 beams, "

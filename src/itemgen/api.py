@@ -90,7 +90,8 @@ def run_info() -> dict:
         commit = None
     import os
 
-    commit = commit or os.environ.get("GIT_COMMIT")  # a copy of the tree without .git (a lent GPU machine)
+    # a copy of the tree on another machine (a lent GPU) names its commit; its .git may be stale
+    commit = os.environ.get("GIT_COMMIT") or commit
 
     hw = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
