@@ -69,7 +69,7 @@ def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, ma
                      batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100) -> dict:
     """Metrics for decoders that return a top-k list only (structure, ANN, beam search): a target
     outside the top ``cutoff`` gets rank cutoff + 1, so Recall/NDCG at K <= 20 are exact and MRR
-    is MRR@cutoff (such a target adds 0) (reported as ``mrr_cutoff``; a decoder's own ``cutoff`` attribute,
+    is MRR@cutoff, to which such a target adds 0 (``mrr_cutoff`` in the result; a decoder's own ``cutoff`` attribute,
     e.g. beam search's, lowers it)."""
     t0 = time.perf_counter()
     k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
