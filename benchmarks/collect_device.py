@@ -83,7 +83,8 @@ def main() -> None:
     key = lambda r: (r["dataset"], r["name"], r["label"])  # noqa: E731
     new = {key(r) for r in runs}
     allruns = [r for r in allruns if key(r) not in new] + runs
-    atomic_write_text(path, json.dumps({"benchmark": "gpu_quality", "runs": allruns}, indent=2) + "\n")
+    # report_rows empty: the same figures reach docs/results.md once, through quality.json
+    atomic_write_text(path, json.dumps({"benchmark": "gpu_quality", "report_rows": [], "runs": allruns}, indent=2) + "\n")
 
     from quality import save_row  # the quality table: one row per dataset + variant
 

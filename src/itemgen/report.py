@@ -27,7 +27,7 @@ NOT_MEASURED = "not measured"
 METRIC_CHILDREN = ("test", "metrics", "quality", "test_metrics")
 TRAIN_KEYS = ("train_seconds", "training_seconds", "train_time_s", "train_s")
 LATENCY_KEYS = ("latency_ms", "per_request_ms", "ms_per_request", "request_ms", "p50_ms", "latency_p50_ms",
-                "median_ms", "latency_ms_median")
+                "median_ms", "latency_ms_median", "p50_ms_batch1")  # p50_ms_batch1: benchmarks/latency.py
 NAME_KEYS = ("method", "variant", "name", "model")
 DISCRIMINATORS = ("clients", "concurrency", "batch_size", "batch", "size", "items", "threads", "k")
 CONTAINERS = ("results", "rows", "variants", "runs", "methods", "datasets")  # path keys that name no method
