@@ -79,12 +79,14 @@ def main() -> None:
         r["note"] = args.note
 
     path = RESULTS / "gpu_quality.json"
-    allruns = json.loads(path.read_text())["runs"] if path.is_file() else []
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    allruns = record.get("runs", [])
     key = lambda r: (r["dataset"], r["name"], r["label"])  # noqa: E731
     new = {key(r) for r in runs}
     allruns = [r for r in allruns if key(r) not in new] + runs
     # report_rows empty: the same figures reach docs/results.md once, through quality.json
-    atomic_write_text(path, json.dumps({"benchmark": "gpu_quality", "report_rows": [], "runs": allruns}, indent=2) + "\n")
+    record.update(benchmark="gpu_quality", report_rows=[], runs=allruns)  # other keys (checks) stay
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
     from quality import save_row  # the quality table: one row per dataset + variant
 

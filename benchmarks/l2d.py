@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -124,9 +123,7 @@ def main(argv=None) -> dict:
                               **{k: round(m[k], 4) for k in ("recall@10", "ndcg@10")}}), file=sys.stderr, flush=True)
         for dname in rows:
             rows[dname]["speedup_vs_native"] = round(rows[native]["latency_ms"] / rows[dname]["latency_ms"], 2)
-        info = run_info()
-        if os.environ.get("GIT_COMMIT"):  # a copy of the tree without its history (a device machine)
-            info["git_commit"] = os.environ["GIT_COMMIT"]
+        info = run_info()  # honours GIT_COMMIT (a copy of the tree on a lent machine)
         report["runs"][name] = {
             "checkpoint": str(ckpt), "model": model.name, "dataset": ds.name, **info,
             "profile": {"device": "cuda" if torch.cuda.is_available() else "cpu",

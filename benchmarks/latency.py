@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -72,14 +71,13 @@ def build(kind: str, ds: SequenceDataset, data_dir: str, n_layers: int | None, c
         return model, lambda h, k: model.beam_topk(model.query_batch(h), k)[1]
     if kind == "semantic_id":
         from itemgen.backbones import load_backbone
-        from itemgen.semantic_ids import SemanticIDLM, residual_kmeans, with_collision_code
+        from itemgen.semantic_ids import CODES_FILE, SemanticIDLM, load_codes, residual_kmeans, with_collision_code
 
         cfg = from_dict({**base, "model": "semantic_id", "semantic_ids": {"backbone": BACKBONE, "n_layers": n_layers}})
         backbone, tok = load_backbone(BACKBONE, n_layers=n_layers)
         text_vocab = backbone.get_input_embeddings().weight.shape[0]
-        if codes_from is not None and (codes_from / "semantic_ids.json").is_file():
-            meta = json.loads((codes_from / "semantic_ids.json").read_text())
-            codes, codebook = np.asarray(meta["codes"]), meta["codebook"]
+        if codes_from is not None and (codes_from / CODES_FILE).is_file():
+            codes, codebook = load_codes(codes_from, ds.n_items)
         else:  # the trie's shape only: L + 1 decode steps whatever the codes are
             emb = np.random.default_rng(0).standard_normal((ds.n_items, 64)).astype(np.float32)
             codebook = min(cfg.semantic_ids.codebook_size, ds.n_items)
@@ -189,6 +187,14 @@ def add_quality(rows: dict, methods: list[str], runs: Path, hists, targets, batc
             {"ndcg@10": None, "note": f"no trained model ({run} missing)"}
 
 
+def save(allres: dict, out: Path) -> None:
+    atomic_write_text(out, json.dumps(allres, indent=2) + "\n")
+    if out.resolve() == RESULTS.resolve():  # docs follow the project's results file only
+        from latency_report import write_report  # sibling script
+
+        write_report(allres)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="prepared dataset directory (itemgen data prepare)")
@@ -229,11 +235,7 @@ def main(argv=None) -> int:
         allres.setdefault(key, {"dataset": ds.name, "tag": args.tag, "methods": {}})  # latency added later
         add_quality(allres[key]["methods"], methods, args.quality_runs, hists, targets, args.batch)
         allres[key]["quality_profile"] = args.quality_profile
-        atomic_write_text(args.out, json.dumps(allres, indent=2) + "\n")
-        if args.out.resolve() == RESULTS.resolve():  # docs follow the project's results file only
-            from latency_report import write_report
-
-            write_report(allres)
+        save(allres, args.out)
         return 0
     skipped = {}
     if not has_titles and "title" in methods:
@@ -344,12 +346,8 @@ def main(argv=None) -> int:
             rows.setdefault(k, {})["quality"] = m["quality"]
             result["quality_profile"] = allres[key].get("quality_profile")
     allres[key] = result
-    atomic_write_text(args.out, json.dumps(allres, indent=2) + "\n")
+    save(allres, args.out)
     print(json.dumps(rows, indent=2))
-    if args.out.resolve() == RESULTS.resolve():  # docs follow the project's results file only
-        from latency_report import write_report  # noqa: E402 (sibling script)
-
-        write_report(allres)
     return 0
 
 

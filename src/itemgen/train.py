@@ -188,13 +188,15 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
             loss_sum = model(batch)
         loss = loss_sum * (world / max(n_global, 1))
         lv = loss.item() / world
-        if not math.isfinite(lv):  # stop before the optimizer writes NaN into every weight
-            raise FloatingPointError(
-                f"training loss is {lv} at step {step + 1} (mixed_precision={mp}); the checkpoints written so "
-                f"far are intact: lower train.lr, or set train.mixed_precision=no")
         acc.backward(loss)
-        if t.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), t.grad_clip)
+        # the norm of the all-reduced gradients is the same on every process, so all of them stop
+        # together (a process raising on its own loss would leave the others waiting forever);
+        # max_norm=inf measures without clipping
+        norm = float(acc.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+        if not math.isfinite(norm):  # stop before the optimizer writes NaN into every weight
+            raise FloatingPointError(
+                f"non-finite gradients at step {step + 1} (loss {lv}, mixed_precision={mp}); the checkpoints "
+                f"written so far are intact: lower train.lr, or set train.mixed_precision=no")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
