@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from itemgen.data import atomic_write_text  # noqa: E402
+from itemgen.core.io import atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 STEP = re.compile(r"step (\d+): loss (\S+)\s+valid ndcg@10 (\S+)\s+recall@10 (\S+)")

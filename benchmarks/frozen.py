@@ -44,7 +44,7 @@ def variants(lora_r: int) -> dict[str, dict]:
 
 
 def make_config(args, name: str, itemlm: dict):
-    from itemgen.config import from_dict
+    from itemgen.core.config import from_dict
 
     return from_dict({
         "model": "itemlm",
@@ -71,7 +71,7 @@ def greedy(backbone, tokenizer) -> list[list[int]]:
 def step_seconds(model, cfg, seqs, repeats: int, steps: int) -> float:
     """Median seconds per optimizer step (forward, backward, AdamW) on fixed batches; the model's
     weights move, which does not change the cost of a step."""
-    from itemgen.train import make_optimizer
+    from itemgen.training.loop import make_optimizer
 
     opt = make_optimizer(model, cfg)
     model.train()
@@ -96,7 +96,7 @@ def step_seconds(model, cfg, seqs, repeats: int, steps: int) -> float:
 
 @torch.inference_mode()
 def request_latency_ms(model, examples, max_history: int, n: int) -> float:
-    from itemgen.decoding import make_decoder
+    from itemgen.topk.factory import make_decoder
 
     dec = make_decoder("exact", model)
     model.eval()
@@ -136,11 +136,13 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from itemgen.api import run_info
-    from itemgen.data import SequenceDataset, atomic_write_text
-    from itemgen.evaluate import evaluate, subsample
-    from itemgen.item_encoder import adapters_disabled
-    from itemgen.recommender import build_model
-    from itemgen.train import train, training_sequences
+    from itemgen.core.io import atomic_write_text
+    from itemgen.data.dataset import SequenceDataset
+    from itemgen.data.dataset import training_sequences
+    from itemgen.evaluation.evaluate import evaluate, subsample
+    from itemgen.models.item_encoder import adapters_disabled
+    from itemgen.models.registry import build_model
+    from itemgen.training.loop import train
 
     torch.manual_seed(0)
     ds = SequenceDataset.load(args.data)
@@ -170,7 +172,7 @@ def main(argv=None) -> dict:
             write(args, ds, test, results)
             continue
         res = train(cfg, dataset=ds)
-        from itemgen.checkpoint import load_checkpoint
+        from itemgen.models.checkpoint import load_checkpoint
 
         model, _, _ = load_checkpoint(res.out / "last", DEVICE)
         metrics = evaluate(model, test, max_history=args.max_history)
@@ -196,7 +198,7 @@ def main(argv=None) -> dict:
 def write(args, ds, test, results: dict) -> dict:
     """Write the JSON and the Markdown table (after every variant: a cut-short run keeps its rows)."""
     from itemgen.api import run_info
-    from itemgen.data import atomic_write_text
+    from itemgen.core.io import atomic_write_text
 
     if "full" in results:
         for r in results.values():

@@ -72,13 +72,14 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from itemgen.api import run_info
-    from itemgen.checkpoint import load_checkpoint
-    from itemgen.data import atomic_write_text
-    from itemgen.decoding import make_decoder
-    from itemgen.evaluate import subsample
-    from itemgen.l2d import L2DTopK, build_memory, weights_digest, MEMORY_DIR
-    from itemgen.metrics import ranking_metrics
-    from itemgen.train import load_dataset, training_sequences
+    from itemgen.core.io import atomic_write_text
+    from itemgen.data.dataset import training_sequences
+    from itemgen.data.load import load_dataset
+    from itemgen.evaluation.evaluate import subsample
+    from itemgen.evaluation.metrics import ranking_metrics
+    from itemgen.models.checkpoint import load_checkpoint
+    from itemgen.topk.factory import make_decoder
+    from itemgen.topk.l2d import L2DTopK, build_memory, weights_digest, MEMORY_DIR
 
     if args.threads:
         torch.set_num_threads(args.threads)

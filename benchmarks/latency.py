@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from itemgen.api import run_info
-from itemgen.backbones import cache_kwargs, output_cache
-from itemgen.config import from_dict
-from itemgen.data import SequenceDataset, atomic_write_text
-from itemgen.evaluate import subsample
+from itemgen.core.config import from_dict
+from itemgen.core.io import atomic_write_text
+from itemgen.data.dataset import SequenceDataset
+from itemgen.evaluation.evaluate import subsample
+from itemgen.models.backbones import cache_kwargs, output_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "latency.json"
@@ -42,7 +43,7 @@ BACKBONE = "smollm2-135m"
 # ---- models --------------------------------------------------------------------------------
 def build(kind: str, ds: SequenceDataset, data_dir: str, n_layers: int | None, codes_from: Path | None):
     """A model with fresh weights on the full backbone, and a recommend(histories, k) -> ids."""
-    from itemgen.decoding import ExactTopK
+    from itemgen.topk.exact import ExactTopK
 
     base = {"data": {"path": data_dir, "max_history": 20}}
     if kind.startswith("itemlm"):
@@ -50,11 +51,11 @@ def build(kind: str, ds: SequenceDataset, data_dir: str, n_layers: int | None, c
         prompt = "compact" if "compact" in kind else "default"
         cfg = from_dict({**base, "model": "itemlm", "itemlm": {
             "backbone": BACKBONE, "n_layers": n_layers, "prompt": prompt, "head": head, "cluster_method": "random"}})
-        from itemgen.recommender import build_model
+        from itemgen.models.registry import build_model
 
         model = build_model(cfg, ds.items).eval()
         if head == "two_level":
-            from itemgen.decoding import StructureTopK
+            from itemgen.topk.structure import StructureTopK
 
             dec = StructureTopK(model)
         else:
@@ -64,14 +65,15 @@ def build(kind: str, ds: SequenceDataset, data_dir: str, n_layers: int | None, c
             return model, lambda h, k: dec.topk(model.encode_cached(h, prefix), k)[1]
         return model, lambda h, k: dec.topk(model.encode(model.query_batch(h)), k)[1]
     if kind == "title":
-        from itemgen.title_lm import TitleLM
+        from itemgen.models.title_lm import TitleLM
 
         cfg = from_dict({**base, "model": "title", "title": {"backbone": BACKBONE, "n_layers": n_layers}})
         model = TitleLM.build(cfg, ds.items).eval()
         return model, lambda h, k: model.beam_topk(model.query_batch(h), k)[1]
     if kind == "semantic_id":
-        from itemgen.backbones import load_backbone
-        from itemgen.semantic_ids import CODES_FILE, SemanticIDLM, load_codes, residual_kmeans, with_collision_code
+        from itemgen.models.backbones import load_backbone
+        from itemgen.models.semantic_ids import (CODES_FILE, SemanticIDLM, load_codes, residual_kmeans,
+                                                 with_collision_code)
 
         cfg = from_dict({**base, "model": "semantic_id", "semantic_ids": {"backbone": BACKBONE, "n_layers": n_layers}})
         backbone, tok = load_backbone(BACKBONE, n_layers=n_layers)
@@ -154,8 +156,8 @@ def ndcg_at_10(top: np.ndarray, targets: list[int]) -> float:
 @torch.inference_mode()
 def quality(run_dir: Path, hists, targets, batch: int) -> dict:
     """NDCG@10 of a trained checkpoint on the benchmark users (top-10 from its own decoder)."""
-    from itemgen.checkpoint import load_checkpoint
-    from itemgen.decoding import make_decoder
+    from itemgen.models.checkpoint import load_checkpoint
+    from itemgen.topk.factory import make_decoder
 
     ckpt = run_dir / "best"
     if not (ckpt / "model.safetensors").is_file():
@@ -288,7 +290,7 @@ def main(argv=None) -> int:
             thr[k] += time.perf_counter() - t0
 
     # cost model: per-token prefill and per-step decode costs, bare forward passes of the backbone
-    from itemgen.backbones import load_backbone
+    from itemgen.models.backbones import load_backbone
 
     bare_lm, _ = load_backbone(BACKBONE, n_layers=args.n_layers)
     bare = getattr(bare_lm.eval(), bare_lm.base_model_prefix)

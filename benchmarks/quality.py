@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from itemgen.api import evaluate_checkpoint, run_info  # noqa: E402
-from itemgen.config import from_dict  # noqa: E402
-from itemgen.data import SequenceDataset, atomic_write_text  # noqa: E402
-from itemgen.train import train  # noqa: E402
+from itemgen.core.config import from_dict  # noqa: E402
+from itemgen.core.io import atomic_write_text  # noqa: E402
+from itemgen.data.dataset import SequenceDataset  # noqa: E402
+from itemgen.training.loop import train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
 DATASETS = {  # name -> folder under ../shared/datasets
@@ -79,14 +80,14 @@ def merge(a: dict, b: dict) -> dict:
 def prepare(name: str, data_root: Path, cache: Path) -> Path:
     out = cache / name
     if not (out / "manifest.json").is_file():
-        from itemgen.loaders import load_lcrec
+        from itemgen.data.loaders import load_lcrec
 
         load_lcrec(data_root / DATASETS[name], name=name).save(out)
     return out
 
 
 def set_path(tree: dict, dotted: str, raw: str) -> None:
-    from itemgen.config import load_yaml
+    from itemgen.core.config import load_yaml
 
     *parents, leaf = dotted.split(".")
     for p in parents:
@@ -138,7 +139,7 @@ def main() -> None:
             by_decoder = {}
             for dec in [d for d in args.decoders.split(",") if d != "exact"]:
                 if dec == "ann":  # a flat MIPS index with per-cluster log-normalizer constants
-                    from itemgen.ann import build_checkpoint_index
+                    from itemgen.cli.scale import build_checkpoint_index
 
                     build_checkpoint_index(res.best, "flat")
                 by_decoder[dec] = evaluate_checkpoint(res.best, split="test", decode=dec)["metrics"]
@@ -154,7 +155,7 @@ def main() -> None:
 
 def interrupted_result(cfg):
     """A run killed before its step budget: its last checkpoint says how far it got."""
-    from itemgen.train import TrainResult
+    from itemgen.training.loop import TrainResult
 
     out = Path(cfg.train.out)
     state = json.loads((out / "last" / "trainer" / "state.json").read_text())

@@ -52,7 +52,7 @@ def loss_section(name: str) -> dict:
 
 
 def make_config(args, name: str, seed: int):
-    from itemgen.config import from_dict
+    from itemgen.core.config import from_dict
 
     return from_dict({
         "model": "sasrec",
@@ -138,7 +138,7 @@ def markdown(report: dict) -> str:
         "",
         "Correction: logQ for sampled softmax; for WARP and LambdaRank the positive's rank (and LambdaRank's "
         "negative ranks) are estimated with importance weights 1/(N q) — scaled to the catalog and unbiased "
-        "for the sampler — instead of the plain count within the sample (src/itemgen/losses.py). "
+        "for the sampler — instead of the plain count within the sample (src/itemgen/training/losses.py). "
         "`warp/exact` and `lambdarank/exact` train the same losses on every item (loss.sampler=all): the "
         "full-catalog objective that the corrected estimate is unbiased for (column 'same loss on all items').",
         "",
@@ -203,11 +203,12 @@ def main(argv=None) -> dict:
     import torch
 
     from itemgen.api import run_info
-    from itemgen.checkpoint import load_checkpoint
-    from itemgen.data import SequenceDataset, atomic_write_text
-    from itemgen.evaluate import evaluate
-    from itemgen.recommender import build_model
-    from itemgen.train import train
+    from itemgen.core.io import atomic_write_text
+    from itemgen.data.dataset import SequenceDataset
+    from itemgen.evaluation.evaluate import evaluate
+    from itemgen.models.checkpoint import load_checkpoint
+    from itemgen.models.registry import build_model
+    from itemgen.training.loop import train
 
     torch.set_num_threads(args.threads)
     negatives = [int(x) for x in args.negatives.split(",") if x]

@@ -71,7 +71,7 @@ def make_head(kind: str, n_items: int, regime: dict | None, seed: int = 0):
     import torch
     from torch import nn
 
-    from itemgen.heads import FullSoftmaxHead, TwoLevelHead
+    from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead
 
     g = torch.Generator().manual_seed(seed)
     C = max(1, round(math.sqrt(n_items)))
@@ -145,8 +145,9 @@ def decode_worker(n_items: int, regime_name: str, q1: int, n_queries: int, ann_k
     import faiss
     import torch
 
-    from itemgen.ann import AnnIndex, AnnTopK
-    from itemgen.decoding import ExactTopK, StructureTopK
+    from itemgen.topk.ann import AnnIndex, AnnTopK
+    from itemgen.topk.exact import ExactTopK
+    from itemgen.topk.structure import StructureTopK
 
     _one_thread()
     regime = REGIMES[regime_name]
@@ -160,7 +161,7 @@ def decode_worker(n_items: int, regime_name: str, q1: int, n_queries: int, ann_k
     builds = {}
     t0 = time.perf_counter()
     faiss.omp_set_num_threads(2)  # building is not what is timed
-    from itemgen.ann import estimate_log_normalizers
+    from itemgen.topk.ann import estimate_log_normalizers
 
     log_norm = estimate_log_normalizers(head, train_states)
     builds["log_norm_seconds"] = round(time.perf_counter() - t0, 2)
@@ -330,7 +331,7 @@ def write_doc(results: dict) -> None:
                 r = e[kind]
                 lines.append(f"| {int(n):,} | {kind} | {r['step_ms_median']} | {r['peak_mib']} | "
                              f"{r.get('speedup_vs_full', '')} | {r.get('memory_ratio_vs_full', '')} |")
-        lines += ["", "`two_level` keeps a dense gradient for the item table (what `train.py`'s AdamW needs); "
+        lines += ["", "`two_level` keeps a dense gradient for the item table (what `training/loop.py`'s AdamW needs); "
                   "`two_level_sparse` gives it a sparse gradient (rows of the labels' clusters only, "
                   "`TwoLevelHead(sparse_grad=True)`, for a sparse optimizer). Peak MiB = peak RSS added by "
                   "one step over the parameters (activations + gradients).", ""]

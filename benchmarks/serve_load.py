@@ -41,8 +41,9 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from itemgen.api import run_info  # noqa: E402
-from itemgen.checkpoint import read_config  # noqa: E402
-from itemgen.data import SequenceDataset, atomic_write_text  # noqa: E402
+from itemgen.core.io import atomic_write_text  # noqa: E402
+from itemgen.data.dataset import SequenceDataset  # noqa: E402
+from itemgen.models.checkpoint import read_config  # noqa: E402
 
 BEGIN, END = "<!-- serve_load:begin -->", "<!-- serve_load:end -->"
 

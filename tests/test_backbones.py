@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from itemgen import backbones
-from itemgen.backbones import (
+from itemgen.models import backbones
+from itemgen.models.backbones import (
     SMOLLM2_135M,
     BackboneError,
     backbone_cache_dir,

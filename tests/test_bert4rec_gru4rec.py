@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from itemgen.checkpoint import load_checkpoint
-from itemgen.config import ConfigError, from_dict
-from itemgen.evaluate import evaluate
-from itemgen.recommender import build_model
-from itemgen.synthetic import make_dataset
-from itemgen.train import train
+from itemgen.core.config import ConfigError, from_dict
+from itemgen.data.synthetic import make_dataset
+from itemgen.evaluation.evaluate import evaluate
+from itemgen.models.checkpoint import load_checkpoint
+from itemgen.models.registry import build_model
+from itemgen.training.loop import train
 
 RULE = dict(n_users=600, n_items=40, min_len=4, max_len=8, noise=0.0, seed=1)
 

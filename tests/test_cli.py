@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from itemgen.cli import app
-from itemgen.synthetic import make_dataset
+from itemgen.data.synthetic import make_dataset
 
 runner = CliRunner()
 

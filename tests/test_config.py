@@ -1,6 +1,7 @@
 import pytest
 
-from itemgen.config import ConfigError, load_config
+from itemgen.core.config import MODEL_NAMES, ConfigError, load_config
+from itemgen.models.registry import BUILDERS
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -48,3 +49,8 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_the_config_model_names_are_the_registry():
+    # config validates `model` against MODEL_NAMES without importing a model; the registry builds them
+    assert tuple(BUILDERS) == MODEL_NAMES

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from itemgen.ann import AnnIndex, AnnIndexError, AnnTopK, estimate_log_normalizers
-from itemgen.decoding import ExactTopK, StructureTopK, make_decoder
-from itemgen.heads import FullSoftmaxHead, TwoLevelHead
+from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead
+from itemgen.topk.ann import AnnIndex, AnnIndexError, AnnTopK, estimate_log_normalizers
+from itemgen.topk.exact import ExactTopK
+from itemgen.topk.factory import make_decoder
+from itemgen.topk.structure import StructureTopK
 
 
 @pytest.fixture(autouse=True)

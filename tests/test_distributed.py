@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from itemgen.synthetic import make_dataset
+from itemgen.data.synthetic import make_dataset
 
 ARGS = ["model=sasrec", "sasrec.hidden=32", "sasrec.dropout=0.0", "train.batch_size=64", "train.max_steps=12",
         "train.eval_every=6", "train.warmup_steps=2", "train.lr=0.005", "train.progress=false", "data.max_history=10"]
@@ -40,8 +40,8 @@ def test_two_processes_match_one(tmp_path):
     # the weights the run started from (train() seeds, then builds the model)
     from accelerate.utils import set_seed
 
-    from itemgen.config import load_config
-    from itemgen.recommender import build_model
+    from itemgen.core.config import load_config
+    from itemgen.models.registry import build_model
 
     cfg = load_config(None, common)
     set_seed(cfg.train.seed)

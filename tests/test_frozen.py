@@ -4,13 +4,13 @@ text generation is unchanged) while the item parts learn; LoRA adapters train on
 import pytest
 import torch
 
-from itemgen.checkpoint import load_checkpoint
-from itemgen.config import ConfigError, from_dict
-from itemgen.data import ItemTable, SequenceDataset
-from itemgen.item_encoder import ItemEncoder, adapters_disabled, text_features
-from itemgen.recommender import build_model
-from itemgen.synthetic import make_dataset
-from itemgen.train import make_optimizer, train
+from itemgen.core.config import ConfigError, from_dict
+from itemgen.data.dataset import ItemTable, SequenceDataset
+from itemgen.data.synthetic import make_dataset
+from itemgen.models.checkpoint import load_checkpoint
+from itemgen.models.item_encoder import ItemEncoder, adapters_disabled, text_features
+from itemgen.models.registry import build_model
+from itemgen.training.loop import make_optimizer, train
 
 
 def config(out, **itemlm):
@@ -67,7 +67,7 @@ def test_full_finetuning_changes_the_backbone(data, tmp_path):
 
 
 def test_text_features_are_masked_means_and_standardised():
-    from itemgen.backbones import load_backbone
+    from itemgen.models.backbones import load_backbone
 
     backbone, tok = load_backbone("tiny")
     texts = ["blue pen", None, "a much longer title of an item", "lamp", "green desk chair"]

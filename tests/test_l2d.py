@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from itemgen.decoding import make_decoder
-from itemgen.l2d import Memory, build_memory, training_prefixes
-from itemgen.recommender import Recommender, build_model
-from itemgen.synthetic import make_dataset
+from itemgen.data.synthetic import make_dataset
+from itemgen.models.recommender import Recommender
+from itemgen.models.registry import build_model
+from itemgen.topk.factory import make_decoder
+from itemgen.topk.l2d import Memory, build_memory, training_prefixes
 
 
 class Stub(Recommender):
@@ -69,7 +70,7 @@ def test_faiss_local_search_matches_brute_force():
 
 
 def test_torch_search_matches_faiss():
-    from itemgen.l2d import exact_neighbours
+    from itemgen.topk.l2d import exact_neighbours
 
     g = torch.Generator().manual_seed(1)
     states = torch.randn(700, 12, generator=g).half()  # float16, as in a memory
@@ -99,10 +100,12 @@ def test_training_prefixes_and_bad_inputs():
 
 def test_memory_beside_checkpoint_and_evaluate(tmp_path):
     from itemgen.api import evaluate_checkpoint
-    from itemgen.checkpoint import load_checkpoint
-    from itemgen.config import from_dict
-    from itemgen.l2d import MEMORY_DIR, MEMORY_FILE
-    from itemgen.train import load_dataset, train, training_sequences
+    from itemgen.core.config import from_dict
+    from itemgen.data.dataset import training_sequences
+    from itemgen.data.load import load_dataset
+    from itemgen.models.checkpoint import load_checkpoint
+    from itemgen.topk.l2d import MEMORY_DIR, MEMORY_FILE
+    from itemgen.training.loop import train
 
     cfg = from_dict({"model": "sasrec", "sasrec": {"hidden": 32, "dropout": 0.0},
                      "data": {"path": "synthetic", "max_history": 6, "synthetic_users": 150, "synthetic_items": 20},
@@ -127,8 +130,8 @@ def test_memory_beside_checkpoint_and_evaluate(tmp_path):
 
 def test_generative_model_states_and_decoding():
     """A title model's encode() returns its prompt batch: L2D reads the LM's last hidden state."""
-    from itemgen.config import from_dict
-    from itemgen.l2d import query_states
+    from itemgen.core.config import from_dict
+    from itemgen.topk.l2d import query_states
 
     ds = make_dataset(n_users=30, n_items=20, seed=2)
     cfg = from_dict({"model": "title", "title": {"backbone": "tiny", "prompt": "compact", "max_title_tokens": 8,

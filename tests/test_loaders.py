@@ -1,4 +1,4 @@
-"""Dataset loaders (itemgen.loaders) and the `itemgen data` commands (itemgen.cli_data)."""
+"""Dataset loaders (itemgen.data.loaders) and the `itemgen data` commands (itemgen.cli.data)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itemgen.data import DataError, SequenceDataset
-from itemgen.loaders import (
+from itemgen.data.dataset import DataError, SequenceDataset
+from itemgen.data.loaders import (
     amazon2018_urls,
     download_amazon2018,
     load_amazon2018,
@@ -412,7 +412,7 @@ def test_shared_dataset_counts(folder: str, tmp_path: Path) -> None:
 def test_cli_prepare_info_and_errors(tmp_path: Path, lcrec_dir: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    from itemgen.cli_data import app
+    from itemgen.cli.data import app
 
     runner = CliRunner()
     out = tmp_path / "ds"

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from itemgen.config import ConfigError, LossConfig, from_dict
-from itemgen.losses import (PopularitySampler, SampledLoss, UniformSampler, attach_loss, estimated_rank,
-                            full_catalog_negatives, item_counts, lambdarank, make_sampler, ranking_loss,
-                            sampled_softmax, warp)
+from itemgen.core.config import ConfigError, LossConfig, from_dict
+from itemgen.training.losses import (PopularitySampler, SampledLoss, UniformSampler, attach_loss, estimated_rank,
+                                     full_catalog_negatives, item_counts, lambdarank, make_sampler, ranking_loss,
+                                     sampled_softmax, warp)
 
 
 def catalog(I=60, D=8, M=4, seed=0):
@@ -55,7 +55,7 @@ def test_rank_estimate_is_unbiased(sampler_kind):
 
 
 def test_harmonic_and_warp_weight():
-    from itemgen.losses import harmonic
+    from itemgen.training.losses import harmonic
 
     r = torch.tensor([0.0, 1.0, 2.0, 5.0])
     assert torch.allclose(harmonic(r), torch.tensor([0.0, 1.0, 1.5, 1 + 1 / 2 + 1 / 3 + 1 / 4 + 1 / 5]), atol=1e-5)
@@ -169,8 +169,8 @@ def test_loss_config_errors():
 
 
 def test_attach_loss_to_every_model():
-    from itemgen.recommender import build_model
-    from itemgen.synthetic import make_dataset
+    from itemgen.data.synthetic import make_dataset
+    from itemgen.models.registry import build_model
 
     ds = make_dataset(n_users=50, n_items=30, min_len=4, max_len=8, seed=2)
     seqs = ds.split.train[:8]
@@ -198,10 +198,10 @@ OPTIONS = [("sampled_softmax", True, "popularity"), ("sampled_softmax", False, "
 
 @pytest.mark.parametrize("kind,correction,sampler", OPTIONS)
 def test_each_loss_trains_sasrec_on_the_rule(kind, correction, sampler, tmp_path):
-    from itemgen.checkpoint import load_checkpoint
-    from itemgen.evaluate import evaluate
-    from itemgen.synthetic import make_dataset
-    from itemgen.train import train
+    from itemgen.data.synthetic import make_dataset
+    from itemgen.evaluation.evaluate import evaluate
+    from itemgen.models.checkpoint import load_checkpoint
+    from itemgen.training.loop import train
 
     ds = make_dataset(n_users=600, n_items=40, min_len=4, max_len=8, noise=0.0, seed=1)
     cfg = from_dict({"model": "sasrec", "sasrec": {"hidden": 32, "dropout": 0.0},

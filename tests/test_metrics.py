@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from itemgen.metrics import ranking_metrics, target_ranks
+from itemgen.evaluation.metrics import ranking_metrics, target_ranks
 
 
 def test_ranks_count_ties_against_the_model():

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from itemgen.api import Predictor, evaluate_checkpoint
-from itemgen.checkpoint import CheckpointError, load_checkpoint
-from itemgen.config import from_dict
-from itemgen.synthetic import make_dataset
-from itemgen.train import train
+from itemgen.core.config import from_dict
+from itemgen.data.synthetic import make_dataset
+from itemgen.models.checkpoint import CheckpointError, load_checkpoint
+from itemgen.training.loop import train
 
 RULE = dict(n_users=600, n_items=40, min_len=4, max_len=8, noise=0.0, seed=1)
 
@@ -46,7 +46,7 @@ def trained(request, rule_data, tmp_path_factory):
 def test_learns_the_rule(trained, rule_data):
     name, cfg, result = trained
     model, _, _ = load_checkpoint(result.best)
-    from itemgen.evaluate import evaluate
+    from itemgen.evaluation.evaluate import evaluate
 
     m = evaluate(model, rule_data.split.test, max_history=cfg.data.max_history)
     assert m["recall@1"] >= 0.9, (name, m)
@@ -114,7 +114,7 @@ def test_bad_checkpoints(tmp_path, trained):
 
 
 def test_non_finite_loss_stops_training_before_the_weights_are_hit(rule_data, tmp_path, monkeypatch):
-    from itemgen.next_item import NextItemRecommender
+    from itemgen.models.next_item import NextItemRecommender
 
     orig, calls = NextItemRecommender.loss, {"n": 0}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from itemgen.api import Predictor
-from itemgen.checkpoint import load_checkpoint
+from itemgen.models.checkpoint import load_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "old_checkpoints"
 

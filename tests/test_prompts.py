@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from itemgen.backbones import tiny_backbone
-from itemgen.data import ItemTable
-from itemgen.prompts import PromptBuilder, collate
+from itemgen.data.dataset import ItemTable
+from itemgen.data.prompts import PromptBuilder, collate
+from itemgen.models.backbones import tiny_backbone
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,9 @@ def test_compact_prompt_is_shorter(tok, items):
 
 
 def test_collate_right_pads_and_the_training_loss_does_not_depend_on_the_side():
-    from itemgen.config import from_dict
-    from itemgen.recommender import build_model
-    from itemgen.synthetic import make_dataset
+    from itemgen.core.config import from_dict
+    from itemgen.data.synthetic import make_dataset
+    from itemgen.models.registry import build_model
 
     ds = make_dataset(n_users=20, n_items=15, min_len=2, max_len=9, noise=0.0, seed=0)
     for name in ("itemlm", "title"):

@@ -6,7 +6,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from itemgen.report import NOT_MEASURED, gather, write_report
+from itemgen.evaluation.report import NOT_MEASURED, gather, write_report
 
 FULL = {"recall@1": 0.0123, "recall@5": 0.03, "recall@10": 0.0456, "ndcg@10": 0.0289, "mrr": 0.0211, "users": 100}
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from itemgen.checkpoint import load_checkpoint
-from itemgen.config import ConfigError, from_dict
-from itemgen.semantic_ids import ials_embeddings, residual_kmeans, with_collision_code
-from itemgen.synthetic import make_dataset
-from itemgen.train import train
+from itemgen.core.config import ConfigError, from_dict
+from itemgen.data.synthetic import make_dataset
+from itemgen.models.checkpoint import load_checkpoint
+from itemgen.models.semantic_ids import ials_embeddings, residual_kmeans, with_collision_code
+from itemgen.training.loop import train
 
 RULE = dict(n_users=300, n_items=12, min_len=3, max_len=6, noise=0.0, seed=1)  # the last item decides the next
 
@@ -90,7 +90,7 @@ def test_scores_match_a_teacher_forced_forward_pass(trained, rule_data):
     scores, ids = model.beam_topk(model.query_batch([h]), k=3)
     for s, item in zip(scores[0].tolist(), ids[0].tolist()):
         enc = model.encode_prompt(h, item)
-        from itemgen.prompts import collate
+        from itemgen.data.prompts import collate
 
         b = collate([enc], model.pad_token)
         with torch.inference_mode():
@@ -99,8 +99,8 @@ def test_scores_match_a_teacher_forced_forward_pass(trained, rule_data):
 
 
 def test_codes_reused_from_a_checkpoint(trained, rule_data, tmp_path):
-    from itemgen.data import DataError
-    from itemgen.semantic_ids import SemanticIDLM
+    from itemgen.data.dataset import DataError
+    from itemgen.models.semantic_ids import SemanticIDLM
 
     model, _, _ = load_checkpoint(trained.best)
     cfg = from_dict({"model": "semantic_id", "semantic_ids": {"backbone": "tiny", "codes": str(trained.best)}})

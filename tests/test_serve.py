@@ -19,14 +19,14 @@ import torch
 from fastapi.testclient import TestClient
 
 from itemgen.api import Predictor
-from itemgen.batching import MicroBatcher
-from itemgen.config import from_dict
-from itemgen.engine import Engine, Query
-from itemgen.recommender import build_model
-from itemgen.serve import ServeSettings, create_app, read_api_key
-from itemgen.sessions import SessionStore
-from itemgen.synthetic import make_dataset
-from itemgen.train import train
+from itemgen.core.config import from_dict
+from itemgen.data.synthetic import make_dataset
+from itemgen.models.registry import build_model
+from itemgen.serving.batching import MicroBatcher
+from itemgen.serving.engine import Engine, Query
+from itemgen.serving.server import ServeSettings, create_app, read_api_key
+from itemgen.serving.sessions import SessionStore
+from itemgen.training.loop import train
 
 RULE = dict(n_users=600, n_items=40, min_len=4, max_len=8, noise=0.0, seed=1)
 KEY = "s3cret-key"
@@ -411,7 +411,7 @@ def test_concurrent_requests_are_micro_batched_and_equal_unbatched(predictor, ck
 
 def test_worker_processes_build_their_app_from_the_environment(ckpt, data, monkeypatch):
     """--workers N: each uvicorn worker process calls app_from_env (sessions off, metrics per process)."""
-    from itemgen.serve import SETTINGS_ENV, app_from_env, settings_env
+    from itemgen.serving.server import SETTINGS_ENV, app_from_env, settings_env
 
     monkeypatch.setenv(SETTINGS_ENV, settings_env(ServeSettings(str(ckpt), max_batch=4, sessions_enabled=False)))
     monkeypatch.delenv("ITEMGEN_API_KEY", raising=False)
@@ -419,6 +419,11 @@ def test_worker_processes_build_their_app_from_the_environment(ckpt, data, monke
         assert c.get("/readyz").json()["max_batch"] == 4
         assert c.post("/v1/recommend", json={"history": ids(data, [1, 2])}).status_code == 200
         assert c.post("/v1/sessions/a/events", json={"item": data.items.ids[0]}).status_code == 501
+    from uvicorn.importer import import_from_string
+
+    from itemgen.cli.serve import APP_FACTORY
+
+    assert import_from_string(APP_FACTORY) is app_from_env  # the string `itemgen serve --workers N` hands uvicorn
 
 
 def test_cli_rejects_bad_arguments(tmp_path, ckpt):

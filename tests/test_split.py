@@ -1,6 +1,6 @@
 import numpy as np
 
-from itemgen.data import ItemTable, SequenceDataset, leave_one_out
+from itemgen.data.dataset import ItemTable, SequenceDataset, leave_one_out
 
 
 def test_leave_one_out():

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from itemgen.api import Predictor
-from itemgen.checkpoint import load_checkpoint
-from itemgen.config import from_dict
-from itemgen.data import DataError, ItemTable
-from itemgen.synthetic import make_dataset
-from itemgen.train import train
-from itemgen.trie import Trie, beam_search
+from itemgen.core.config import from_dict
+from itemgen.data.dataset import DataError, ItemTable
+from itemgen.data.synthetic import make_dataset
+from itemgen.models.checkpoint import load_checkpoint
+from itemgen.models.trie import Trie, beam_search
+from itemgen.training.loop import train
 
 RULE = dict(n_users=300, n_items=12, min_len=3, max_len=6, noise=0.0, seed=1)  # the last item decides the next
 
@@ -162,7 +162,7 @@ def test_title_model_evaluation_and_serving_choose_beam(trained, rule_data):
     model, _, _ = load_checkpoint(trained.best)
     with pytest.raises(NotImplementedError, match="decode='beam'"):
         model.scores([rule_data.split.test[0].history])
-    from itemgen.evaluate import evaluate
+    from itemgen.evaluation.evaluate import evaluate
 
     m = evaluate(model, rule_data.split.test[:60], max_history=1)
     assert m["mrr_cutoff"] == min(20, rule_data.n_items) and m["recall@1"] >= 0.9
@@ -184,7 +184,7 @@ def test_checkpoint_keeps_item_text_and_decodes_identically(trained, rule_data):
 
 
 def test_dataset_without_titles_is_refused(tmp_path):
-    from itemgen.recommender import build_model
+    from itemgen.models.registry import build_model
 
     cfg = title_config(tmp_path)
     with pytest.raises(DataError, match="needs item titles"):
@@ -192,8 +192,8 @@ def test_dataset_without_titles_is_refused(tmp_path):
 
 
 def test_beam_decoder_refuses_single_token_models():
-    from itemgen.decoding import make_decoder
-    from itemgen.recommender import build_model
+    from itemgen.models.registry import build_model
+    from itemgen.topk.factory import make_decoder
 
     cfg = from_dict({"model": "sasrec"})
     with pytest.raises(ValueError, match="generates items token by token"):

@@ -9,15 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from itemgen.checkpoint import CheckpointError, load_checkpoint
 from itemgen.cli import app
-from itemgen.clusters import (ClusterError, Clusters, build_clusters, cluster_path, default_n_clusters,
-                              kmeans_clusters)
-from itemgen.config import ConfigError, from_dict
-from itemgen.data import ItemTable, SequenceDataset
-from itemgen.heads import TwoLevelHead
-from itemgen.synthetic import make_dataset
-from itemgen.train import train
+from itemgen.core.config import ConfigError, from_dict
+from itemgen.data.dataset import ItemTable, SequenceDataset
+from itemgen.data.synthetic import make_dataset
+from itemgen.heads.clusters import (ClusterError, Clusters, build_clusters, cluster_path, default_n_clusters,
+                                    kmeans_clusters)
+from itemgen.heads.softmax import TwoLevelHead
+from itemgen.models.checkpoint import CheckpointError, load_checkpoint
+from itemgen.training.loop import train
 
 runner = CliRunner()
 
@@ -206,7 +206,7 @@ def trained(tmp_path_factory):
 
 def test_two_level_itemlm_learns_the_rule(trained):
     ds, data, cfg, result = trained
-    from itemgen.evaluate import evaluate
+    from itemgen.evaluation.evaluate import evaluate
 
     model, _, _ = load_checkpoint(result.best)
     assert isinstance(model.head, TwoLevelHead) and model.head.n_clusters == 6
@@ -262,7 +262,7 @@ def test_evaluate_with_every_decoder(trained):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_chunked_gather_dot_matches_plain_autograd(sparse):
     """The memory-lean within-cluster logits give autograd's gradients (h and item vectors)."""
-    from itemgen.heads import _GatherDot
+    from itemgen.heads.softmax import _GatherDot
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(50, 6, generator=g, requires_grad=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -12,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from itemgen.checkpoint import CheckpointError, load_checkpoint, read_items
-from itemgen.config import Config
-from itemgen.data import DataError, SequenceDataset, atomic_write_text
-from itemgen.decoding import check_k, make_decoder
-from itemgen.evaluate import evaluate
-from itemgen.recommender import Recommender
+from itemgen.core.config import Config
+from itemgen.core.io import atomic_write_text
+from itemgen.data.dataset import DataError, SequenceDataset
+from itemgen.data.load import load_dataset
+from itemgen.evaluation.evaluate import evaluate, evaluate_decoder
+from itemgen.models.checkpoint import CheckpointError, load_checkpoint, read_items
+from itemgen.models.recommender import Recommender
+from itemgen.topk.exact import check_k
+from itemgen.topk.factory import make_decoder
 
 
 class Predictor:
@@ -69,8 +73,6 @@ class Predictor:
 
 
 def load_eval_dataset(cfg: Config, data: str | Path | None) -> SequenceDataset:
-    from itemgen.train import load_dataset
-
     if data is not None:
         return SequenceDataset.load(data)
     return load_dataset(cfg)
@@ -88,7 +90,6 @@ def run_info() -> dict:
                                 cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    import os
 
     # a copy of the tree on another machine (a lent GPU) names its commit; its .git may be stale
     commit = os.environ.get("GIT_COMMIT") or commit
@@ -120,8 +121,6 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", decode: 
         metrics = evaluate(model, examples, max_history=cfg.data.max_history, batch_size=batch_size,
                            exclude_history=exclude_history)
     else:
-        from itemgen.evaluate import evaluate_decoder
-
         decoder = make_decoder(decode, model, checkpoint_dir=checkpoint)
         metrics = evaluate_decoder(model, decoder, examples,
                                    max_history=cfg.data.max_history, batch_size=batch_size,

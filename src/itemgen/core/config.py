@@ -1,0 +1,332 @@
+"""Typed, frozen configuration. YAML files hold overrides of these defaults; the CLI adds
+``section.key=value`` overrides on top. Unknown keys and wrong types are errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+# the values of ``model``: models/registry.py maps each name to its class (a test keeps the two equal)
+MODEL_NAMES = ("itemlm", "sasrec", "bert4rec", "gru4rec", "title", "semantic_id")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # prepared dataset directory (itemgen data prepare), or "synthetic"
+    max_history: int = 50  # most recent items kept in a prompt
+    synthetic_users: int = 2000  # only for path: synthetic
+    synthetic_items: int = 200
+
+
+@dataclass(frozen=True)
+class ItemLMConfig:
+    backbone: str = "tiny"  # tiny | smollm2-135m | local HF folder | hub id
+    n_layers: int | None = None  # keep only the first N transformer layers (CPU profile)
+    item_dim: int = 64  # item embedding table width, independent of the backbone's
+    fields: tuple[str, ...] = ("title", "brand", "price", "category")  # used when present
+    id_only_share: float = 0.25  # share of training examples that keep item ids only
+    field_keep_prob: float = 0.5  # otherwise each item keeps each field with this probability
+    max_field_tokens: int = 16  # per field value
+    supervise: str = "all"  # all: every item slot predicts its item (SASRec-style); last: final label only
+    head: str = "full"  # full softmax over text tokens and items | two_level: over clusters, then members (heads/)
+    clusters: str = ""  # two_level: cluster file; "" = DATA/clusters/<cluster_method>.json (built if missing)
+    cluster_method: str = "kmeans"  # kmeans | frequency | random (clusters.py)
+    n_clusters: int | None = None  # None: about sqrt(|I|)
+    text_vocab_in_softmax: bool = True  # normalise over V u I as in the paper (False: items only)
+    prompt: str = "default"  # default: the paper's wording; compact: ids and separators only
+    freeze_backbone: bool = False  # only item table, item encoder, projection and head train
+    item_encoder: str = "none"  # none | text | text+id: item input vectors from title features (item_encoder.py)
+    lora_r: int = 0  # > 0: LoRA adapters of this rank on the frozen backbone (needs freeze_backbone)
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    hidden: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class BERT4RecConfig:
+    hidden: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    mask_prob: float = 0.2  # each training sequence masks max(1, ceil(mask_prob * len)) random positions
+    mask_last_prob: float = 0.5  # share of training sequences whose masks include the last item
+
+
+@dataclass(frozen=True)
+class GRU4RecConfig:
+    hidden: int = 64  # GRU state width; item embeddings are this wide too
+    n_layers: int = 1
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Training loss over the catalog (losses.py). ``full``: cross-entropy over every item; the
+    sampled kinds see ``negatives`` items drawn per batch (shared by every label in it)."""
+    kind: str = "full"  # full | sampled_softmax | warp | lambdarank
+    negatives: int = 256
+    sampler: str = "uniform"  # uniform | popularity (training-split counts + 1) | all (exact reference)
+    correction: bool = True  # logQ (softmax); catalog-scaled, importance-weighted rank (warp, lambdarank)
+    margin: float = 1.0  # WARP hinge margin
+
+
+@dataclass(frozen=True)
+class TitleLMConfig:
+    """Title baseline, items written as text (title_lm.py)."""
+    backbone: str = "tiny"
+    n_layers: int | None = None
+    prompt: str = "default"  # default | compact (generative.py)
+    max_title_tokens: int = 32  # per title, in the history and as the label (then an end token)
+    max_field_tokens: int = 16  # brand and category in the history
+
+
+@dataclass(frozen=True)
+class SemanticIDConfig:
+    """Semantic-ID baseline, items written as code tuples (semantic_ids.py)."""
+    backbone: str = "tiny"
+    n_layers: int | None = None
+    prompt: str = "default"
+    levels: int = 3  # residual k-means levels; one collision code follows
+    codebook_size: int = 256  # codes per level (capped at the number of items)
+    embeddings: str = "auto"  # auto | text | ials: what the codes are clustered from
+    codes: str = ""  # a semantic_ids.json (from a checkpoint) to reuse instead of clustering anew
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str = "runs/default"
+    seed: int = 0
+    batch_size: int = 64  # examples per optimizer step, over all processes
+    lr: float = 1e-3
+    backbone_lr: float | None = None  # defaults to lr; pretrained weights often want less
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    max_minutes: float | None = None  # stop (and keep the best checkpoint) after this long
+    stop_at: int | None = None  # pause after this step (schedule unchanged); continue with --resume
+    grad_clip: float = 1.0
+    eval_every: int = 200  # steps between validations (and checkpoints)
+    eval_users: int | None = 2000  # validation users per evaluation (None: all), fixed subset
+    patience: int = 5  # evaluations without NDCG@10 improvement before stopping
+    eval_batch_size: int = 128
+    mixed_precision: str = "auto"  # auto: bf16 on GPU, none on CPU
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = "itemlm"  # itemlm | sasrec | bert4rec | gru4rec | title | semantic_id
+    data: DataConfig = field(default_factory=DataConfig)
+    itemlm: ItemLMConfig = field(default_factory=ItemLMConfig)
+    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
+    gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    title: TitleLMConfig = field(default_factory=TitleLMConfig)
+    semantic_ids: SemanticIDConfig = field(default_factory=SemanticIDConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _coerce(value, tp, key: str):
+    """Check/convert a YAML value to the annotated type; raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if is_dataclass(tp):
+        return _build(tp, value, key)
+    return value
+
+
+def _build(cls, values, prefix: str = ""):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''}{where}: "
+                          f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are booleans, so ``train.mixed_precision=no`` is the
+    string "no" (YAML 1.1 reads no/yes/on/off as booleans)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = load_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse {raw!r}: {e}") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(values: dict) -> Config:
+    cfg = _build(Config, values)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            values = load_yaml(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+    values = _merge(values, parse_overrides(overrides or []))
+    return from_dict(values)
+
+
+def validate(cfg: Config) -> None:
+    if cfg.model not in MODEL_NAMES:
+        raise ConfigError(f"model: {cfg.model!r} is not one of {', '.join(MODEL_NAMES)}")
+    t, m = cfg.train, cfg.itemlm
+    checks = [
+        (cfg.data.max_history >= 1, "data.max_history must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (t.max_steps >= 1, "train.max_steps must be >= 1"),
+        (t.eval_every >= 1, "train.eval_every must be >= 1"),
+        (t.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision: auto|no|bf16|fp16"),
+        (0.0 <= m.id_only_share <= 1.0, "itemlm.id_only_share must be in [0, 1]"),
+        (0.0 <= m.field_keep_prob <= 1.0, "itemlm.field_keep_prob must be in [0, 1]"),
+        (m.supervise in ("all", "last"), "itemlm.supervise: all|last"),
+        (m.prompt in ("default", "compact"), "itemlm.prompt: default|compact"),
+        (m.item_dim >= 1, "itemlm.item_dim must be >= 1"),
+        (m.n_layers is None or m.n_layers >= 1, "itemlm.n_layers must be >= 1"),
+        (m.head in ("full", "two_level"), "itemlm.head: full|two_level"),
+        (m.cluster_method in ("kmeans", "frequency", "random"), "itemlm.cluster_method: kmeans|frequency|random"),
+        (m.n_clusters is None or m.n_clusters >= 1, "itemlm.n_clusters must be >= 1"),
+        (m.item_encoder in ("none", "text", "text+id"), "itemlm.item_encoder: none|text|text+id"),
+        (m.lora_r >= 0, "itemlm.lora_r must be >= 0"),
+        (m.lora_r == 0 or m.freeze_backbone, "itemlm.lora_r > 0 needs itemlm.freeze_backbone=true "
+                                             "(LoRA trains adapters on a frozen backbone)"),
+        (cfg.sasrec.hidden % cfg.sasrec.n_heads == 0, "sasrec.hidden must be divisible by sasrec.n_heads"),
+        (cfg.title.prompt in ("default", "compact"), "title.prompt: default|compact"),
+        (cfg.title.max_title_tokens >= 1, "title.max_title_tokens must be >= 1"),
+        (cfg.semantic_ids.prompt in ("default", "compact"), "semantic_ids.prompt: default|compact"),
+        (cfg.semantic_ids.levels >= 1, "semantic_ids.levels must be >= 1"),
+        (cfg.semantic_ids.codebook_size >= 2, "semantic_ids.codebook_size must be >= 2"),
+        (cfg.semantic_ids.embeddings in ("auto", "text", "ials"), "semantic_ids.embeddings: auto|text|ials"),
+        (cfg.bert4rec.hidden % cfg.bert4rec.n_heads == 0, "bert4rec.hidden must be divisible by bert4rec.n_heads"),
+        (0.0 < cfg.bert4rec.mask_prob <= 1.0, "bert4rec.mask_prob must be in (0, 1]"),
+        (0.0 <= cfg.bert4rec.mask_last_prob <= 1.0, "bert4rec.mask_last_prob must be in [0, 1]"),
+        (cfg.gru4rec.hidden >= 1 and cfg.gru4rec.n_layers >= 1, "gru4rec.hidden and gru4rec.n_layers must be >= 1"),
+        (cfg.loss.kind in ("full", "sampled_softmax", "warp", "lambdarank"),
+         "loss.kind: full|sampled_softmax|warp|lambdarank"),
+        (cfg.loss.negatives >= 1, "loss.negatives must be >= 1"),
+        (cfg.loss.sampler in ("uniform", "popularity", "all"), "loss.sampler: uniform|popularity|all"),
+        (cfg.loss.margin >= 0, "loss.margin must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)

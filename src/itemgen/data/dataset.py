@@ -1,0 +1,225 @@
+"""The prepared dataset: an item table, one chronological item sequence per user, and the
+leave-one-out split every model is trained and evaluated on.
+
+On disk (``itemgen data prepare`` writes it, :func:`SequenceDataset.load` reads it)::
+
+    DIR/items.parquet      index (int32), id (string), then the metadata fields present
+                           (title, brand, price, category, description), null when missing
+    DIR/sequences.parquet  user (string), items (list<int32>, oldest first)
+    DIR/manifest.json      counts, fields, source, content hash
+
+Item indices are dense 0..I-1; external ids (ASINs, strings) are kept for I/O only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from itemgen.core.io import replace_dir
+
+METADATA_FIELDS = ("title", "brand", "price", "category", "description")
+MIN_EVAL_LENGTH = 3  # users with fewer interactions are used for training only
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and row) at fault."""
+
+
+@dataclass
+class ItemTable:
+    ids: list[str]  # external id of item index i
+    fields: dict[str, list[str | None]] = field(default_factory=dict)  # name -> value per item
+
+    def __post_init__(self) -> None:
+        for name, values in self.fields.items():
+            if len(values) != len(self.ids):
+                raise DataError(f"item field {name!r} has {len(values)} values for {len(self.ids)} items")
+        self._index: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def index(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {item_id: i for i, item_id in enumerate(self.ids)}
+        return self._index
+
+    def lookup(self, external_ids: list[str]) -> list[int]:
+        """External ids -> indices; raises KeyError listing every unknown id."""
+        idx = self.index
+        unknown = [x for x in external_ids if x not in idx]
+        if unknown:
+            raise KeyError(f"unknown item ids: {', '.join(map(str, unknown[:20]))}"
+                           + (f" (+{len(unknown) - 20} more)" if len(unknown) > 20 else ""))
+        return [idx[x] for x in external_ids]
+
+    def title(self, i: int) -> str | None:
+        titles = self.fields.get("title")
+        return titles[i] if titles is not None else None
+
+
+@dataclass
+class Example:
+    """One prediction target: the user's history (oldest first) and the next item."""
+
+    user: int
+    history: np.ndarray  # (n,) int64 item indices
+    target: int
+
+
+@dataclass
+class Split:
+    """Leave-one-out: last item = test, second-to-last = validation, the rest = training."""
+
+    train: list[np.ndarray]  # one training sequence per user (every user, shorter ones whole)
+    valid: list[Example]
+    test: list[Example]
+    n_train_only_users: int  # users with fewer than MIN_EVAL_LENGTH interactions
+
+
+def leave_one_out(sequences: list[np.ndarray]) -> Split:
+    train, valid, test = [], [], []
+    short = 0
+    for u, seq in enumerate(sequences):
+        seq = np.asarray(seq, dtype=np.int64)
+        if len(seq) < MIN_EVAL_LENGTH:
+            short += 1
+            train.append(seq)
+            continue
+        train.append(seq[:-2])
+        valid.append(Example(u, seq[:-2], int(seq[-2])))
+        test.append(Example(u, seq[:-1], int(seq[-1])))
+    return Split(train, valid, test, short)
+
+
+@dataclass
+class SequenceDataset:
+    name: str
+    items: ItemTable
+    users: list[str]
+    sequences: list[np.ndarray]  # per user, int64 item indices, chronological
+    source: dict = field(default_factory=dict)  # where it came from (loader, paths, filters)
+
+    def __post_init__(self) -> None:
+        if len(self.users) != len(self.sequences):
+            raise DataError(f"{len(self.users)} users but {len(self.sequences)} sequences")
+        self._split: Split | None = None
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def n_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+    @property
+    def split(self) -> Split:
+        if self._split is None:
+            self._split = leave_one_out(self.sequences)
+        return self._split
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', not {split!r}")
+        return getattr(self.split, split)
+
+    def validate(self) -> None:
+        n = self.n_items
+        for u, seq in enumerate(self.sequences):
+            if len(seq) == 0:
+                raise DataError(f"user {self.users[u]!r} has no interactions")
+            if seq.min() < 0 or seq.max() >= n:
+                raise DataError(f"user {self.users[u]!r} names an item index outside 0..{n - 1}")
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for item_id in self.items.ids:
+            h.update(item_id.encode() + b"\0")
+        for name in sorted(self.items.fields):
+            h.update(name.encode() + b"\1")
+            for v in self.items.fields[name]:
+                h.update((v or "").encode() + b"\0")
+        for user, seq in zip(self.users, self.sequences):
+            h.update(user.encode() + b"\2")
+            h.update(np.asarray(seq, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+    def manifest(self) -> dict:
+        split = self.split
+        return {
+            "name": self.name,
+            "users": len(self.users),
+            "items": self.n_items,
+            "interactions": self.n_interactions,
+            "fields": sorted(self.items.fields),
+            "eval_users": len(split.test),
+            "train_only_users": split.n_train_only_users,
+            "content_hash": self.content_hash(),
+            "source": self.source,
+        }
+
+    # ---- persistence -------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: build in a temporary sibling folder, then rename over ``path``."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.validate()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            cols = {"index": pa.array(np.arange(self.n_items, dtype=np.int32)),
+                    "id": pa.array(self.items.ids, pa.string())}
+            for name, values in self.items.fields.items():
+                cols[name] = pa.array(values, pa.string())
+            pq.write_table(pa.table(cols), tmp / "items.parquet")
+            seqs = pa.array([np.asarray(s, dtype=np.int32) for s in self.sequences], pa.list_(pa.int32()))
+            pq.write_table(pa.table({"user": pa.array(self.users, pa.string()), "items": seqs}),
+                           tmp / "sequences.parquet")
+            (tmp / "manifest.json").write_text(json.dumps(self.manifest(), indent=2) + "\n")
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SequenceDataset":
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise DataError(f"{path} is not a prepared dataset (no manifest.json); "
+                            "run `itemgen data prepare` first")
+        manifest = json.loads(manifest_path.read_text())
+        items = pq.read_table(path / "items.parquet").to_pydict()
+        ids = [str(x) for x in items.pop("id")]
+        items.pop("index", None)
+        table = ItemTable(ids, {k: v for k, v in items.items()})
+        seqs = pq.read_table(path / "sequences.parquet")
+        users = [str(u) for u in seqs.column("user").to_pylist()]
+        sequences = [np.asarray(s, dtype=np.int64) for s in seqs.column("items").to_pylist()]
+        ds = cls(manifest.get("name", path.name), table, users, sequences, manifest.get("source", {}))
+        ds.validate()
+        if manifest.get("content_hash") not in (None, ds.content_hash()):
+            raise DataError(f"{path}: content does not match manifest.json's content_hash "
+                            "(files changed or half-written); prepare it again")
+        return ds
+
+
+def training_sequences(ds: SequenceDataset, max_history: int) -> list[np.ndarray]:
+    """Each user's training part, last max_history + 1 items (history + label); >= 2 items."""
+    return [s[-(max_history + 1):] for s in ds.split.train if len(s) >= 2]

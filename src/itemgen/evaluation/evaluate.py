@@ -1,0 +1,100 @@
+"""Full-catalog evaluation: every test (or validation) user scores every item; metrics come
+from the target's rank alone (metrics.py)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from itemgen.data.dataset import Example
+from itemgen.evaluation.metrics import ranking_metrics, target_ranks
+from itemgen.models.recommender import Recommender
+from itemgen.topk.exact import mask_items
+from itemgen.topk.factory import make_decoder
+
+
+@torch.inference_mode()
+def rank_examples(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
+                  exclude_history: bool = False) -> np.ndarray:
+    """-> (n,) rank of each example's target among all items (1 = best, ties against)."""
+    if getattr(model, "default_decoder", "exact") != "exact":  # no full-catalog scores (beam search)
+        return decoder_ranks(model, make_decoder(model.default_decoder, model), examples,
+                             max_history=max_history, batch_size=batch_size, exclude_history=exclude_history)
+    was_training = model.training
+    model.eval()
+    ranks = np.zeros(len(examples), dtype=np.int64)
+    # similar lengths together: less padding in the LM's forward pass
+    order = sorted(range(len(examples)), key=lambda i: min(len(examples[i].history), max_history))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        hist = [examples[i].history[-max_history:] for i in idx]
+        scores = model.scores(hist)  # (B, I)
+        if exclude_history:
+            scores = mask_items(scores, [examples[i].history for i in idx])
+        targets = torch.as_tensor([examples[i].target for i in idx], device=scores.device)
+        ranks[idx] = target_ranks(scores, targets).cpu().numpy()
+    model.train(was_training)
+    return ranks
+
+
+def evaluate(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
+             exclude_history: bool = False) -> dict:
+    if getattr(model, "default_decoder", "exact") != "exact":
+        return evaluate_decoder(model, make_decoder(model.default_decoder, model), examples,
+                                max_history=max_history, batch_size=batch_size, exclude_history=exclude_history)
+    t0 = time.perf_counter()
+    ranks = rank_examples(model, examples, max_history=max_history, batch_size=batch_size,
+                          exclude_history=exclude_history)
+    out = ranking_metrics(ranks)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A fixed subset (same every evaluation) for validation during training."""
+    if n is None or n >= len(examples):
+        return examples
+    idx = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
+    return [examples[i] for i in idx]
+
+
+@torch.inference_mode()
+def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, max_history: int,
+                     batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100) -> dict:
+    """Metrics for decoders that return a top-k list only (structure, ANN, beam search): a target
+    outside the top ``cutoff`` gets rank cutoff + 1, so Recall/NDCG at K <= 20 are exact and MRR
+    is MRR@cutoff, to which such a target adds 0 (``mrr_cutoff`` in the result; a decoder's own ``cutoff`` attribute,
+    e.g. beam search's, lowers it)."""
+    t0 = time.perf_counter()
+    k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
+    ranks = decoder_ranks(model, decoder, examples, max_history=max_history, batch_size=batch_size,
+                          exclude_history=exclude_history, cutoff=k)
+    out = ranking_metrics(ranks, mrr_cutoff=k)  # rank k + 1 means "not in the top k"
+    out["mrr_cutoff"] = k
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+@torch.inference_mode()
+def decoder_ranks(model: Recommender, decoder, examples: list[Example], *, max_history: int,
+                  batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100) -> np.ndarray:
+    """-> (n,) rank of each target in the decoder's top-k (k = cutoff); cutoff + 1 outside it."""
+    was_training = model.training
+    model.eval()
+    k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
+    ranks = np.full(len(examples), k + 1, dtype=np.int64)
+    order = sorted(range(len(examples)), key=lambda i: min(len(examples[i].history), max_history))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        hist = [examples[i].history[-max_history:] for i in idx]
+        query = model.encode(model.to_device(model.query_batch(hist)))
+        _, top = decoder.topk(query, k, exclude=[examples[i].history for i in idx] if exclude_history else None)
+        top = top.cpu().numpy()
+        for row, i in enumerate(idx):
+            hit = np.flatnonzero(top[row] == examples[i].target)
+            if hit.size:
+                ranks[i] = hit[0] + 1
+    model.train(was_training)
+    return ranks

@@ -1,0 +1,213 @@
+"""ItemLM: a Hugging Face causal LM in which every catalog item is ONE token (method.md 2-4).
+
+Input side: item index -> item table (I, d_item) -> feed-forward projection -> (H,), spliced
+into ``inputs_embeds`` at item slots. Output side: the hidden state before a slot scores text
+tokens and items together through a head (heads/softmax.py). One forward pass gives the top-k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from itemgen.core.config import Config, ItemLMConfig
+from itemgen.data.dataset import ItemTable
+from itemgen.data.prompts import PromptBuilder, collate
+from itemgen.heads.clusters import Clusters, resolve_clusters
+from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead
+from itemgen.models.backbones import cache_kwargs, load_backbone
+from itemgen.models.item_encoder import ItemEncoder, add_lora
+from itemgen.models.recommender import Recommender
+
+
+class ItemLM(Recommender):
+    name = "itemlm"
+
+    def __init__(self, backbone, tokenizer, items: ItemTable, cfg: ItemLMConfig, clusters=None):
+        super().__init__()
+        self.cfg = cfg
+        self.n_items = len(items)
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        H = backbone.config.hidden_size
+        # item input vectors: ID table and/or an encoder of item text (item_encoder.py)
+        self.item_embed = nn.Embedding(self.n_items, cfg.item_dim) if cfg.item_encoder != "text" else None  # (I, d_item)
+        self.item_encoder = ItemEncoder(self.n_items, H, cfg.item_dim) if cfg.item_encoder != "none" else None
+        self.item_proj = nn.Sequential(nn.Linear(cfg.item_dim, H), nn.GELU(), nn.Linear(H, H))
+        text_weight = (lambda: self.backbone.get_output_embeddings().weight) if cfg.text_vocab_in_softmax else None
+        self.clusters = clusters  # clusters.Clusters, two_level only (saved as CKPT/clusters.json)
+        if cfg.head == "two_level":
+            if clusters is None:
+                raise ValueError("itemlm.head=two_level needs item clusters (clusters.py)")
+            self.head = TwoLevelHead(self.n_items, H, text_weight, clusters.check(self.n_items).assign)
+        elif cfg.head == "full":
+            self.head = FullSoftmaxHead(self.n_items, H, text_weight)
+        else:
+            raise ValueError(f"itemlm.head={cfg.head!r} is not available (available: full, two_level)")
+        self.prompts = PromptBuilder(tokenizer, items, cfg.fields, cfg.max_field_tokens, cfg.prompt)
+        self.pad_token = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if cfg.freeze_backbone:
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+        if cfg.lora_r > 0:
+            add_lora(self.backbone, cfg.lora_r)
+
+    @classmethod
+    def build(cls, cfg: Config, items: ItemTable, checkpoint_dir=None) -> "ItemLM":
+        if checkpoint_dir is None:
+            backbone, tokenizer = load_backbone(cfg.itemlm.backbone, n_layers=cfg.itemlm.n_layers)
+        else:  # architecture only; checkpoint.py loads every weight
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+            bdir = Path(checkpoint_dir) / "backbone"
+            bcfg = AutoConfig.from_pretrained(bdir)
+            backbone = AutoModelForCausalLM.from_config(bcfg)
+            tokenizer = AutoTokenizer.from_pretrained(bdir)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        clusters = None
+        if cfg.itemlm.head == "two_level":
+            clusters = resolve_clusters(cfg, len(items)) if checkpoint_dir is None else \
+                Clusters.load(Path(checkpoint_dir) / "clusters.json", len(items))
+        model = cls(backbone, tokenizer, items, cfg.itemlm, clusters)
+        if checkpoint_dir is None and model.item_encoder is not None:  # once; the checkpoint keeps them
+            model.item_encoder.fit_text(backbone, tokenizer, items.fields.get("title"))
+        return model
+
+    def save_architecture(self, directory: Path) -> None:
+        bdir = Path(directory) / "backbone"
+        self.backbone.config.save_pretrained(bdir)
+        self.tokenizer.save_pretrained(bdir)
+        if self.clusters is not None:
+            self.clusters.save(Path(directory) / "clusters.json")
+
+    # ---- forward -----------------------------------------------------------------------
+    @property
+    def decoder(self):
+        """The transformer without its LM head: we never want V-sized logits everywhere."""
+        return getattr(self.backbone, self.backbone.base_model_prefix)
+
+    def item_input(self, items: torch.Tensor) -> torch.Tensor:
+        """item indices (...) -> (..., d_item): ID vector, text-encoder vector, or their sum."""
+        vec = self.item_embed(items) if self.item_embed is not None else None
+        if self.item_encoder is not None:
+            vec = self.item_encoder(items) if vec is None else vec + self.item_encoder(items)
+        return vec
+
+    def embed(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """tokens, items (B, L) -> inputs_embeds (B, L, H)."""
+        text = self.backbone.get_input_embeddings()(tokens)  # (B, L, H)
+        is_item = items >= 0  # (B, L)
+        item = self.item_proj(self.item_input(items[is_item]))  # (N_slots, H): no MLP at text positions
+        return text.masked_scatter(is_item[..., None], item.to(text.dtype))
+
+    def hidden(self, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
+        """-> last hidden states (B, L, H)."""
+        out = self.decoder(inputs_embeds=self.embed(batch["tokens"], batch["items"]),
+                           attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                           use_cache=False, **kwargs)
+        return out.last_hidden_state
+
+    # ---- training ----------------------------------------------------------------------
+    def train_batch(self, seqs, rng):
+        c = self.cfg
+        enc = [self.prompts.training_example(s, rng, c.id_only_share, c.field_keep_prob, c.supervise) for s in seqs]
+        return collate(enc, self.pad_token, side="right")
+
+    def n_labels(self, seqs) -> int:
+        return sum(PromptBuilder.n_labels(len(s), self.cfg.supervise) for s in seqs)
+
+    def loss(self, batch):
+        h = self.hidden(batch)  # (B, L, H)
+        sel = batch["labels"] >= 0  # (B, L)
+        if self.sampled_loss is not None:  # loss.kind != full: sampled items only, text tokens left out
+            return self.sampled_loss(h[sel], batch["labels"][sel], self.head.item_vectors())
+        return self.head.loss(h[sel], batch["labels"][sel])  # only N label positions reach the head
+
+    # ---- inference ---------------------------------------------------------------------
+    def query_batch(self, histories):
+        return collate([self.prompts.inference_prompt(h) for h in histories], self.pad_token)
+
+    def encode(self, batch):
+        return self.hidden(batch)[:, -1]  # (B, H): left padding puts every query last
+
+    # ---- serving: reuse keys/values instead of recomputing them (serving/server.py, sessions.py) ----
+    def new_cache(self, like=None):
+        """An empty DynamicCache, or one holding ``like``'s keys/values expanded to ``like``'s
+        batch size (``like=(cache, B)``). Tensors are shared, never written in place: updates
+        concatenate and crop slices, so the source cache stays valid."""
+        from transformers import DynamicCache
+
+        if like is None:
+            return DynamicCache(config=self.backbone.config)
+        src, B = like
+        return DynamicCache([(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1))
+                             for layer in src.layers], config=self.backbone.config)
+
+    def extend(self, cache, tokens: torch.Tensor, items: torch.Tensor,
+               attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run positions tokens/items (B, S) on top of ``cache`` (which grows by S); attention_mask
+        (B, past + S), a 4D additive mask (B, 1, S, past + S), or None for no padding; position_ids
+        (B, S) default to past, past + 1, ... -> hidden states (B, S, H)."""
+        past = cache.get_seq_length()
+        B, S = tokens.shape
+        pos = position_ids if position_ids is not None else \
+            torch.arange(past, past + S, device=tokens.device)[None].expand(B, S)
+        out = self.decoder(inputs_embeds=self.embed(tokens, items), attention_mask=attention_mask,
+                           position_ids=pos, use_cache=True, **cache_kwargs(self.decoder, cache))
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def prefix_cache(self):
+        """Keys/values (1 row) of the constant prompt prefix every inference prompt starts with.
+        Compute once per loaded model (stale if the weights change) and pass to encode_cached."""
+        cache = self.new_cache()
+        p = torch.as_tensor(self.prompts.prefix, dtype=torch.long, device=self.device)[None]  # (1, P)
+        if p.shape[1]:
+            self.extend(cache, p, torch.full_like(p, -1))
+        return cache
+
+    @torch.inference_mode()
+    def encode_cached(self, histories: list[np.ndarray], prefix, pack_tokens: int = 1024) -> torch.Tensor:
+        """= encode(query_batch(histories)), but the prompt prefix comes from ``prefix``
+        (prefix_cache()) instead of being recomputed for every row, and rows are packed into one
+        sequence without padding (up to ``pack_tokens`` tokens per forward pass): a row's tokens
+        see the prefix and their own row only, at the positions they would have alone -> (B, H)."""
+        P = prefix.get_seq_length()
+        if P == 0:
+            return self.encode(self.to_device(self.query_batch(histories)))
+        enc = [self.prompts.inference_prompt(h) for h in histories]
+        out, start, total = [], 0, 0
+        for b, e in enumerate(enc):  # greedy packs of consecutive rows
+            total += len(e) - P
+            if b + 1 == len(enc) or total + len(enc[b + 1]) - P > pack_tokens:
+                out.append(self._encode_pack(enc[start:b + 1], prefix))
+                start, total = b + 1, 0
+        return torch.cat(out)  # (B, H)
+
+    def _encode_pack(self, enc, prefix) -> torch.Tensor:
+        P = prefix.get_seq_length()
+        n = torch.tensor([len(e) - P for e in enc])  # (B,) tokens after the prefix per row
+        tokens = torch.from_numpy(np.concatenate([e.tokens[P:] for e in enc]))  # (T,)
+        items = torch.from_numpy(np.concatenate([e.items[P:] for e in enc]))  # (T,)
+        tokens = torch.where(tokens >= 0, tokens, self.pad_token)
+        row = torch.repeat_interleave(torch.arange(len(enc)), n)  # (T,) which row each token is in
+        pos = P + torch.arange(len(row)) - torch.repeat_interleave(n.cumsum(0) - n, n)  # (T,)
+        see = (row[:, None] == row[None, :]) & (pos[:, None] >= pos[None, :])  # (T, T) own row, causal
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        mask = torch.zeros((1, 1, len(row), P + len(row)), dtype=dtype)  # additive; the prefix is visible
+        mask[0, 0, :, P:].masked_fill_(~see, torch.finfo(dtype).min)
+        dev = self.device
+        h = self.extend(self.new_cache((prefix, 1)), tokens[None].to(dev), items[None].to(dev), mask.to(dev),
+                        pos[None].to(dev))  # (1, T, H)
+        return h[0, (n.cumsum(0) - 1).to(dev)]  # (B, H): each row's last token
+
+    def score_items(self, query):
+        return self.head.item_log_probs(query)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(I, H) output vectors, for exact and ANN top-k."""
+        return self.head.item_vectors()

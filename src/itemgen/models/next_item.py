@@ -1,0 +1,62 @@
+"""What SASRec and GRU4Rec share: item ids in, every position predicts the next item, scores
+tied to the item embedding table. Subclasses define ``hidden`` (the sequence encoder) only."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from itemgen.models.recommender import Recommender
+
+
+class NextItemRecommender(Recommender):
+    def _item_table(self, n_items: int, d: int) -> None:
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)  # index 0 = padding, item i -> i + 1
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L) shifted ids, right-padded -> (B, L, d); position p must see only <= p."""
+        raise NotImplementedError
+
+    def _pad(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad (shifted) item ids: a causal encoder never lets real positions see padding."""
+        L = max(len(s) for s in seqs)
+        x = torch.zeros((len(seqs), L), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            x[b, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64) + 1)
+        return x, torch.as_tensor([len(s) for s in seqs])
+
+    def train_batch(self, seqs, rng):
+        seqs = [np.asarray(s)[-(self.max_len + 1):] for s in seqs]
+        x, _ = self._pad([s[:-1] for s in seqs])
+        y, _ = self._pad([s[1:] for s in seqs])
+        return {"x": x, "y": y - 1}  # y: item index, -1 at padding
+
+    def n_labels(self, seqs) -> int:
+        return sum(min(len(s), self.max_len + 1) - 1 for s in seqs)
+
+    def loss(self, batch):
+        h = self.hidden(batch["x"])  # (B, L, d)
+        sel = batch["y"] >= 0
+        if self.sampled_loss is not None:  # loss.kind != full (losses.py)
+            return self.sampled_loss(h[sel], batch["y"][sel], self.item_vectors())
+        logits = h[sel] @ self.item_vectors().T  # (N, I), label positions only
+        return F.cross_entropy(logits.float(), batch["y"][sel], reduction="sum")
+
+    def query_batch(self, histories):
+        x, lengths = self._pad([np.asarray(h)[-self.max_len:] for h in histories])
+        return {"x": x, "lengths": lengths}
+
+    def encode(self, batch):
+        h = self.hidden(batch["x"])  # (B, L, d)
+        return h[torch.arange(h.shape[0], device=h.device), batch["lengths"] - 1]  # (B, d)
+
+    def score_items(self, query):
+        return query @ self.item_vectors().T  # (B, I)
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_emb.weight[1:]

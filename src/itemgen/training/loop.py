@@ -1,0 +1,220 @@
+"""One training loop for every recommender, on Hugging Face Accelerate: the same code runs on
+one CPU, one GPU, or several processes under ``accelerate launch``.
+
+Batches are planned globally and deterministically from (seed, epoch): every process builds the
+same plan and takes its shard, and the loss is the sum over the shard divided by the GLOBAL
+label count (times the world size, which DDP's gradient averaging undoes), so N processes take
+exactly the optimizer step one process would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from itemgen.core.config import Config
+from itemgen.data.dataset import SequenceDataset, training_sequences
+from itemgen.data.load import load_dataset
+from itemgen.evaluation.evaluate import rank_examples, subsample
+from itemgen.evaluation.metrics import ranking_metrics
+from itemgen.models.checkpoint import load_trainer_state, save_checkpoint
+from itemgen.models.recommender import Recommender
+from itemgen.models.registry import build_model
+from itemgen.training.losses import attach_loss, item_counts
+
+BUCKET = 50  # batches per length-sorting window: similar lengths together, still shuffled
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    best: Path
+    step: int
+    best_valid: dict
+    train_seconds: float
+    stopped: str  # max_steps | early_stopping | time_limit | paused
+
+
+def plan_epoch(seqs: list[np.ndarray], batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Deterministic batches of indices into seqs: shuffle, sort by length within windows of
+    BUCKET batches (less padding), then shuffle the batches."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(seqs))
+    batches = []
+    window = batch_size * BUCKET
+    for start in range(0, len(perm), window):
+        chunk = perm[start:start + window]
+        chunk = chunk[np.argsort([len(seqs[i]) for i in chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+def make_optimizer(model: Recommender, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embedding tables; optional backbone lr."""
+    t = cfg.train
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "norm" in name.lower() or "emb" in name.lower()
+        is_backbone = name.startswith("backbone.")
+        groups.setdefault((no_decay, is_backbone), []).append(p)
+    params = [{"params": ps, "weight_decay": 0.0 if nd else t.weight_decay,
+               "lr": (t.backbone_lr or t.lr) if bb else t.lr} for (nd, bb), ps in groups.items()]
+    # fused: one kernel over all parameters (CPU and CUDA); the default on CPU is a Python loop
+    return torch.optim.AdamW(params, lr=t.lr, fused=True)
+
+
+def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None = None) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    t = cfg.train
+    mp = t.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(mixed_precision=mp)
+    set_seed(t.seed)
+    ds = dataset if dataset is not None else load_dataset(cfg)
+    out = Path(t.out)
+    best_dir, last_dir = out / "best", out / "last"
+    model = build_model(cfg, ds.items)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps))
+
+    step, best_score, bad_evals, best_valid, elapsed = 0, -1.0, 0, {}, 0.0
+    if resume:
+        if not (last_dir / "trainer" / "state.json").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint to resume in {last_dir}")
+        from safetensors.torch import load_model
+
+        load_model(model, str(last_dir / "model.safetensors"), strict=False)
+        state = load_trainer_state(last_dir, optimizer)
+        step, best_score, bad_evals = state["step"], state["best_score"], state["bad_evals"]
+        best_valid, elapsed = state.get("best_valid", {}), state.get("train_seconds", 0.0)
+        scheduler.load_state_dict(state["scheduler"])
+
+    model, optimizer = acc.prepare(model, optimizer)
+    core: Recommender = acc.unwrap_model(model)
+    seqs = training_sequences(ds, cfg.data.max_history)
+    if not seqs:
+        raise ValueError("no training sequences with at least 2 items")
+    if cfg.loss.kind != "full":  # sampled losses; the popularity proposal counts the training split
+        attach_loss(core, cfg.loss, item_counts(ds.split.train, ds.n_items))
+    valid = subsample(ds.split.valid, t.eval_users, t.seed)
+    world, rank = acc.num_processes, acc.process_index
+    batches_per_epoch = math.ceil(len(seqs) / t.batch_size)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.to_json() + "\n")
+    n_params = sum(p.numel() for p in core.parameters())
+    n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    log_path = out / "log.jsonl"
+
+    def log(record: dict) -> None:
+        if acc.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def validate() -> dict:
+        shard = valid[rank::world]
+        ranks = rank_examples(core, shard, max_history=cfg.data.max_history, batch_size=t.eval_batch_size)
+        all_ranks = gather_object(list(ranks)) if world > 1 else list(ranks)
+        return ranking_metrics(all_ranks)
+
+    def checkpoint(directory: Path, metrics: dict, with_trainer: bool) -> None:
+        if not acc.is_main_process:
+            return
+        state = None
+        if with_trainer:
+            state = {"step": step, "best_score": best_score, "bad_evals": bad_evals, "best_valid": best_valid,
+                     "train_seconds": elapsed + (time.perf_counter() - t0), "scheduler": scheduler.state_dict()}
+        save_checkpoint(directory, core, cfg, ds.items, dataset=ds.manifest(), trainer_state=state,
+                        optimizer=optimizer if with_trainer else None,
+                        metrics={**metrics, "step": step, "params": n_params, "trainable_params": n_train})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and acc.is_main_process),
+               desc=f"train {cfg.model}", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    stopped, seen, loss_ema = "max_steps", 0, None
+    model.train()
+    plan, plan_epoch_no = None, -1
+    while step < t.max_steps:
+        epoch, pos = divmod(step, batches_per_epoch)
+        if epoch != plan_epoch_no:
+            plan, plan_epoch_no = plan_epoch(seqs, t.batch_size, t.seed, epoch), epoch
+        batch_idx = plan[pos]
+        global_seqs = [seqs[i] for i in batch_idx]
+        shard = global_seqs[rank::world]
+        n_global = core.n_labels(global_seqs)
+        rng = np.random.default_rng([t.seed, step, rank])
+        batch = core.to_device(core.train_batch(shard, rng)) if shard else None
+        if batch is None:  # an uneven last batch can leave a process without examples
+            raise ValueError(f"batch of {len(global_seqs)} examples cannot be split over {world} processes")
+        with acc.autocast():
+            loss_sum = model(batch)
+        loss = loss_sum * (world / max(n_global, 1))
+        lv = loss.item() / world
+        acc.backward(loss)
+        # the norm of the all-reduced gradients is the same on every process, so all of them stop
+        # together (a process raising on its own loss would leave the others waiting forever);
+        # max_norm=inf measures without clipping
+        norm = float(acc.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+        if not math.isfinite(norm):  # stop before the optimizer writes NaN into every weight
+            raise FloatingPointError(
+                f"non-finite gradients at step {step + 1} (loss {lv}, mixed_precision={mp}); the checkpoints "
+                f"written so far are intact: lower train.lr, or set train.mixed_precision=no")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seen += len(global_seqs)
+        loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
+        rate = seen / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(loss=f"{loss_ema:.4f}", ex_s=f"{rate:.1f}")
+        bar.update(1)
+        out_of_time = t.max_minutes is not None and (elapsed + time.perf_counter() - t0) > 60 * t.max_minutes
+        paused = t.stop_at is not None and step >= t.stop_at
+        if step % t.eval_every == 0 or step == t.max_steps or out_of_time or paused:
+            metrics = validate()
+            log({"step": step, "loss": loss_ema, "valid": metrics, "seconds": elapsed + time.perf_counter() - t0})
+            score = metrics["ndcg@10"]
+            if score > best_score:
+                best_score, best_valid, bad_evals = score, metrics, 0
+                checkpoint(best_dir, {"valid": metrics}, with_trainer=False)
+            else:
+                bad_evals += 1
+            checkpoint(last_dir, {"valid": metrics}, with_trainer=True)
+            if acc.is_main_process:
+                bar.write(f"step {step}: loss {loss_ema:.4f}  valid ndcg@10 {score:.4f}  recall@10 "
+                          f"{metrics['recall@10']:.4f}  (best {best_score:.4f})")
+            if bad_evals >= t.patience:
+                stopped = "early_stopping"
+                break
+            if out_of_time:
+                stopped = "time_limit"
+                break
+            if paused:
+                stopped = "paused"
+                break
+    bar.close()
+    acc.wait_for_everyone()
+    total = elapsed + time.perf_counter() - t0
+    return TrainResult(out, best_dir, step, best_valid, total, stopped)
