@@ -61,7 +61,11 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint directory")
         fail(f"--split must be test or valid, not {split!r}")
     report = _guard(evaluate_checkpoint, checkpoint, split=split, decode=decode, data=data,
                     exclude_history=exclude_history, batch_size=batch_size, out=out, device=device)
-    console.print(metrics_table({report["model"]: report["metrics"]}, f"{split} ({report['dataset']})"))
+    m = report["metrics"]
+    console.print(metrics_table({report["model"]: m}, f"{split} ({report['dataset']})"))
+    if m.get("collapsed"):
+        console.print(f"[bold red]collapsed:[/] {m['top1_share']:.0%} of users get the same top-1 item "
+                      f"and {m['distinct_top10']} distinct items fill all top-10 lists: the model ignores histories and recommends by popularity")
     console.print(f"report: {report['path']}")
 
 

@@ -32,9 +32,10 @@ def _guard(fn, *args, **kwargs):
 def metrics_table(rows: dict[str, dict], title: str) -> Table:
     table = Table(title=title)
     table.add_column("model")
-    cols = ["recall@1", "recall@10", "ndcg@10", "mrr", "users"]
+    cols = ["recall@1", "recall@10", "ndcg@10", "mrr", "users", "top1_share", "distinct_top10"]
     for c in cols:
         table.add_column(c, justify="right")
     for name, m in rows.items():
-        table.add_row(name, *[f"{m[c]:.4f}" if isinstance(m[c], float) else str(m[c]) for c in cols])
+        table.add_row(name + (" (COLLAPSED)" if m.get("collapsed") else ""),
+                      *[f"{m[c]:.4f}" if isinstance(m.get(c), float) else str(m.get(c, "-")) for c in cols])
     return table

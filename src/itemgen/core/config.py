@@ -33,6 +33,7 @@ class DataConfig:
 class ItemLMConfig:
     backbone: str = "tiny"  # tiny | smollm2-135m | local HF folder | hub id
     n_layers: int | None = None  # keep only the first N transformer layers (CPU profile)
+    pretrained: bool = True  # false: the backbone's architecture with random weights (does pretraining help?)
     item_dim: int = 64  # item embedding table width, independent of the backbone's
     fields: tuple[str, ...] = ("title", "brand", "price", "category")  # used when present
     id_only_share: float = 0.25  # share of training examples that keep item ids only
@@ -48,6 +49,16 @@ class ItemLMConfig:
     freeze_backbone: bool = False  # only item table, item encoder, projection and head train
     item_encoder: str = "none"  # none | text | text+id: item input vectors from title features (item_encoder.py)
     lora_r: int = 0  # > 0: LoRA adapters of this rank on the frozen backbone (needs freeze_backbone)
+    # item vectors at the start of training (item_init.py): random | text (the backbone's states of
+    # each title) | ials (implicit ALS factors of the training split) | sasrec (a trained SASRec's
+    # item embeddings, E4SRec style: set init_from to its checkpoint)
+    init: str = "random"
+    init_from: str = ""  # init=sasrec: the SASRec checkpoint directory
+    freeze_text_embeddings: bool = False  # the backbone's token table stays as pretrained (ID-only prompts barely use it)
+    freeze_items: bool = False  # the ID table stays as initialised (E4SRec freezes its SASRec embeddings)
+    tie_items: bool = False  # output vector of an item = its projected input vector (SASRec ties them too)
+    item_dropout: float = 0.0  # dropout on projected item vectors at the input (training only)
+    hidden_dropout: float = 0.0  # dropout on hidden states at label positions, before the head
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,10 @@ class SASRecConfig:
     n_layers: int = 2
     n_heads: int = 2
     dropout: float = 0.2
+    ffn: int | None = None  # feed-forward width (None: = hidden, as before; RecBole uses 256 with hidden 64)
+    # pre_ln: scaled embeddings, pre-norm blocks, final norm (Kang & McAuley's code) | post_ln:
+    # embeddings + positions layer-normed, post-norm blocks (RecBole, BERT)
+    layout: str = "pre_ln"
 
 
 @dataclass(frozen=True)
@@ -119,10 +134,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 50
     max_steps: int = 1000
+    max_epochs: float | None = None  # also stop after this many passes over the training users (first one wins)
+    lr_schedule: str = "cosine"  # cosine: decay to 0 at the step budget | constant: flat after warmup (epochs + patience)
     max_minutes: float | None = None  # stop (and keep the best checkpoint) after this long
     stop_at: int | None = None  # pause after this step (schedule unchanged); continue with --resume
     grad_clip: float = 1.0
     eval_every: int = 200  # steps between validations (and checkpoints)
+    eval_every_epochs: float | None = None  # validate every this many epochs instead (overrides eval_every)
     eval_users: int | None = 2000  # validation users per evaluation (None: all), fixed subset
     patience: int = 5  # evaluations without NDCG@10 improvement before stopping
     eval_batch_size: int = 128
@@ -296,6 +314,9 @@ def validate(cfg: Config) -> None:
         (t.lr > 0, "train.lr must be > 0"),
         (t.max_steps >= 1, "train.max_steps must be >= 1"),
         (t.eval_every >= 1, "train.eval_every must be >= 1"),
+        (t.max_epochs is None or t.max_epochs > 0, "train.max_epochs must be > 0"),
+        (t.eval_every_epochs is None or t.eval_every_epochs > 0, "train.eval_every_epochs must be > 0"),
+        (t.lr_schedule in ("cosine", "constant"), "train.lr_schedule: cosine|constant"),
         (t.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision: auto|no|bf16|fp16"),
         (0.0 <= m.id_only_share <= 1.0, "itemlm.id_only_share must be in [0, 1]"),
         (0.0 <= m.field_keep_prob <= 1.0, "itemlm.field_keep_prob must be in [0, 1]"),
@@ -308,8 +329,15 @@ def validate(cfg: Config) -> None:
         (m.n_clusters is None or m.n_clusters >= 1, "itemlm.n_clusters must be >= 1"),
         (m.item_encoder in ("none", "text", "text+id"), "itemlm.item_encoder: none|text|text+id"),
         (m.lora_r >= 0, "itemlm.lora_r must be >= 0"),
+        (m.init in ("random", "text", "ials", "sasrec"), "itemlm.init: random|text|ials|sasrec"),
+        (m.init != "sasrec" or bool(m.init_from), "itemlm.init=sasrec needs itemlm.init_from=SASREC_CHECKPOINT"),
+        (not m.tie_items or m.head == "full", "itemlm.tie_items needs itemlm.head=full"),
+        (not m.tie_items or m.item_encoder == "none", "itemlm.tie_items needs itemlm.item_encoder=none"),
+        (0.0 <= m.item_dropout < 1.0 and 0.0 <= m.hidden_dropout < 1.0,
+         "itemlm.item_dropout and itemlm.hidden_dropout must be in [0, 1)"),
         (m.lora_r == 0 or m.freeze_backbone, "itemlm.lora_r > 0 needs itemlm.freeze_backbone=true "
                                              "(LoRA trains adapters on a frozen backbone)"),
+        (cfg.sasrec.layout in ("pre_ln", "post_ln"), "sasrec.layout: pre_ln|post_ln"),
         (cfg.sasrec.hidden % cfg.sasrec.n_heads == 0, "sasrec.hidden must be divisible by sasrec.n_heads"),
         (cfg.title.prompt in ("default", "compact"), "title.prompt: default|compact"),
         (cfg.title.max_title_tokens >= 1, "title.max_title_tokens must be >= 1"),

@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from itemgen.data.dataset import Example
-from itemgen.evaluation.metrics import ranking_metrics, target_ranks
+from itemgen.evaluation.metrics import diversity, ranking_metrics, target_ranks
 from itemgen.models.recommender import Recommender
 from itemgen.topk.exact import mask_items
 from itemgen.topk.factory import make_decoder
+
+TOP = 10  # top-k lists kept per user for the collapse check (metrics.diversity)
 
 
 @torch.inference_mode()
@@ -22,9 +24,19 @@ def rank_examples(model: Recommender, examples: list[Example], *, max_history: i
     if getattr(model, "default_decoder", "exact") != "exact":  # no full-catalog scores (beam search)
         return decoder_ranks(model, make_decoder(model.default_decoder, model), examples,
                              max_history=max_history, batch_size=batch_size, exclude_history=exclude_history)
+    return rank_and_top(model, examples, max_history=max_history, batch_size=batch_size,
+                        exclude_history=exclude_history, k=0)[0]
+
+
+@torch.inference_mode()
+def rank_and_top(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
+                 exclude_history: bool = False, k: int = TOP) -> tuple[np.ndarray, np.ndarray]:
+    """-> ranks (n,) as rank_examples, and each example's top-k items (n, k), best first."""
     was_training = model.training
     model.eval()
+    k = min(k, model.n_items)
     ranks = np.zeros(len(examples), dtype=np.int64)
+    top = np.zeros((len(examples), k), dtype=np.int64)
     # similar lengths together: less padding in the LM's forward pass
     order = sorted(range(len(examples)), key=lambda i: min(len(examples[i].history), max_history))
     for start in range(0, len(order), batch_size):
@@ -35,8 +47,10 @@ def rank_examples(model: Recommender, examples: list[Example], *, max_history: i
             scores = mask_items(scores, [examples[i].history for i in idx])
         targets = torch.as_tensor([examples[i].target for i in idx], device=scores.device)
         ranks[idx] = target_ranks(scores, targets).cpu().numpy()
+        if k:
+            top[idx] = scores.topk(k, dim=1).indices.cpu().numpy()
     model.train(was_training)
-    return ranks
+    return ranks, top
 
 
 def evaluate(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
@@ -45,9 +59,9 @@ def evaluate(model: Recommender, examples: list[Example], *, max_history: int, b
         return evaluate_decoder(model, make_decoder(model.default_decoder, model), examples,
                                 max_history=max_history, batch_size=batch_size, exclude_history=exclude_history)
     t0 = time.perf_counter()
-    ranks = rank_examples(model, examples, max_history=max_history, batch_size=batch_size,
-                          exclude_history=exclude_history)
-    out = ranking_metrics(ranks)
+    ranks, top = rank_and_top(model, examples, max_history=max_history, batch_size=batch_size,
+                              exclude_history=exclude_history)
+    out = {**ranking_metrics(ranks), **diversity(top)}
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 
@@ -69,9 +83,10 @@ def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, ma
     e.g. beam search's, lowers it)."""
     t0 = time.perf_counter()
     k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
+    top = np.zeros((len(examples), min(TOP, k)), dtype=np.int64)
     ranks = decoder_ranks(model, decoder, examples, max_history=max_history, batch_size=batch_size,
-                          exclude_history=exclude_history, cutoff=k)
-    out = ranking_metrics(ranks, mrr_cutoff=k)  # rank k + 1 means "not in the top k"
+                          exclude_history=exclude_history, cutoff=k, top_out=top)
+    out = {**ranking_metrics(ranks, mrr_cutoff=k), **diversity(top)}  # rank k + 1: not in the top k
     out["mrr_cutoff"] = k
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
@@ -79,8 +94,10 @@ def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, ma
 
 @torch.inference_mode()
 def decoder_ranks(model: Recommender, decoder, examples: list[Example], *, max_history: int,
-                  batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100) -> np.ndarray:
-    """-> (n,) rank of each target in the decoder's top-k (k = cutoff); cutoff + 1 outside it."""
+                  batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100,
+                  top_out: np.ndarray | None = None) -> np.ndarray:
+    """-> (n,) rank of each target in the decoder's top-k (k = cutoff); cutoff + 1 outside it.
+    ``top_out`` (n, k'), if given, receives each example's first k' items."""
     was_training = model.training
     model.eval()
     k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
@@ -92,6 +109,8 @@ def decoder_ranks(model: Recommender, decoder, examples: list[Example], *, max_h
         query = model.encode(model.to_device(model.query_batch(hist)))
         _, top = decoder.topk(query, k, exclude=[examples[i].history for i in idx] if exclude_history else None)
         top = top.cpu().numpy()
+        if top_out is not None:
+            top_out[idx] = top[:, :top_out.shape[1]]
         for row, i in enumerate(idx):
             hit = np.flatnonzero(top[row] == examples[i].target)
             if hit.size:

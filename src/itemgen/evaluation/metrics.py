@@ -29,7 +29,24 @@ def ranking_metrics(ranks, mrr_cutoff: int | None = None) -> dict[str, float]:
     out = {f"recall@{k}": float(np.mean(r <= k)) for k in RECALL_KS}
     gain = 1.0 / np.log2(r + 1.0)
     out.update({f"ndcg@{k}": float(np.mean(np.where(r <= k, gain, 0.0))) for k in NDCG_KS})
+    # standard error of the NDCG@10 estimate: how far apart two checkpoints must be to tell them apart
+    out["ndcg@10_se"] = float(np.std(np.where(r <= 10, gain, 0.0)) / np.sqrt(r.size))
     rr = 1.0 / r if mrr_cutoff is None else np.where(r <= mrr_cutoff, 1.0 / r, 0.0)
     out["mrr"] = float(np.mean(rr))
     out["users"] = int(r.size)
     return out
+
+
+COLLAPSE_SHARE = 0.2  # a model giving one item as top-1 to more users than this is collapsed
+
+
+def diversity(top: np.ndarray) -> dict:
+    """top (n, k) each user's top-k item indices, best first -> the share of users receiving the
+    most common top-1 item, the number of distinct items over all top-k lists, and whether the
+    model is collapsed (a popularity predictor that ignores the history)."""
+    top = np.asarray(top)
+    if top.ndim != 2 or top.shape[0] == 0 or top.shape[1] == 0:
+        raise ValueError("diversity needs a non-empty (users, k) array of top-k items")
+    share = float(np.bincount(top[:, 0]).max() / top.shape[0])
+    return {"top1_share": share, f"distinct_top{top.shape[1]}": int(np.unique(top).size),
+            "collapsed": share > COLLAPSE_SHARE}

@@ -150,12 +150,14 @@ def als_item_factors(ds: SequenceDataset, factors: int = 64, iterations: int = 1
     user_items = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)),
                                shape=(len(train), ds.n_items))
     user_items.sum_duplicates()
-    model = AlternatingLeastSquares(factors=factors, iterations=iterations, regularization=regularization,
-                                    random_state=seed, num_threads=1)
     from threadpoolctl import threadpool_limits  # the ann extra (comes with implicit)
+
+    import warnings
 
     with threadpool_limits(1, "blas"), warnings.catch_warnings():  # implicit runs its own threads
         warnings.filterwarnings("ignore", message="OpenBLAS is configured", category=RuntimeWarning)
+        model = AlternatingLeastSquares(factors=factors, iterations=iterations, regularization=regularization,
+                                        random_state=seed, num_threads=1)
         model.fit(user_items, show_progress=False)
     f = np.asarray(model.item_factors, dtype=np.float32)
     return f

@@ -17,21 +17,25 @@ class FullSoftmaxHead(nn.Module):
     """P(t | h) = softmax over V u I of h . w_t. Items have their own output vectors (I, H);
     text tokens use the backbone's output embedding (V, H)."""
 
-    def __init__(self, n_items: int, hidden: int, text_weight: Callable[[], torch.Tensor] | None):
+    def __init__(self, n_items: int, hidden: int, text_weight: Callable[[], torch.Tensor] | None,
+                 item_weight: Callable[[], torch.Tensor] | None = None):
         super().__init__()
-        self.item_out = nn.Parameter(torch.randn(n_items, hidden) * 0.02)  # (I, H)
+        self._n_items = n_items
+        # item_weight: output vectors computed elsewhere (tied to the input side), else our own (I, H)
+        self._item_weight = item_weight
+        self.item_out = nn.Parameter(torch.randn(n_items, hidden) * 0.02) if item_weight is None else None
         self._text_weight = text_weight  # None: normalise over items only
 
     @property
     def n_items(self) -> int:
-        return self.item_out.shape[0]
+        return self._n_items
 
     def item_vectors(self) -> torch.Tensor:
-        return self.item_out
+        return self.item_out if self._item_weight is None else self._item_weight()  # (I, H)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (N, H) -> (N, V + I) logits, text tokens first."""
-        item = h @ self.item_out.T  # (N, I)
+        item = h @ self.item_vectors().T  # (N, I)
         if self._text_weight is None:
             return item
         text = h @ self._text_weight().T  # (N, V)

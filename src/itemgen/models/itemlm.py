@@ -37,6 +37,9 @@ class ItemLM(Recommender):
         self.item_embed = nn.Embedding(self.n_items, cfg.item_dim) if cfg.item_encoder != "text" else None  # (I, d_item)
         self.item_encoder = ItemEncoder(self.n_items, H, cfg.item_dim) if cfg.item_encoder != "none" else None
         self.item_proj = nn.Sequential(nn.Linear(cfg.item_dim, H), nn.GELU(), nn.Linear(H, H))
+        self.item_drop = nn.Dropout(cfg.item_dropout)
+        self.hidden_drop = nn.Dropout(cfg.hidden_dropout)
+        self.tied_scale = nn.Parameter(torch.tensor(0.1)) if cfg.tie_items else None
         text_weight = (lambda: self.backbone.get_output_embeddings().weight) if cfg.text_vocab_in_softmax else None
         self.clusters = clusters  # clusters.Clusters, two_level only (saved as CKPT/clusters.json)
         if cfg.head == "two_level":
@@ -44,7 +47,8 @@ class ItemLM(Recommender):
                 raise ValueError("itemlm.head=two_level needs item clusters (clusters.py)")
             self.head = TwoLevelHead(self.n_items, H, text_weight, clusters.check(self.n_items).assign)
         elif cfg.head == "full":
-            self.head = FullSoftmaxHead(self.n_items, H, text_weight)
+            self.head = FullSoftmaxHead(self.n_items, H, text_weight,
+                                        item_weight=self.tied_item_vectors if cfg.tie_items else None)
         else:
             raise ValueError(f"itemlm.head={cfg.head!r} is not available (available: full, two_level)")
         self.prompts = PromptBuilder(tokenizer, items, cfg.fields, cfg.max_field_tokens, cfg.prompt)
@@ -52,6 +56,10 @@ class ItemLM(Recommender):
         if cfg.freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
+        if cfg.freeze_items and self.item_embed is not None:
+            self.item_embed.weight.requires_grad_(False)
+        if cfg.freeze_text_embeddings:  # also the tied LM head: no (V, H) gradient or optimizer state
+            self.backbone.get_input_embeddings().weight.requires_grad_(False)
         if cfg.lora_r > 0:
             add_lora(self.backbone, cfg.lora_r)
 
@@ -59,6 +67,11 @@ class ItemLM(Recommender):
     def build(cls, cfg: Config, items: ItemTable, checkpoint_dir=None) -> "ItemLM":
         if checkpoint_dir is None:
             backbone, tokenizer = load_backbone(cfg.itemlm.backbone, n_layers=cfg.itemlm.n_layers)
+            if not cfg.itemlm.pretrained:  # same shape, the architecture's own random initialisation
+                from transformers import AutoModelForCausalLM
+
+                torch.manual_seed(cfg.train.seed)
+                backbone = AutoModelForCausalLM.from_config(backbone.config).eval()
         else:  # architecture only; checkpoint.py loads every weight
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -97,11 +110,42 @@ class ItemLM(Recommender):
             vec = self.item_encoder(items) if vec is None else vec + self.item_encoder(items)
         return vec
 
+    def tied_item_vectors(self) -> torch.Tensor:
+        """(I, H) every item's projected input vector, times a learned scale: its output vector
+        when itemlm.tie_items. Input vectors are as long as token embeddings (|x| ~ 5) and the
+        final hidden states are RMS-normed (|h| ~ 40 on SmolLM2), so unscaled tied logits start
+        with a standard deviation of ~7.5 (a saturated softmax that barely learns, measured);
+        the scale starts at 0.1, the logit scale of the untied head's random start."""
+        return self.item_proj(self.item_embed.weight) * self.tied_scale
+
+    @torch.no_grad()
+    def init_item_vectors(self, vectors: torch.Tensor, out_vectors: torch.Tensor | None = None) -> None:
+        """Start from given item vectors instead of random ones (item_init.py): vectors (I, d_item)
+        fill the ID table, rescaled to the random table's scale (std 1), so the projection sees
+        inputs of the size it was built for. The output vectors (separate head) become the
+        projected inputs, or out_vectors (I, H), at the random head's scale (std 0.02): the same
+        logit scale as a random start, but with the given geometry."""
+        if self.item_embed is None:
+            raise ValueError("itemlm.init needs the ID table (itemlm.item_encoder=none or text+id)")
+        I, d = self.item_embed.weight.shape
+        if tuple(vectors.shape) != (I, d):
+            raise ValueError(f"item init vectors have shape {tuple(vectors.shape)}, the item table is ({I}, {d}): "
+                             f"set itemlm.item_dim={vectors.shape[1]}" if vectors.shape[0] == I else
+                             f"item init vectors cover {vectors.shape[0]} items, the catalog has {I}")
+        v = vectors.float()
+        v = v - v.mean(0)
+        v = v / v.std().clamp_min(1e-8)
+        self.item_embed.weight.copy_(v.to(self.item_embed.weight))
+        if getattr(self.head, "item_out", None) is not None:
+            out = self.item_proj(self.item_embed.weight) if out_vectors is None else out_vectors.float()
+            out = out - out.mean(0)
+            self.head.item_out.copy_((out * (0.02 / out.std().clamp_min(1e-8))).to(self.head.item_out))
+
     def embed(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """tokens, items (B, L) -> inputs_embeds (B, L, H)."""
         text = self.backbone.get_input_embeddings()(tokens)  # (B, L, H)
         is_item = items >= 0  # (B, L)
-        item = self.item_proj(self.item_input(items[is_item]))  # (N_slots, H): no MLP at text positions
+        item = self.item_drop(self.item_proj(self.item_input(items[is_item])))  # (N_slots, H): no MLP at text positions
         return text.masked_scatter(is_item[..., None], item.to(text.dtype))
 
     def hidden(self, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
@@ -123,9 +167,10 @@ class ItemLM(Recommender):
     def loss(self, batch):
         h = self.hidden(batch)  # (B, L, H)
         sel = batch["labels"] >= 0  # (B, L)
+        hs = self.hidden_drop(h[sel])  # (N, H): only N label positions reach the head
         if self.sampled_loss is not None:  # loss.kind != full: sampled items only, text tokens left out
-            return self.sampled_loss(h[sel], batch["labels"][sel], self.head.item_vectors())
-        return self.head.loss(h[sel], batch["labels"][sel])  # only N label positions reach the head
+            return self.sampled_loss(hs, batch["labels"][sel], self.head.item_vectors())
+        return self.head.loss(hs, batch["labels"][sel])
 
     # ---- inference ---------------------------------------------------------------------
     def query_batch(self, histories):

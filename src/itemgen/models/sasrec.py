@@ -20,16 +20,20 @@ class SASRec(NextItemRecommender):
         self._item_table(n_items, d)
         self.pos_emb = nn.Embedding(max_len, d)
         self.drop = nn.Dropout(cfg.dropout)
-        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, dim_feedforward=d, dropout=cfg.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        pre = cfg.layout == "pre_ln"
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, dim_feedforward=cfg.ffn or d, dropout=cfg.dropout,
+                                           activation="gelu", batch_first=True, norm_first=pre)
         self.blocks = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.LayerNorm(d)  # pre_ln: after the blocks; post_ln: on the input embeddings
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L) shifted ids -> (B, L, d)."""
         L = x.shape[1]
-        pos = torch.arange(L, device=x.device)
-        h = self.drop(self.item_emb(x) * (self.cfg.hidden ** 0.5) + self.pos_emb(pos)[None])
+        pos = self.pos_emb(torch.arange(L, device=x.device))[None]  # (1, L, d)
         causal = nn.Transformer.generate_square_subsequent_mask(L, device=x.device)
+        if self.cfg.layout == "post_ln":
+            h = self.drop(self.norm(self.item_emb(x) + pos))
+            return self.blocks(h, mask=causal, is_causal=True)
+        h = self.drop(self.item_emb(x) * (self.cfg.hidden ** 0.5) + pos)
         return self.norm(self.blocks(h, mask=causal, is_causal=True))

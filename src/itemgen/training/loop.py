@@ -26,6 +26,7 @@ from itemgen.evaluation.metrics import ranking_metrics
 from itemgen.models.checkpoint import load_trainer_state, save_checkpoint
 from itemgen.models.recommender import Recommender
 from itemgen.models.registry import build_model
+from itemgen.training.item_init import init_items
 from itemgen.training.losses import attach_loss, item_counts
 
 BUCKET = 50  # batches per length-sorting window: similar lengths together, still shuffled
@@ -39,6 +40,8 @@ class TrainResult:
     best_valid: dict
     train_seconds: float
     stopped: str  # max_steps | early_stopping | time_limit | paused
+    epochs: float = 0.0  # passes over the training sequences (steps / batches per epoch)
+    best_step: int = 0  # the step of the best validation (what best/ holds)
 
 
 def plan_epoch(seqs: list[np.ndarray], batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -55,13 +58,27 @@ def plan_epoch(seqs: list[np.ndarray], batch_size: int, seed: int, epoch: int) -
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def lr_lambda(warmup: int, total: int):
+def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(warmup, 1)
+        if schedule == "constant":
+            return 1.0
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return f
+
+
+def budget(t, batches_per_epoch: int) -> tuple[int, int]:
+    """-> (step budget, steps between validations): train.max_steps, or fewer when
+    train.max_epochs ends the run first; eval_every_epochs converted to steps."""
+    max_steps = t.max_steps
+    if t.max_epochs is not None:
+        max_steps = min(max_steps, max(1, math.ceil(t.max_epochs * batches_per_epoch)))
+    eval_every = t.eval_every
+    if t.eval_every_epochs is not None:
+        eval_every = max(1, round(t.eval_every_epochs * batches_per_epoch))
+    return max_steps, eval_every
 
 
 def make_optimizer(model: Recommender, cfg: Config) -> torch.optim.Optimizer:
@@ -94,10 +111,17 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
     out = Path(t.out)
     best_dir, last_dir = out / "best", out / "last"
     model = build_model(cfg, ds.items)
+    if not resume:
+        init_items(model, cfg, ds)
+    seqs = training_sequences(ds, cfg.data.max_history)
+    if not seqs:
+        raise ValueError("no training sequences with at least 2 items")
+    batches_per_epoch = math.ceil(len(seqs) / t.batch_size)
+    max_steps, eval_every = budget(t, batches_per_epoch)
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, max_steps, t.lr_schedule))
 
-    step, best_score, bad_evals, best_valid, elapsed = 0, -1.0, 0, {}, 0.0
+    step, best_score, bad_evals, best_valid, elapsed, best_step = 0, -1.0, 0, {}, 0.0, 0
     if resume:
         if not (last_dir / "trainer" / "state.json").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint to resume in {last_dir}")
@@ -107,18 +131,15 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         state = load_trainer_state(last_dir, optimizer)
         step, best_score, bad_evals = state["step"], state["best_score"], state["bad_evals"]
         best_valid, elapsed = state.get("best_valid", {}), state.get("train_seconds", 0.0)
+        best_step = state.get("best_step", 0)
         scheduler.load_state_dict(state["scheduler"])
 
     model, optimizer = acc.prepare(model, optimizer)
     core: Recommender = acc.unwrap_model(model)
-    seqs = training_sequences(ds, cfg.data.max_history)
-    if not seqs:
-        raise ValueError("no training sequences with at least 2 items")
     if cfg.loss.kind != "full":  # sampled losses; the popularity proposal counts the training split
         attach_loss(core, cfg.loss, item_counts(ds.split.train, ds.n_items))
     valid = subsample(ds.split.valid, t.eval_users, t.seed)
     world, rank = acc.num_processes, acc.process_index
-    batches_per_epoch = math.ceil(len(seqs) / t.batch_size)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json() + "\n")
@@ -143,20 +164,20 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         state = None
         if with_trainer:
             state = {"step": step, "best_score": best_score, "bad_evals": bad_evals, "best_valid": best_valid,
-                     "train_seconds": elapsed + (time.perf_counter() - t0), "scheduler": scheduler.state_dict()}
+                     "best_step": best_step, "train_seconds": elapsed + (time.perf_counter() - t0), "scheduler": scheduler.state_dict()}
         save_checkpoint(directory, core, cfg, ds.items, dataset=ds.manifest(), trainer_state=state,
                         optimizer=optimizer if with_trainer else None,
                         metrics={**metrics, "step": step, "params": n_params, "trainable_params": n_train})
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and acc.is_main_process),
+    bar = tqdm(total=max_steps, initial=step, disable=not (t.progress and acc.is_main_process),
                desc=f"train {cfg.model}", dynamic_ncols=True)
     t0 = time.perf_counter()
     stopped, seen, loss_ema = "max_steps", 0, None
     model.train()
     plan, plan_epoch_no = None, -1
-    while step < t.max_steps:
+    while step < max_steps:
         epoch, pos = divmod(step, batches_per_epoch)
         if epoch != plan_epoch_no:
             plan, plan_epoch_no = plan_epoch(seqs, t.batch_size, t.seed, epoch), epoch
@@ -192,12 +213,12 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         bar.update(1)
         out_of_time = t.max_minutes is not None and (elapsed + time.perf_counter() - t0) > 60 * t.max_minutes
         paused = t.stop_at is not None and step >= t.stop_at
-        if step % t.eval_every == 0 or step == t.max_steps or out_of_time or paused:
+        if step % eval_every == 0 or step == max_steps or out_of_time or paused:
             metrics = validate()
-            log({"step": step, "loss": loss_ema, "valid": metrics, "seconds": elapsed + time.perf_counter() - t0})
+            log({"step": step, "epoch": round(step / batches_per_epoch, 3), "loss": loss_ema, "valid": metrics, "seconds": elapsed + time.perf_counter() - t0})
             score = metrics["ndcg@10"]
             if score > best_score:
-                best_score, best_valid, bad_evals = score, metrics, 0
+                best_score, best_valid, bad_evals, best_step = score, metrics, 0, step
                 checkpoint(best_dir, {"valid": metrics}, with_trainer=False)
             else:
                 bad_evals += 1
@@ -217,4 +238,5 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
     bar.close()
     acc.wait_for_everyone()
     total = elapsed + time.perf_counter() - t0
-    return TrainResult(out, best_dir, step, best_valid, total, stopped)
+    return TrainResult(out, best_dir, step, best_valid, total, stopped, round(step / batches_per_epoch, 3),
+                       best_step)
