@@ -116,3 +116,15 @@ def test_collate_right_pads_and_the_training_loss_does_not_depend_on_the_side():
                 model.loss(collate(enc, pad, side="right")).item(), rel=1e-5)
     with pytest.raises(ValueError, match="side"):
         collate(enc, 0, side="middle")
+
+
+def test_ids_prompt_reads_every_label_at_an_item_slot(tok, items):
+    """prompt=ids: the target is read where every other label is (the previous item's slot),
+    and the inference query is the last history item's slot, as in SASRec."""
+    pb = PromptBuilder(tok, items, style="ids")
+    enc = pb.training_example([3, 4, 5, 6], np.random.default_rng(0), 1.0, 0.5, "all")
+    at = np.flatnonzero(enc.labels >= 0)
+    assert enc.labels[at].tolist() == [4, 5, 6]
+    assert (enc.items[at] >= 0).all() and enc.items[at].tolist() == [3, 4, 5]  # read at the previous item's slot
+    inf = pb.inference_prompt([3, 4, 5])
+    assert inf.items[-1] == 5 and len(inf) == len(pb.prefix) + 3  # ends at the last item: no question tokens

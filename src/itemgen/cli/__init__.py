@@ -97,7 +97,7 @@ def quickstart_command(data: Optional[Path] = typer.Option(None, help="prepared 
                        out: Path = typer.Option(Path("runs/quickstart"), help="where runs go"),
                        backbone: str = typer.Option("smollm2-135m", help="ItemLM backbone (tiny for a smoke run)"),
                        n_layers: Optional[int] = typer.Option(2, help="keep the first N backbone layers (CPU profile)"),
-                       minutes: float = typer.Option(3.0, help="training time budget per model")):
+                       minutes: float = typer.Option(2.0, help="training time budget per model (minutes)")):
     """Prepare data, train ItemLM and SASRec, evaluate both on the test split, recommend."""
     _guard(run_quickstart, data=data, out=out, backbone=backbone, n_layers=n_layers, minutes=minutes,
            console=console)

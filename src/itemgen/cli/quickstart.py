@@ -1,5 +1,7 @@
-"""The README's first command: data -> ItemLM and SASRec -> test metrics side by side -> one
-recommendation. Runs on a synthetic catalog by default, or on a prepared dataset."""
+"""The README's first command: data -> SASRec, then ItemLM started from it -> test metrics side
+by side with the winner -> one recommendation -> where everything is and what to run next. Runs
+on a synthetic catalog by default, or on a prepared dataset. Both models use the measured recipes
+of core/recipes.py (docs/quality.md)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,22 @@ from pathlib import Path
 from itemgen.api import Predictor, evaluate_checkpoint
 from itemgen.cli.common import metrics_table
 from itemgen.core.config import from_dict
+from itemgen.core.io import atomic_write_text
+from itemgen.core.recipes import ITEMLM_CPU, SASREC, merge
 from itemgen.data.dataset import SequenceDataset
 from itemgen.data.synthetic import make_dataset
 from itemgen.training.loop import train
+
+
+def winner_line(results: dict) -> str:
+    """One sentence: which model won on NDCG@10, and by how much."""
+    a, b = results["itemlm"]["ndcg@10"], results["sasrec"]["ndcg@10"]
+    if a == b:
+        return f"ItemLM and SASRec tie on NDCG@10 ({a:.4f})"
+    win, lose = ("ItemLM", "SASRec") if a > b else ("SASRec", "ItemLM")
+    hi, lo = max(a, b), min(a, b)
+    rel = f" ({hi / lo - 1:+.1%})" if lo > 0 else ""
+    return f"{win} wins on NDCG@10: {hi:.4f} vs {lose} {lo:.4f}{rel}"
 
 
 def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, minutes: float, console) -> dict:
@@ -21,31 +36,26 @@ def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, mi
         ds = make_dataset(n_users=3000, n_items=300, noise=0.1, seed=0, name="synthetic")
         ds.save(data)
         console.print(f"synthetic catalog: {ds.n_items} items, {len(ds.users)} users, "
-                      f"{ds.n_interactions} interactions -> {data}")
+                      f"{ds.n_interactions} interactions -> {data}", soft_wrap=True)
     else:
         ds = SequenceDataset.load(data)
         console.print(f"dataset {ds.name}: {ds.n_items} items, {len(ds.users)} users")
-    steps = 100000  # the time budget decides
-    common = {"data": {"path": str(data), "max_history": 20},
-              "train": {"max_minutes": minutes, "max_steps": steps, "eval_every": 100, "eval_users": 500,
-                        "patience": 3, "warmup_steps": 30}}
-    runs = {
-        "sasrec": {"model": "sasrec", **common,
-                   "train": {**common["train"], "out": str(out / "sasrec"), "lr": 1e-3, "batch_size": 128}},
-        "itemlm": {"model": "itemlm", **common,
-                   "itemlm": {"backbone": backbone, "n_layers": n_layers, "prompt": "compact",
-                              "fields": ["title", "brand", "category"], "max_field_tokens": 8},
-                   "train": {**common["train"], "out": str(out / "itemlm"), "lr": 1e-3,
-                             "backbone_lr": 2e-4, "batch_size": 32}},
-    }
-    results = {}
-    for name, values in runs.items():
+    budget = {"data": {"path": str(data)}, "train": {"max_minutes": minutes}}
+    sasrec = merge(merge(SASREC, budget), {"train": {"out": str(out / "sasrec")}})
+    itemlm = merge(merge(ITEMLM_CPU, budget), {
+        "itemlm": {"backbone": backbone, "n_layers": n_layers, "init_from": str(out / "sasrec" / "best")},
+        "train": {"out": str(out / "itemlm")}})
+    results, reports = {}, {}
+    for name, values in (("sasrec", sasrec), ("itemlm", itemlm)):  # ItemLM starts from SASRec's items
         cfg = from_dict(values)
-        console.print(f"[bold]training {name}[/bold] ({minutes:g} min budget)")
-        res = train(cfg)
+        console.print(f"[bold]training {name}[/bold] (by epochs with early stopping, at most {minutes:g} min)")
+        res = train(cfg, dataset=ds)
         report = evaluate_checkpoint(res.best, split="test")
-        results[name] = {**report["metrics"], "steps": res.step, "train_seconds": round(res.train_seconds, 1)}
+        reports[name] = report["path"]
+        results[name] = {**report["metrics"], "steps": res.step, "epochs": res.epochs,
+                         "train_seconds": round(res.train_seconds, 1)}
     console.print(metrics_table(results, f"test split, full catalog ({ds.name})"))
+    console.print(f"[bold]{winner_line(results)}[/bold]")
     pred = Predictor.load(out / "itemlm" / "best")
     user = ds.examples("test")[0]
     history = [ds.items.ids[i] for i in user.history[-5:]]
@@ -53,5 +63,15 @@ def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, mi
     console.print(f"history (last 5): {', '.join(history)}")
     for r, rec in enumerate(recs, 1):
         console.print(f"  {r}. {rec['id']}  {rec['score']:.3f}  {rec['title'] or ''}")
-    (out / "quickstart.json").write_text(json.dumps(results, indent=2) + "\n")
+    summary = out / "quickstart.json"
+    atomic_write_text(summary, json.dumps(results, indent=2) + "\n")
+    console.print(f"\ncheckpoints: {out / 'itemlm' / 'best'}, {out / 'sasrec' / 'best'}", soft_wrap=True)
+    console.print(f"reports:     {reports['itemlm']}, {reports['sasrec']}, {summary}", soft_wrap=True)
+    console.print(f"curves:      itemgen plot {out / 'itemlm'}", soft_wrap=True)
+    console.print("next:\n"
+                  "  itemgen data prepare table interactions.csv --out data/mine   # your own data\n"
+                  "  itemgen train configs/sasrec.yaml data.path=data/mine train.out=runs/sasrec\n"
+                  "  itemgen train configs/itemlm-cpu.yaml data.path=data/mine itemlm.init_from=runs/sasrec/best\n"
+                  f"  itemgen evaluate {out / 'itemlm' / 'best'} --split test\n"
+                  f"  itemgen serve {out / 'itemlm' / 'best'}", soft_wrap=True)
     return results

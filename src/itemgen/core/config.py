@@ -45,7 +45,7 @@ class ItemLMConfig:
     cluster_method: str = "kmeans"  # kmeans | frequency | random (clusters.py)
     n_clusters: int | None = None  # None: about sqrt(|I|)
     text_vocab_in_softmax: bool = True  # normalise over V u I as in the paper (False: items only)
-    prompt: str = "default"  # default: the paper's wording; compact: ids and separators only
+    prompt: str = "default"  # default: the paper's wording; compact: ids and separators only; ids: no question either
     freeze_backbone: bool = False  # only item table, item encoder, projection and head train
     item_encoder: str = "none"  # none | text | text+id: item input vectors from title features (item_encoder.py)
     lora_r: int = 0  # > 0: LoRA adapters of this rank on the frozen backbone (needs freeze_backbone)
@@ -321,7 +321,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= m.id_only_share <= 1.0, "itemlm.id_only_share must be in [0, 1]"),
         (0.0 <= m.field_keep_prob <= 1.0, "itemlm.field_keep_prob must be in [0, 1]"),
         (m.supervise in ("all", "last"), "itemlm.supervise: all|last"),
-        (m.prompt in ("default", "compact"), "itemlm.prompt: default|compact"),
+        (m.prompt in ("default", "compact", "ids"), "itemlm.prompt: default|compact|ids"),
         (m.item_dim >= 1, "itemlm.item_dim must be >= 1"),
         (m.n_layers is None or m.n_layers >= 1, "itemlm.n_layers must be >= 1"),
         (m.head in ("full", "two_level"), "itemlm.head: full|two_level"),

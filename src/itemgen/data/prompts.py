@@ -26,6 +26,9 @@ STYLES = {
         question=" Which item will the user interact with next? id:"),
     # ids and minimal separators: the shortest prompt (latency work, issue 4)
     "compact": dict(prefix="History:", item_open="", item_close="", question=" Next:"),
+    # no question: the next item is read at the last item's slot, where every other label of a
+    # training sequence is read too (SASRec's query position)
+    "ids": dict(prefix="History:", item_open="", item_close="", question=""),
 }
 
 

@@ -1,0 +1,32 @@
+"""The recipes the quickstart and the quality benchmark use are the ones configs/*.yaml hold."""
+
+from pathlib import Path
+
+import pytest
+
+from itemgen.cli.quickstart import winner_line
+from itemgen.core.config import from_dict, load_yaml
+from itemgen.core.recipes import ITEMLM_CPU, SASREC, merge
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name,recipe", [("sasrec.yaml", SASREC), ("itemlm-cpu.yaml", ITEMLM_CPU)])
+def test_config_files_hold_the_measured_recipes(name, recipe):
+    values = load_yaml((CONFIGS / name).read_text())
+    values["train"].pop("out")
+    fill = {"itemlm": {"init_from": "runs/sasrec/best"}} if recipe["model"] == "itemlm" else {}
+    assert from_dict(merge(values, fill)) == from_dict(merge(recipe, fill))
+
+
+def test_recipes_are_valid_configs():
+    for recipe in (SASREC, merge(ITEMLM_CPU, {"itemlm": {"init_from": "runs/sasrec/best"}})):
+        from_dict(recipe)
+
+
+def test_winner_line():
+    assert winner_line({"itemlm": {"ndcg@10": 0.5}, "sasrec": {"ndcg@10": 0.4}}) == \
+        "ItemLM wins on NDCG@10: 0.5000 vs SASRec 0.4000 (+25.0%)"
+    assert winner_line({"itemlm": {"ndcg@10": 0.2}, "sasrec": {"ndcg@10": 0.4}}) == \
+        "SASRec wins on NDCG@10: 0.4000 vs ItemLM 0.2000 (+100.0%)"
+    assert winner_line({"itemlm": {"ndcg@10": 0.3}, "sasrec": {"ndcg@10": 0.3}}).startswith("ItemLM and SASRec tie")
