@@ -3,7 +3,11 @@ slow references (cached prompt prefix, sessions, micro-batching), and the real s
 over loopback with a graceful shutdown."""
 
 import asyncio
+import json
+import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -488,3 +492,178 @@ def test_real_server_over_loopback_and_graceful_shutdown(ckpt, data, predictor, 
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# ---- hostile input: metric labels, aborted bodies, parse errors, slow clients, bad checkpoints ----
+def series(text: str, name: str = "itemgen_requests_total") -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+def test_metric_labels_are_bounded_whatever_clients_send(client):
+    before = len(series(client.get("/metrics").text))
+    for i in range(60):  # invented methods and paths: each would be a new series if labels copied them
+        client.request(f"FOO{i}", f"/v1/recommend/{i}")
+        client.get(f"/nothing/{i}")
+        client.request(f"BAR{i}", "/healthz")
+    text = client.get("/metrics").text
+    rows = series(text)
+    assert len(rows) - before <= 4, rows  # a few new (route, method, status) combinations, not 180
+    labels = [dict(re.findall(r'(\w+)="([^"]*)"', row)) for row in rows]
+    methods, routes = {x["method"] for x in labels}, {x["route"] for x in labels}
+    assert methods <= {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "other"}
+    assert "other" in methods and "other" in routes
+    assert routes <= {r.path for r in client.app.routes} | {"other"}  # templates, never what the client sent
+    assert 'method="other",route="/healthz",status="405"' in text
+
+
+def test_a_client_gone_mid_body_is_a_client_abort_not_a_500(client, data):
+    app = client.app  # the app of the running test client (its lifespan has started)
+    sent = []
+
+    async def call():
+        messages = iter([{"type": "http.request", "body": b'{"history": ["', "more_body": True},
+                         {"type": "http.disconnect"}])
+
+        async def receive():
+            return next(messages)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/recommend", "raw_path": b"/v1/recommend", "root_path": "",
+                 "query_string": b"", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await app(scope, receive, send)
+
+    asyncio.run(call())
+    assert sent == []  # nothing was answered: nobody was there to read it
+    text = client.get("/metrics").text
+    assert 'method="POST",route="other",status="client_abort"' in text
+    assert 'method="POST",route="other",status="500"' not in text
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"history": ["\xff\xfe"]}', "request body is not valid UTF-8 (byte 14)"),
+    (b"[" * 2000 + b"]" * 2000, "nests arrays/objects 2000 levels deep; at most 32"),  # past json's recursion limit
+    (b'{"history": ' + b"[" * 40 + b"]" * 40 + b"}", "41 levels deep"),
+])
+def test_parse_errors_are_a_422_naming_the_problem(client, body, words):
+    r = client.post("/v1/recommend", content=body, headers={"content-type": "application/json"})
+    assert words in error_of(r, 422)["error"]
+
+
+def test_deep_brackets_inside_strings_are_not_nesting(client, data):
+    hist = ids(data, data.split.test[0].history)
+    body = {"history": hist + ["[" * 50 + "{" * 50], "unknown_items": "ignore"}
+    assert client.post("/v1/recommend", json=body).status_code == 200
+
+
+@pytest.fixture()
+def live_server(predictor, ckpt):
+    """The app on a real uvicorn server (the protocol `itemgen serve` uses, a 1 s client
+    timeout) in a thread of this process, on 127.0.0.1."""
+    import uvicorn
+
+    from itemgen.serving.http import protocol
+
+    app = create_app(ServeSettings(checkpoint=str(ckpt), max_body_bytes=4096), predictor=predictor, api_key="")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           http=protocol(1.0), lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(30)
+
+
+def read_until_closed(sock, limit_s: float) -> tuple[bytes, float]:
+    """What the server sends until it closes the connection -> (bytes, seconds it took)."""
+    t0 = time.monotonic()
+    sock.settimeout(limit_s)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            return b"".join(chunks), math.inf
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks), time.monotonic() - t0
+
+
+def test_slow_clients_are_closed_while_others_are_served(live_server, data):
+    port = live_server
+    body = {"history": ids(data, [1, 2]), "k": 2}
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as idle, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as slow, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as trickle:
+        slow.sendall(b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Ty")  # a head cut short, then nothing
+        t0 = time.monotonic()
+        for _ in range(3):  # meanwhile other clients are served
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/recommend", json=body, timeout=10)
+            assert r.status_code == 200
+        trickle.sendall(b"GET /healthz HTTP/1.1\r\n")
+        for _ in range(4):  # a byte now and then does not keep a head open past the deadline
+            time.sleep(0.3)
+            try:
+                trickle.sendall(b"X")
+            except OSError:
+                break
+        got, _ = read_until_closed(slow, 10)
+        slow_s = time.monotonic() - t0
+        assert b" 408 " in got.split(b"\r\n")[0] and b'"error": "request head not complete within 1 s"' in got
+        assert slow_s < 3, slow_s  # the deadline is 1 s
+        assert b" 408 " in read_until_closed(trickle, 10)[0]
+        assert read_until_closed(idle, 10) == (b"", pytest.approx(0, abs=3))  # silent connections just close
+    # a body that stops coming: closed after the timeout, counted as the client's abort
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"history\": [")
+        got, took = read_until_closed(s, 10)
+        assert took < 3 and got == b""
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'method="POST",route="other",status="client_abort"} 1.0' in metrics
+    assert 'status="500"' not in metrics
+
+
+def test_malformed_http_is_answered_in_json(live_server):
+    for raw, status in ((b"GARBAGE\r\n\r\n", 400), (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", 400),
+                        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000, 431)):  # a head past h11's 16 KiB
+        with socket.create_connection(("127.0.0.1", live_server), timeout=5) as s:
+            s.sendall(raw)
+            got, took = read_until_closed(s, 10)
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} ".encode()), got[:200]
+        assert b"content-type: application/json" in head.lower()
+        assert json.loads(body)["error"].startswith("malformed HTTP request: ")
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "model.safetensors").unlink(), "missing model.safetensors"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}"),
+     "model.safetensors is corrupt"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+     "model.safetensors is corrupt"),
+    (lambda d: (d / "items.json").write_text("{"), "items.json is corrupt"),
+])
+def test_serve_refuses_a_broken_checkpoint_in_one_line(ckpt, tmp_path, damage, words):
+    from typer.testing import CliRunner
+
+    from itemgen.cli import app
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(ckpt, broken)
+    damage(broken)
+    r = CliRunner().invoke(app, ["serve", str(broken), "--port", str(free_port())])
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.output

@@ -13,41 +13,80 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from itemgen import __version__
 from itemgen.api import Predictor, evaluate_checkpoint
-from itemgen.cli.common import _guard, console, err, fail, metrics_table
+from itemgen.cli.common import (JsonConsole, LogFormat, Quiet, _guard, console, err, example, fail, json_mode,
+                                metrics_table, reporting, show_result)
 from itemgen.cli.data import app as data_app
 from itemgen.cli.quickstart import run as run_quickstart
 from itemgen.cli.report import report_command
 from itemgen.cli.scale import clusters_app, index_app
 from itemgen.cli.serve import serve as _serve
+from itemgen.core import progress
 from itemgen.core.config import load_config
+from itemgen.evaluation.plot import plot_history
 from itemgen.training.loop import train as run_train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="itemgen: LLM-based sequential recommendation with items as single tokens.")
+                  epilog=example("itemgen quickstart"))
 app.add_typer(data_app, name="data", help="Prepare, download and inspect datasets.")  # cli/data.py
-app.command(name="report")(report_command)  # cli/report.py
+app.command(name="report", epilog=example("itemgen report --results benchmarks/results --out docs/results.md"))(
+    report_command)  # cli/report.py
 app.add_typer(clusters_app, name="clusters")  # two-level softmax, ANN: cli/scale.py
 app.add_typer(index_app, name="index")
-app.command(name="serve")(_serve)  # the HTTP server command: cli/serve.py
+app.command(name="serve", epilog=example("itemgen serve runs/sasrec/best --port 8000"))(
+    _serve)  # the HTTP server command: cli/serve.py
 
 
-@app.command()
+def _version(value: bool) -> None:
+    if value:
+        print(f"itemgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    """itemgen: LLM-based sequential recommendation with items as single tokens."""
+    progress.reset()  # each command starts from the default progress settings (its flags change them)
+
+
+@app.command(epilog=example("itemgen train configs/sasrec.yaml data.path=data/mine train.out=runs/sasrec"))
 def train(config: Optional[Path] = typer.Argument(None, help="YAML config (overrides of the defaults)"),
           overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides"),
-          resume: bool = typer.Option(False, "--resume", help="continue from OUT/last")):
-    """Train a recommender (itemlm or sasrec) with a YAML config and key=value overrides."""
+          resume: bool = typer.Option(False, "--resume", help="continue from OUT/last"),
+          quiet: Quiet = False, log_format: LogFormat = "text"):
+    """Train a recommender (itemlm or sasrec) with a YAML config and key=value overrides.
+
+    A bar on a terminal; elsewhere a line every train.log_every steps and at every validation.
+    OUT/history.jsonl keeps the curves (itemgen plot OUT draws them)."""
+    reporting(quiet, log_format)
     if config is not None and "=" in str(config) and not config.exists():
         overrides = [str(config), *(overrides or [])]
         config = None
     cfg = _guard(load_config, config, overrides or [])
     result = _guard(run_train, cfg, resume=resume)
-    console.print(f"trained {cfg.model}: {result.step} steps in {result.train_seconds:.0f}s ({result.stopped}); "
-                  f"best valid ndcg@10 {result.best_valid.get('ndcg@10', float('nan')):.4f}; "
-                  f"best checkpoint: {result.best}")
+    best = result.best_valid.get('ndcg@10', float('nan'))
+    show_result({"model": cfg.model, "steps": result.step, "epochs": result.epochs,
+                 "train_seconds": round(result.train_seconds, 1), "stopped": result.stopped,
+                 "best_step": result.best_step, "best_valid": result.best_valid, "best": str(result.best)},
+                lambda: console.print(f"trained {cfg.model}: {result.step} steps in {result.train_seconds:.0f}s "
+                                      f"({result.stopped}); best valid ndcg@10 {best:.4f}; "
+                                      f"best checkpoint: {result.best}"))
 
 
-@app.command()
+@app.command(epilog=example("itemgen plot runs/sasrec --out runs/sasrec/history.png"))
+def plot(run: Path = typer.Argument(..., help="training run folder (train.out: holds history.jsonl)"),
+         out: Optional[Path] = typer.Option(None, help="PNG to write (default RUN/history.png)")):
+    """Draw a run's training loss and validation NDCG@10 / Recall@10 against the step (PNG)."""
+    try:
+        path = _guard(plot_history, run, out)
+    except ImportError as e:  # the plot extra (matplotlib) is missing
+        fail(str(e))
+    show_result({"path": str(path)}, lambda: console.print(f"wrote {path}"))
+
+
+@app.command(epilog=example("itemgen evaluate runs/sasrec/best --split test"))
 def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
              split: str = typer.Option("test", help="test | valid"),
              decode: str = typer.Option("exact", help="top-k decoder"),
@@ -55,21 +94,27 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint directory")
              exclude_history: bool = typer.Option(False, help="mask each user's history items"),
              batch_size: int = typer.Option(128, min=1),
              out: Optional[Path] = typer.Option(None, help="JSON report (default CHECKPOINT/eval_SPLIT.json)"),
-             device: str = typer.Option("auto", help="auto (cuda when visible) | cpu | cuda[:N]")):
+             device: str = typer.Option("auto", help="auto (cuda when visible) | cpu | cuda[:N]"),
+             quiet: Quiet = False, log_format: LogFormat = "text"):
     """Score the full catalog for every user of a split; write Recall/NDCG/MRR as JSON."""
+    reporting(quiet, log_format)
     if split not in ("test", "valid"):
         fail(f"--split must be test or valid, not {split!r}")
     report = _guard(evaluate_checkpoint, checkpoint, split=split, decode=decode, data=data,
                     exclude_history=exclude_history, batch_size=batch_size, out=out, device=device)
     m = report["metrics"]
-    console.print(metrics_table({report["model"]: m}, f"{split} ({report['dataset']})"))
-    if m.get("collapsed"):
-        console.print(f"[bold red]collapsed:[/] {m['top1_share']:.0%} of users get the same top-1 item "
-                      f"and {m['distinct_top10']} distinct items fill all top-10 lists: the model ignores histories and recommends by popularity")
-    console.print(f"report: {report['path']}")
+
+    def render():
+        console.print(metrics_table({report["model"]: m}, f"{split} ({report['dataset']})"))
+        if m.get("collapsed"):
+            console.print(f"[bold red]collapsed:[/] {m['top1_share']:.0%} of users get the same top-1 item "
+                          f"and {m['distinct_top10']} distinct items fill all top-10 lists: the model ignores histories and recommends by popularity")
+        console.print(f"report: {report['path']}")
+
+    show_result(report, render)
 
 
-@app.command()
+@app.command(epilog=example("itemgen recommend runs/sasrec/best --history B000050SR5,B0002IMR8A -k 10"))
 def recommend(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
               history: str = typer.Option(..., help="comma-separated item ids, oldest first"),
               k: int = typer.Option(10, "-k", "--k", help="how many items"),
@@ -92,15 +137,17 @@ def recommend(checkpoint: Path = typer.Argument(..., help="checkpoint directory"
     console.print(table)
 
 
-@app.command(name="quickstart")  # not `def quickstart`: that name is the module cli/quickstart.py
+@app.command(name="quickstart", epilog=example("itemgen quickstart --out runs/quickstart --minutes 2"))
 def quickstart_command(data: Optional[Path] = typer.Option(None, help="prepared dataset dir (default: synthetic)"),
                        out: Path = typer.Option(Path("runs/quickstart"), help="where runs go"),
                        backbone: str = typer.Option("smollm2-135m", help="ItemLM backbone (tiny for a smoke run)"),
                        n_layers: Optional[int] = typer.Option(2, help="keep the first N backbone layers (CPU profile)"),
-                       minutes: float = typer.Option(2.0, help="training time budget per model (minutes)")):
+                       minutes: float = typer.Option(2.0, help="training time budget per model (minutes)"),
+                       quiet: Quiet = False, log_format: LogFormat = "text"):
     """Prepare data, train ItemLM and SASRec, evaluate both on the test split, recommend."""
+    reporting(quiet, log_format)
     _guard(run_quickstart, data=data, out=out, backbone=backbone, n_layers=n_layers, minutes=minutes,
-           console=console)
+           console=JsonConsole() if json_mode() else console)
 
 
 def main() -> None:

@@ -20,12 +20,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from itemgen.cli.common import LogFormat, Quiet, example, reporting, show_result
 from itemgen.data.dataset import DataError, SequenceDataset
 from itemgen.data.loaders import download_amazon2018
 from itemgen.data.loaders import prepare as do_prepare
 
+PREPARE_EXAMPLE = "itemgen data prepare table interactions.csv items.csv --out data/mine"
 app = typer.Typer(help="Prepare, download and inspect datasets.", no_args_is_help=True,
-                  add_completion=False)
+                  add_completion=False, epilog=example(PREPARE_EXAMPLE))
 
 
 @contextmanager
@@ -54,7 +56,7 @@ def _console():
     return Console()  # created per call so it writes to the current sys.stdout
 
 
-@app.command()
+@app.command(epilog=example(PREPARE_EXAMPLE))
 def prepare(
     kind: Annotated[str, typer.Argument(help="lcrec | table | amazon2018")],
     inputs: Annotated[list[Path], typer.Argument(
@@ -69,18 +71,22 @@ def prepare(
     items: Annotated[Optional[Path], typer.Option(help="table: item table (same as a second INPUT).")] = None,
     sep: Annotated[Optional[str], typer.Option(help="table: field separator, overriding the extension "
                                                     "(use 'tab' for a tab).")] = None,
+    quiet: Quiet = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """Read raw data and write a prepared dataset (items.parquet, sequences.parquet, manifest.json)."""
+    reporting(quiet, log_format)
     if sep is not None and sep.lower() in ("tab", "\\t"):
         sep = "\t"
     options = dict(kcore=kcore, name=name, user_col=user_col, item_col=item_col, time_col=time_col,
                    items=items, sep=sep)
     with _user_errors():
         ds = do_prepare(kind, inputs, out, **options)
-    _console().print(_counts_table(ds.manifest(), f"{ds.name} -> {out}"))
+    show_result({"path": str(out), **ds.manifest()},
+                lambda: _console().print(_counts_table(ds.manifest(), f"{ds.name} -> {out}")))
 
 
-@app.command()
+@app.command(epilog=example("itemgen data download amazon2018 Pet_Supplies --dest raw/"))
 def download(
     source: Annotated[str, typer.Argument(help="Only amazon2018.")],
     category: Annotated[str, typer.Argument(help="e.g. Industrial_and_Scientific, Pet_Supplies, or a short "
@@ -89,19 +95,26 @@ def download(
     full: Annotated[bool, typer.Option("--full", help="All reviews instead of the 5-core file.")] = False,
     meta: Annotated[bool, typer.Option("--meta/--no-meta", help="Also fetch the meta file.")] = True,
     timeout: Annotated[float, typer.Option(help="Network timeout, seconds.")] = 60.0,
+    quiet: Quiet = False,
+    log_format: LogFormat = "text",
 ) -> None:
     """Download raw Amazon Reviews 2018 files (then run `itemgen data prepare amazon2018`)."""
+    reporting(quiet, log_format)
     with _user_errors():
         if source != "amazon2018":
             raise DataError(f"unknown download source {source!r}; only amazon2018")
         reviews, meta_path = download_amazon2018(category, dest, five_core=not full, meta=meta, timeout=timeout)
-    typer.echo(f"reviews: {reviews}")
-    if meta_path is not None:
-        typer.echo(f"meta:    {meta_path}")
-    typer.echo(f"next: itemgen data prepare amazon2018 {reviews} {meta_path or ''} --out DIR".replace("  ", " "))
+
+    def render():
+        typer.echo(f"reviews: {reviews}")
+        if meta_path is not None:
+            typer.echo(f"meta:    {meta_path}")
+        typer.echo(f"next: itemgen data prepare amazon2018 {reviews} {meta_path or ''} --out DIR".replace("  ", " "))
+
+    show_result({"reviews": str(reviews), "meta": None if meta_path is None else str(meta_path)}, render)
 
 
-@app.command()
+@app.command(epilog=example("itemgen data info data/mine --verify"))
 def info(
     path: Annotated[Path, typer.Argument(help="A prepared dataset directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print manifest.json as it is.")] = False,

@@ -18,15 +18,19 @@ from rich.console import Console
 from rich.table import Table
 
 from itemgen.api import load_eval_dataset
+from itemgen.cli.common import LogFormat, Quiet, example, reporting, show_result
+from itemgen.core.progress import phase
 from itemgen.data.dataset import DataError, SequenceDataset
 from itemgen.heads.clusters import Clusters, build_clusters, cluster_path
 from itemgen.models.checkpoint import load_checkpoint, read_items
 from itemgen.topk.ann import INDEX_TYPES, AnnIndex, _head, training_states
 
+CLUSTERS_EXAMPLE = "itemgen clusters build data/mine --method kmeans"
+INDEX_EXAMPLE = "itemgen index build runs/itemlm-cpu/best --type ivf"
 clusters_app = typer.Typer(help="Build and inspect item clusters for the two-level softmax.",
-                           no_args_is_help=True, add_completion=False)
+                           no_args_is_help=True, add_completion=False, epilog=example(CLUSTERS_EXAMPLE))
 index_app = typer.Typer(help="Build ANN indexes beside checkpoints (for --decode ann).",
-                        no_args_is_help=True, add_completion=False)
+                        no_args_is_help=True, add_completion=False, epilog=example(INDEX_EXAMPLE))
 
 
 @contextmanager
@@ -74,28 +78,37 @@ def build_checkpoint_index(checkpoint: str | Path, kind: str = "flat", *, states
             raise DataError(f"{checkpoint} was trained on dataset hash {want}; the dataset given has "
                             f"{ds.content_hash()}")
         h = training_states(model, ds, cfg.data.max_history, n=states, seed=seed)
-    index = AnnIndex.build(model, kind, h, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search,
-                           seed=seed)
+    with phase("index", f"FAISS {kind} index over {len(items):,} items"):
+        index = AnnIndex.build(model, kind, h, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search,
+                               seed=seed)
     path = index.save(checkpoint)
     return {"path": str(path), "type": kind, "fingerprint": index.fingerprint, **index.params}
 
 
-@clusters_app.command("build")
+@clusters_app.command("build", epilog=example(CLUSTERS_EXAMPLE))
 def clusters_build(
     dataset: Annotated[Path, typer.Argument(help="prepared dataset directory")],
     method: Annotated[str, typer.Option(help="kmeans | frequency | random")] = "kmeans",
     n_clusters: Annotated[Optional[int], typer.Option(help="default: about sqrt(items)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Optional[Path], typer.Option(help="default: DATASET/clusters/METHOD.json")] = None,
+    quiet: Quiet = False,
+    log_format: LogFormat = "text",
 ):
     """Assign items to clusters (training split only) and print cluster-size statistics."""
+    reporting(quiet, log_format)
     with _user_errors():
         clusters, path = build_and_save(dataset, method, n_clusters, seed, out)
-    _print_stats({**clusters.stats(), **clusters.info}, f"{method} clusters")
-    typer.echo(f"wrote {path}")
+    stats = {**clusters.stats(), **clusters.info}
+
+    def render():
+        _print_stats(stats, f"{method} clusters")
+        typer.echo(f"wrote {path}")
+
+    show_result({"path": str(path), "method": method, **stats}, render)
 
 
-@clusters_app.command("info")
+@clusters_app.command("info", epilog=example("itemgen clusters info data/mine/clusters/kmeans.json"))
 def clusters_info(path: Annotated[Path, typer.Argument(help="cluster file (.json)")]):
     """Cluster-size statistics of a cluster file."""
     with _user_errors():
@@ -103,7 +116,7 @@ def clusters_info(path: Annotated[Path, typer.Argument(help="cluster file (.json
     _print_stats({**clusters.stats(), **clusters.info}, str(path))
 
 
-@index_app.command("build")
+@index_app.command("build", epilog=example(INDEX_EXAMPLE))
 def index_build(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint directory")],
     type: Annotated[str, typer.Option("--type", help="flat | ivf | hnsw")] = "flat",
@@ -114,10 +127,17 @@ def index_build(
     hnsw_m: Annotated[int, typer.Option(min=2, help="hnsw links per node")] = 32,
     ef_search: Annotated[int, typer.Option(min=1, help="hnsw search depth")] = 128,
     seed: Annotated[int, typer.Option()] = 0,
+    quiet: Quiet = False,
+    log_format: LogFormat = "text",
 ):
     """Build a FAISS maximum-inner-product index for CHECKPOINT and save it beside it."""
+    reporting(quiet, log_format)
     with _user_errors():
         info = build_checkpoint_index(checkpoint, type, states=states, data=data, nlist=nlist, nprobe=nprobe,
                                       hnsw_m=hnsw_m, ef_search=ef_search, seed=seed)
-    _print_stats({k: v for k, v in info.items() if k != "path"}, f"{type} index")
-    typer.echo(f"wrote {info['path']}")
+
+    def render():
+        _print_stats({k: v for k, v in info.items() if k != "path"}, f"{type} index")
+        typer.echo(f"wrote {info['path']}")
+
+    show_result(info, render)

@@ -9,8 +9,9 @@ from typing import Optional
 
 import typer
 
+from itemgen.api import Predictor
 from itemgen.cli.common import fail
-from itemgen.models.checkpoint import CheckpointError, read_config
+from itemgen.models.checkpoint import CheckpointError, error_line, verify_checkpoint
 
 # what each uvicorn worker process imports for --workers > 1 (a string: the serve extra may be missing)
 APP_FACTORY = "itemgen.serving.server:app_from_env"
@@ -34,17 +35,21 @@ def serve(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
           prefix_cache: bool = typer.Option(True, help="reuse the prompt prefix's keys/values (ItemLM)"),
           graceful_timeout_s: float = typer.Option(30.0, min=0.0,
                                                    help="how long shutdown waits for requests in flight"),
+          client_timeout_s: float = typer.Option(10.0, min=0.1, help="seconds a client may take to send a "
+                                                 "request head, or pause within a body, before it is closed"),
           access_log: bool = typer.Option(False, help="log every request"),
           log_level: str = typer.Option("info")):
     """Serve recommendations over HTTP (FastAPI on uvicorn); see docs/serve.md."""
     try:  # the serve extra: uvicorn, and fastapi (which serving/server.py imports)
         import uvicorn
 
+        from itemgen.serving.http import protocol
         from itemgen.serving.server import SETTINGS_ENV, ServeSettings, create_app, read_api_key, settings_env
     except ImportError as e:
         fail(f"the server needs the serve extra (pip install 'itemgen[serve]'): {e}")
     try:
-        read_config(checkpoint)  # a clear message now rather than a failed worker later
+        # one line now, before uvicorn starts, rather than a traceback from its startup (or a worker's)
+        verify_checkpoint(checkpoint)
         settings = ServeSettings(
             checkpoint=str(checkpoint), batch_window_ms=batch_window_ms, max_batch=max_batch,
             max_history=max_history, max_k=max_k, max_body_bytes=max_body_bytes, max_queue=max_queue, max_sessions=max_sessions,
@@ -52,6 +57,8 @@ def serve(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
             api_key_file=str(api_key_file) if api_key_file else None, threads=threads)
         settings.check()
         key = read_api_key(settings.api_key_file)
+        # one process: load the model here (the app gets it) so that whatever else cannot load fails now
+        predictor = _load(checkpoint) if workers == 1 else None
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,9 +67,18 @@ def serve(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
         log.warning("binding to %s: reachable from other machines%s", host,
                     "" if key else " and WITHOUT an API key (set --api-key-file or $ITEMGEN_API_KEY)")
     common = dict(host=host, port=port, log_level=log_level.lower(), access_log=access_log, server_header=False,
-                  timeout_graceful_shutdown=graceful_timeout_s)
+                  timeout_graceful_shutdown=graceful_timeout_s, http=protocol(client_timeout_s))
     if workers == 1:
-        uvicorn.run(create_app(settings, api_key=key), **common)
+        uvicorn.run(create_app(settings, predictor=predictor, api_key=key), **common)
     else:  # each worker process builds its own app (and model) from the settings in the environment
         os.environ[SETTINGS_ENV] = settings_env(settings)
         uvicorn.run(APP_FACTORY, factory=True, workers=workers, **common)
+
+
+def _load(checkpoint: Path) -> Predictor:
+    try:
+        return Predictor.load(checkpoint)
+    except (CheckpointError, FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # a backbone folder that does not load, weights that do not fit, ...
+        raise CheckpointError(f"cannot load the checkpoint {checkpoint}: {type(e).__name__}: {error_line(e)}") from None

@@ -145,7 +145,9 @@ class TrainConfig:
     patience: int = 5  # evaluations without NDCG@10 improvement before stopping
     eval_batch_size: int = 128
     mixed_precision: str = "auto"  # auto: bf16 on GPU, none on CPU
-    progress: bool = True
+    progress: bool = True  # false: no bar and no progress lines (errors and the result only)
+    log_every: int = 50  # steps between progress lines (when the output is not a terminal) and history.jsonl rows
+    log_format: str = "text"  # text | json: one JSON object per progress event (schedulers)
 
 
 @dataclass(frozen=True)
@@ -317,6 +319,8 @@ def validate(cfg: Config) -> None:
         (t.max_epochs is None or t.max_epochs > 0, "train.max_epochs must be > 0"),
         (t.eval_every_epochs is None or t.eval_every_epochs > 0, "train.eval_every_epochs must be > 0"),
         (t.lr_schedule in ("cosine", "constant"), "train.lr_schedule: cosine|constant"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.log_format in ("text", "json"), "train.log_format: text|json"),
         (t.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision: auto|no|bf16|fp16"),
         (0.0 <= m.id_only_share <= 1.0, "itemlm.id_only_share must be in [0, 1]"),
         (0.0 <= m.field_keep_prob <= 1.0, "itemlm.field_keep_prob must be in [0, 1]"),

@@ -45,7 +45,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import socket
 import tempfile
 import urllib.error
@@ -55,6 +54,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from itemgen.core.progress import Progress, phase
 from itemgen.data.dataset import METADATA_FIELDS, DataError, ItemTable, SequenceDataset
 
 __all__ = [
@@ -658,8 +658,10 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
         raise FileNotFoundError(f"{path}: no such file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
+        with opener(path, "rb") as f, Progress(f"read {path.name}", unit="line") as tracker:
             for lineno, raw in enumerate(f, 1):
+                if lineno % 10_000 == 0:
+                    tracker.update(10_000)
                 if not raw.strip():
                     continue
                 try:
@@ -861,7 +863,12 @@ def _fetch(url: str, dest: Path, timeout: float) -> None:
         with os.fdopen(fd, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (https only)
-                    shutil.copyfileobj(resp, out, length=1 << 20)
+                    size = getattr(resp, "headers", {}).get("Content-Length")
+                    total = -(-int(size) // (1 << 20)) if size and size.isdigit() else None
+                    with Progress(f"download {dest.name}", total, unit="MiB") as tracker:
+                        while chunk := resp.read(1 << 20):
+                            out.write(chunk)
+                            tracker.update(1)
             except urllib.error.HTTPError as e:
                 raise DataError(f"cannot download {url}: the server answered HTTP {e.code} {e.reason}; "
                                 f"check the category name and {AMAZON2018_PAGE}") from None
@@ -936,7 +943,8 @@ def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, **o
     if kind == "lcrec":
         if len(inputs) != 1:
             raise DataError(f"lcrec takes one input (the LC-Rec directory), got {len(inputs)}")
-        ds = _call(load_lcrec, inputs, options)
+        with phase("prepare", f"read lcrec {inputs[0]}"):
+            ds = _call(load_lcrec, inputs, options)
     elif kind == "table":
         if not 1 <= len(inputs) <= 2:
             raise DataError(f"table takes INTERACTIONS [ITEMS], got {len(inputs)} inputs")
@@ -944,12 +952,15 @@ def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, **o
             if "items" in options:
                 raise DataError("table: the item table was given both as an input and as items=")
             options["items"] = inputs.pop()
-        ds = _call(load_table, inputs, options)
+        with phase("prepare", f"read table {', '.join(map(str, inputs))}"):
+            ds = _call(load_table, inputs, options)
     elif kind == "amazon2018":
         if not 1 <= len(inputs) <= 2:
             raise DataError(f"amazon2018 takes REVIEWS [META], got {len(inputs)} inputs")
-        ds = _call(load_amazon2018, inputs, options)
+        with phase("prepare", f"read amazon2018 {', '.join(map(str, inputs))}"):
+            ds = _call(load_amazon2018, inputs, options)
     else:
         raise DataError(f"unknown dataset kind {kind!r}; one of: {', '.join(KINDS)}")
-    ds.save(out)
+    with phase("prepare", f"write {out}", users=len(ds.users), items=ds.n_items):
+        ds.save(out)
     return ds

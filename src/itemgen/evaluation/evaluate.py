@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from itemgen.core.progress import Progress
 from itemgen.data.dataset import Example
 from itemgen.evaluation.metrics import diversity, ranking_metrics, target_ranks
 from itemgen.models.recommender import Recommender
@@ -30,8 +31,9 @@ def rank_examples(model: Recommender, examples: list[Example], *, max_history: i
 
 @torch.inference_mode()
 def rank_and_top(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
-                 exclude_history: bool = False, k: int = TOP) -> tuple[np.ndarray, np.ndarray]:
-    """-> ranks (n,) as rank_examples, and each example's top-k items (n, k), best first."""
+                 exclude_history: bool = False, k: int = TOP, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """-> ranks (n,) as rank_examples, and each example's top-k items (n, k), best first.
+    ``progress``: report users done (core/progress.py; off for validation inside training)."""
     was_training = model.training
     model.eval()
     k = min(k, model.n_items)
@@ -39,6 +41,7 @@ def rank_and_top(model: Recommender, examples: list[Example], *, max_history: in
     top = np.zeros((len(examples), k), dtype=np.int64)
     # similar lengths together: less padding in the LM's forward pass
     order = sorted(range(len(examples)), key=lambda i: min(len(examples[i].history), max_history))
+    tracker = Progress("evaluate", len(examples), unit="user", quiet=None if progress else True)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         hist = [examples[i].history[-max_history:] for i in idx]
@@ -49,18 +52,21 @@ def rank_and_top(model: Recommender, examples: list[Example], *, max_history: in
         ranks[idx] = target_ranks(scores, targets).cpu().numpy()
         if k:
             top[idx] = scores.topk(k, dim=1).indices.cpu().numpy()
+        tracker.update(len(idx))
+    tracker.close()
     model.train(was_training)
     return ranks, top
 
 
 def evaluate(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
-             exclude_history: bool = False) -> dict:
+             exclude_history: bool = False, progress: bool = True) -> dict:
     if getattr(model, "default_decoder", "exact") != "exact":
         return evaluate_decoder(model, make_decoder(model.default_decoder, model), examples,
-                                max_history=max_history, batch_size=batch_size, exclude_history=exclude_history)
+                                max_history=max_history, batch_size=batch_size, exclude_history=exclude_history,
+                                progress=progress)
     t0 = time.perf_counter()
     ranks, top = rank_and_top(model, examples, max_history=max_history, batch_size=batch_size,
-                              exclude_history=exclude_history)
+                              exclude_history=exclude_history, progress=progress)
     out = {**ranking_metrics(ranks), **diversity(top)}
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
@@ -76,7 +82,8 @@ def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example
 
 @torch.inference_mode()
 def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, max_history: int,
-                     batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100) -> dict:
+                     batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100,
+                     progress: bool = True) -> dict:
     """Metrics for decoders that return a top-k list only (structure, ANN, beam search): a target
     outside the top ``cutoff`` gets rank cutoff + 1, so Recall/NDCG at K <= 20 are exact and MRR
     is MRR@cutoff, to which such a target adds 0 (``mrr_cutoff`` in the result; a decoder's own ``cutoff`` attribute,
@@ -85,7 +92,7 @@ def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, ma
     k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
     top = np.zeros((len(examples), min(TOP, k)), dtype=np.int64)
     ranks = decoder_ranks(model, decoder, examples, max_history=max_history, batch_size=batch_size,
-                          exclude_history=exclude_history, cutoff=k, top_out=top)
+                          exclude_history=exclude_history, cutoff=k, top_out=top, progress=progress)
     out = {**ranking_metrics(ranks, mrr_cutoff=k), **diversity(top)}  # rank k + 1: not in the top k
     out["mrr_cutoff"] = k
     out["seconds"] = round(time.perf_counter() - t0, 3)
@@ -95,14 +102,16 @@ def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, ma
 @torch.inference_mode()
 def decoder_ranks(model: Recommender, decoder, examples: list[Example], *, max_history: int,
                   batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100,
-                  top_out: np.ndarray | None = None) -> np.ndarray:
+                  top_out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
     """-> (n,) rank of each target in the decoder's top-k (k = cutoff); cutoff + 1 outside it.
-    ``top_out`` (n, k'), if given, receives each example's first k' items."""
+    ``top_out`` (n, k'), if given, receives each example's first k' items; ``progress`` as rank_and_top."""
     was_training = model.training
     model.eval()
     k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
     ranks = np.full(len(examples), k + 1, dtype=np.int64)
     order = sorted(range(len(examples)), key=lambda i: min(len(examples[i].history), max_history))
+    tracker = Progress(f"evaluate {type(decoder).__name__}", len(examples), unit="user",
+                       quiet=None if progress else True)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         hist = [examples[i].history[-max_history:] for i in idx]
@@ -115,5 +124,7 @@ def decoder_ranks(model: Recommender, decoder, examples: list[Example], *, max_h
             hit = np.flatnonzero(top[row] == examples[i].target)
             if hit.size:
                 ranks[i] = hit[0] + 1
+        tracker.update(len(idx))
+    tracker.close()
     model.train(was_training)
     return ranks

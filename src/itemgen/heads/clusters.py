@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from itemgen.core.io import atomic_write_text
+from itemgen.core.progress import phase
 from itemgen.data.dataset import DataError, SequenceDataset
 from itemgen.data.load import load_dataset
 
@@ -212,8 +213,10 @@ def build_clusters(ds: SequenceDataset, method: str, n_clusters: int | None = No
         assign = frequency_clusters(train_counts(ds), n, seed)
     else:
         factors = factors or max(4, min(64, ds.n_items // 8))
-        f = als_item_factors(ds, factors=factors, seed=seed)
-        assign, extra = kmeans_clusters(f, n, seed)
+        with phase("clusters", f"implicit ALS item factors ({factors}) of {ds.n_items:,} items"):
+            f = als_item_factors(ds, factors=factors, seed=seed)
+        with phase("clusters", f"k-means into {n} clusters"):
+            assign, extra = kmeans_clusters(f, n, seed)
         info.update({"als_factors": factors, **extra})
     return Clusters(assign, method, seed, ds.content_hash(), info)
 

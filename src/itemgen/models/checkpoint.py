@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from itemgen.core.config import Config, ConfigError, from_dict
@@ -76,9 +77,37 @@ def read_items(directory: str | Path) -> tuple[ItemTable, dict]:
     path = Path(directory) / "items.json"
     if not path.is_file():
         raise CheckpointError(f"{directory}: missing items.json")
-    blob = json.loads(path.read_text())
-    fields = {"title": blob["titles"]} if blob.get("titles") is not None else {}
-    return ItemTable(blob["ids"], fields), blob.get("dataset", {})
+    try:
+        blob = json.loads(path.read_text())
+        fields = {"title": blob["titles"]} if blob.get("titles") is not None else {}
+        return ItemTable(blob["ids"], fields), blob.get("dataset", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is corrupt (not the JSON object of item ids a checkpoint holds): "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Check, without building the model, that ``directory`` holds a readable checkpoint:
+    config.json, items.json, and a model.safetensors whose header parses and whose size fits it
+    (a truncated or foreign file fails here). Raises CheckpointError naming the file."""
+    directory = Path(directory)
+    read_config(directory)
+    read_items(directory)
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: missing model.safetensors")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                raise CheckpointError(f"{weights} holds no tensors")
+    except (SafetensorError, OSError) as e:  # a header that does not parse, a short file
+        raise CheckpointError(f"{weights} is corrupt: {error_line(e)}") from None
+
+
+def error_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Recommender, Config, ItemTable]:
@@ -91,6 +120,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     model = build_model(cfg, items, checkpoint_dir=directory)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights} is corrupt: {error_line(e)}") from None
     except RuntimeError as e:  # shape mismatch, e.g. clusters.json with another cluster count
         raise CheckpointError(f"{weights} does not fit the {cfg.model} model described by {directory} "
                               f"(config, items.json, clusters.json): {str(e).strip().splitlines()[-1]}") from None

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from itemgen.core.io import atomic_write_text
+from itemgen.core.progress import Progress
 from itemgen.heads.softmax import TwoLevelHead
 from itemgen.topk.exact import check_k
 
@@ -294,6 +295,9 @@ def training_states(model, ds, max_history: int, n: int = 2048, seed: int = 0,
         hist.append(s[:cut][-max_history:])
     model.eval()
     out = []
-    for start in range(0, len(hist), batch_size):
-        out.append(model.encode(model.to_device(model.query_batch(hist[start:start + batch_size]))).float().cpu())
+    with Progress("index: training hidden states", len(hist), unit="state") as tracker:
+        for start in range(0, len(hist), batch_size):
+            batch = hist[start:start + batch_size]
+            out.append(model.encode(model.to_device(model.query_batch(batch))).float().cpu())
+            tracker.update(len(batch))
     return torch.cat(out)

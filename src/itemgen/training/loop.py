@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from itemgen.core.config import Config
+from itemgen.core.io import atomic_write_text
+from itemgen.core.progress import Progress
 from itemgen.data.dataset import SequenceDataset, training_sequences
 from itemgen.data.load import load_dataset
 from itemgen.evaluation.evaluate import rank_examples, subsample
@@ -79,6 +81,26 @@ def budget(t, batches_per_epoch: int) -> tuple[int, int]:
     if t.eval_every_epochs is not None:
         eval_every = max(1, round(t.eval_every_epochs * batches_per_epoch))
     return max_steps, eval_every
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_history(path: Path, step: int) -> None:
+    """Keep the rows of history.jsonl up to ``step`` (a run resumed from its last checkpoint
+    repeats the steps logged after it), so its steps keep increasing."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
 def make_optimizer(model: Recommender, cfg: Config) -> torch.optim.Optimizer:
@@ -145,12 +167,17 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         (out / "config.json").write_text(cfg.to_json() + "\n")
     n_params = sum(p.numel() for p in core.parameters())
     n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
-    log_path = out / "log.jsonl"
+    log_path, history_path = out / "log.jsonl", out / "history.jsonl"
+    if acc.is_main_process:
+        trim_history(history_path, step)
 
     def log(record: dict) -> None:
         if acc.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(log_path, record)
+
+    def history(record: dict) -> None:  # history.jsonl: a row every log_every steps and at every validation
+        if acc.is_main_process:
+            append_jsonl(history_path, record)
 
     def validate() -> dict:
         shard = valid[rank::world]
@@ -169,12 +196,20 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
                         optimizer=optimizer if with_trainer else None,
                         metrics={**metrics, "step": step, "params": n_params, "trainable_params": n_train})
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=max_steps, initial=step, disable=not (t.progress and acc.is_main_process),
-               desc=f"train {cfg.model}", dynamic_ncols=True)
+    # a bar on a terminal, else a line every log_every steps; bounded by steps and/or train.max_minutes
+    progress = Progress(f"train {cfg.model}", max_steps, unit="step", initial=step, elapsed_s=elapsed,
+                        time_budget_s=None if t.max_minutes is None else 60 * t.max_minutes,
+                        every=t.log_every, every_s=None,
+                        quiet=True if not (t.progress and acc.is_main_process) else None,
+                        format="json" if t.log_format == "json" else None)
     t0 = time.perf_counter()
     stopped, seen, loss_ema = "max_steps", 0, None
+
+    def history_row() -> dict:  # this step's figures (the loop's variables as they are now)
+        return {"step": step, "epoch": epoch_done, "loss": loss_ema, "batch_loss": lv, "lr": lrs,
+                "examples_per_s": round(rate, 2), "seconds": round(elapsed + time.perf_counter() - t0, 3),
+                "time": round(time.time(), 3)}
+
     model.train()
     plan, plan_epoch_no = None, -1
     while step < max_steps:
@@ -202,6 +237,7 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
             raise FloatingPointError(
                 f"non-finite gradients at step {step + 1} (loss {lv}, mixed_precision={mp}); the checkpoints "
                 f"written so far are intact: lower train.lr, or set train.mixed_precision=no")
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]  # what this step uses, per parameter group
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -209,11 +245,13 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         seen += len(global_seqs)
         loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
         rate = seen / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{loss_ema:.4f}", ex_s=f"{rate:.1f}")
-        bar.update(1)
+        epoch_done = round(step / batches_per_epoch, 3)
         out_of_time = t.max_minutes is not None and (elapsed + time.perf_counter() - t0) > 60 * t.max_minutes
         paused = t.stop_at is not None and step >= t.stop_at
-        if step % eval_every == 0 or step == max_steps or out_of_time or paused:
+        validating = step % eval_every == 0 or step == max_steps or out_of_time or paused
+        progress.update(1, line=not validating, epoch=epoch_done, loss=loss_ema, examples_per_s=rate)
+        logged = step % t.log_every == 0
+        if validating:
             metrics = validate()
             log({"step": step, "epoch": round(step / batches_per_epoch, 3), "loss": loss_ema, "valid": metrics, "seconds": elapsed + time.perf_counter() - t0})
             score = metrics["ndcg@10"]
@@ -223,9 +261,10 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
             else:
                 bad_evals += 1
             checkpoint(last_dir, {"valid": metrics}, with_trainer=True)
-            if acc.is_main_process:
-                bar.write(f"step {step}: loss {loss_ema:.4f}  valid ndcg@10 {score:.4f}  recall@10 "
-                          f"{metrics['recall@10']:.4f}  (best {best_score:.4f})")
+            history({**history_row(), "valid": metrics, "best_ndcg@10": best_score})
+            logged = False
+            progress.log(f"valid ndcg@10 {score:.4f}  recall@10 {metrics['recall@10']:.4f}  (best {best_score:.4f})",
+                         valid=metrics, best_ndcg10=best_score)
             if bad_evals >= t.patience:
                 stopped = "early_stopping"
                 break
@@ -235,7 +274,9 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
             if paused:
                 stopped = "paused"
                 break
-    bar.close()
+        if logged:
+            history(history_row())
+    progress.close(f"stopped: {stopped}")
     acc.wait_for_everyone()
     total = elapsed + time.perf_counter() - t0
     return TrainResult(out, best_dir, step, best_valid, total, stopped, round(step / batches_per_epoch, 3),
