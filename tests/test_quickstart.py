@@ -1,0 +1,37 @@
+"""The README's first command: it trains both models, names the winner and where things are."""
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from itemgen.cli.quickstart import run
+
+
+def quickstart(tmp_path, backbone, minutes):
+    buf = io.StringIO()
+    results = run(data=None, out=tmp_path, backbone=backbone, n_layers=2, minutes=minutes,
+                  console=Console(file=buf, width=200))
+    return results, buf.getvalue()
+
+
+def test_quickstart_prints_the_winner_paths_and_next_commands(tmp_path):
+    results, out = quickstart(tmp_path, "tiny", 0.05)
+    assert set(results) == {"sasrec", "itemlm"}
+    assert "wins on NDCG@10" in out or "tie on NDCG@10" in out
+    for what in ("checkpoints:", "reports:", "itemgen plot", "itemgen train configs/sasrec.yaml",
+                 "itemgen evaluate", "itemgen serve"):
+        assert what in out
+    assert (tmp_path / "itemlm" / "best" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "quickstart.json").read_text())["sasrec"]["users"] == 3000
+    # ItemLM started from the SASRec the quickstart trained first
+    cfg = json.loads((tmp_path / "itemlm" / "best" / "config.json").read_text())
+    assert cfg["itemlm"]["init"] == "sasrec" and cfg["itemlm"]["init_from"] == str(tmp_path / "sasrec" / "best")
+
+
+@pytest.mark.slow
+def test_quickstart_itemlm_reaches_its_sasrec(tmp_path):
+    """The real quickstart (SmolLM2-135M, 2 layers, the default 2-minute budgets)."""
+    results, out = quickstart(tmp_path, "smollm2-135m", 2.0)
+    assert results["itemlm"]["ndcg@10"] >= results["sasrec"]["ndcg@10"], out
