@@ -222,7 +222,9 @@ def write_table(results: dict, path: Path) -> None:
              "receiving the most common top-1 item (over 0.2: collapsed). \"vs SASRec\": NDCG@10 over the SASRec",
              "row of the same dataset. \"history masked\": the same checkpoint evaluated with the user's history",
              "items removed from the ranking, as RecBole's full-sort evaluation does (`itemgen evaluate",
-             "--exclude-history`); our own protocol keeps them (a stricter test).", "", "## Headline", "",
+             "--exclude-history`); our own protocol keeps them (a stricter test). The diagnosis, what each",
+             "lever did and the exploratory trials behind the recipe: [quality_notes.md](quality_notes.md).", "",
+             "## Headline", "",
              "Published RecBole 1.2.1 SASRec on these splits (the bar; RecBole masks history items): " +
              ", ".join(f"{d} {v:.4f}" for d, v in PUBLISHED_SASREC.items()) + ".", "", *head]
     lines += [line(r, r["test"], r["variant"]) for r in main]
