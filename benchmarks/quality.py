@@ -71,6 +71,7 @@ VARIANTS = {
     "abl-random-backbone": ("itemlm", {"itemlm": {"pretrained": False}}),
     "abl-text-vocab-softmax": ("itemlm", {"itemlm": {"text_vocab_in_softmax": True, "freeze_text_embeddings": False}}),
     "abl-same-lr": ("itemlm", {"train": {"backbone_lr": None}}),
+    "abl-cosine-6-epochs": ("itemlm", {"train": {"lr_schedule": "cosine", "max_epochs": 6}}),
 }
 DEFAULT_VARIANTS = ["sasrec", "bert4rec", "gru4rec", "itemlm"]
 # what ItemLM must reach: RecBole 1.2.1 SASRec on these splits (../shared/docs/quality-evidence.md)
