@@ -71,6 +71,7 @@ VARIANTS = {
     "abl-random-backbone": ("itemlm", {"itemlm": {"pretrained": False}}),
     "abl-text-vocab-softmax": ("itemlm", {"itemlm": {"text_vocab_in_softmax": True, "freeze_text_embeddings": False}}),
     "abl-same-lr": ("itemlm", {"train": {"backbone_lr": None}}),
+    "abl-text-encoder": ("itemlm", {"itemlm": {"item_encoder": "text+id"}}),  # + a linear map of title states
     "abl-lr-3e-4": ("itemlm", {"train": {"lr": 3e-4, "backbone_lr": 3e-5}}),
     "abl-cosine-6-epochs": ("itemlm", {"train": {"lr_schedule": "cosine", "max_epochs": 6}}),
 }

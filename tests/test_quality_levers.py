@@ -165,3 +165,14 @@ def test_random_backbone_has_the_same_shape_and_new_weights(data):
     b = {k: v for k, v in rnd.state_dict().items() if k.startswith("backbone.")}
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight") and a[k].ndim == 2)
+
+
+def test_tied_items_with_a_text_encoder_use_the_summed_inputs(data, tmp_path):
+    cfg = cfg_for(tmp_path, tie_items=True, item_encoder="text+id")
+    model = build_model(cfg, data.items)
+    ids = torch.arange(data.n_items)
+    want = model.item_proj(model.item_embed(ids) + model.item_encoder(ids)) * model.tied_scale
+    assert torch.allclose(model.item_vectors(), want)
+    assert train(cfg, dataset=data).step == 1
+    with pytest.raises(ConfigError, match="ID table"):
+        cfg_for(tmp_path, tie_items=True, item_encoder="text")

@@ -336,7 +336,7 @@ def validate(cfg: Config) -> None:
         (m.init in ("random", "text", "ials", "sasrec"), "itemlm.init: random|text|ials|sasrec"),
         (m.init != "sasrec" or bool(m.init_from), "itemlm.init=sasrec needs itemlm.init_from=SASREC_CHECKPOINT"),
         (not m.tie_items or m.head == "full", "itemlm.tie_items needs itemlm.head=full"),
-        (not m.tie_items or m.item_encoder == "none", "itemlm.tie_items needs itemlm.item_encoder=none"),
+        (not m.tie_items or m.item_encoder != "text", "itemlm.tie_items needs the ID table (item_encoder none or text+id)"),
         (0.0 <= m.item_dropout < 1.0 and 0.0 <= m.hidden_dropout < 1.0,
          "itemlm.item_dropout and itemlm.hidden_dropout must be in [0, 1)"),
         (m.lora_r == 0 or m.freeze_backbone, "itemlm.lora_r > 0 needs itemlm.freeze_backbone=true "

@@ -116,7 +116,13 @@ class ItemLM(Recommender):
         final hidden states are RMS-normed (|h| ~ 40 on SmolLM2), so unscaled tied logits start
         with a standard deviation of ~7.5 (a saturated softmax that barely learns, measured);
         the scale starts at 0.1, the logit scale of the untied head's random start."""
-        return self.item_proj(self.item_embed.weight) * self.tied_scale
+        return self.item_proj(self.all_item_inputs()) * self.tied_scale
+
+    def all_item_inputs(self) -> torch.Tensor:
+        """(I, d_item) every item's input vector (ID table, text encoder, or their sum)."""
+        if self.item_encoder is None:
+            return self.item_embed.weight
+        return self.item_input(torch.arange(self.n_items, device=self.item_proj[0].weight.device))
 
     @torch.no_grad()
     def init_item_vectors(self, vectors: torch.Tensor, out_vectors: torch.Tensor | None = None) -> None:
@@ -137,7 +143,7 @@ class ItemLM(Recommender):
         v = v / v.std().clamp_min(1e-8)
         self.item_embed.weight.copy_(v.to(self.item_embed.weight))
         if getattr(self.head, "item_out", None) is not None:
-            out = self.item_proj(self.item_embed.weight) if out_vectors is None else out_vectors.float()
+            out = self.item_proj(self.all_item_inputs()) if out_vectors is None else out_vectors.float()
             out = out - out.mean(0)
             self.head.item_out.copy_((out * (0.02 / out.std().clamp_min(1e-8))).to(self.head.item_out))
 
