@@ -201,8 +201,8 @@ def write_table(results: dict, path: Path) -> None:
     rows = sorted(results["rows"], key=lambda r: (r["dataset"], r["variant"]))
     by = {(r["dataset"], r["variant"]): r for r in rows}
     head = ["| dataset | variant | profile | NDCG@10 (± s.e.) | Recall@10 | Recall@1 | MRR | top-1 share | "
-            "vs SASRec | NDCG@10 history masked | epochs | train s |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "vs SASRec | NDCG@10 history masked | valid NDCG@10 | epochs | train s |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def line(r: dict, t: dict, name: str) -> str:
         sas = by.get((r["dataset"], "sasrec"))
@@ -210,9 +210,10 @@ def write_table(results: dict, path: Path) -> None:
         se = f" ± {t['ndcg@10_se']:.4f}" if "ndcg@10_se" in t else ""
         top1 = f"{t['top1_share']:.3f}{' COLLAPSED' if t.get('collapsed') else ''}" if "top1_share" in t else "-"
         epochs = f"{r['epochs']:.1f}" if r.get("epochs") else "-"
+        valid = f"{r['best_valid']['ndcg@10']:.4f}" if r.get("best_valid") and t is r["test"] else "-"
         masked = f"{r['test_history_masked']['ndcg@10']:.4f}" if "test_history_masked" in r and t is r["test"] else "-"
         return (f"| {r['dataset']} | {name} | {r['profile']} | {t['ndcg@10']:.4f}{se} | {t['recall@10']:.4f} | "
-                f"{t['recall@1']:.4f} | {t['mrr']:.4f} | {top1} | {ratio} | {masked} | {epochs} | "
+                f"{t['recall@1']:.4f} | {t['mrr']:.4f} | {top1} | {ratio} | {masked} | {valid} | {epochs} | "
                 f"{r['train_seconds']:.0f} |")
 
     main = [r for r in rows if r["variant"] in DEFAULT_VARIANTS and "epochs" in r]
