@@ -1,6 +1,7 @@
 """The levers of the quality work (issue 11): item-vector initialisation, tied item vectors,
 dropout, epoch budgets, and the collapse check reported by evaluation."""
 
+import json
 import math
 
 import numpy as np
@@ -176,3 +177,11 @@ def test_tied_items_with_a_text_encoder_use_the_summed_inputs(data, tmp_path):
     assert train(cfg, dataset=data).step == 1
     with pytest.raises(ConfigError, match="ID table"):
         cfg_for(tmp_path, tie_items=True, item_encoder="text")
+
+
+def test_a_fresh_run_in_a_used_folder_starts_its_logs_anew(data, tmp_path):
+    cfg = cfg_for(tmp_path, model="sasrec", train_extra={"max_steps": 4, "eval_every": 2})
+    train(cfg, dataset=data)
+    train(cfg, dataset=data)  # not --resume: a new run, the same out folder
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]

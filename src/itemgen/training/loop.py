@@ -168,8 +168,9 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
     n_params = sum(p.numel() for p in core.parameters())
     n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
     log_path, history_path = out / "log.jsonl", out / "history.jsonl"
-    if acc.is_main_process:
+    if acc.is_main_process:  # a fresh run in a used folder starts both logs anew; a resumed one keeps its past
         trim_history(history_path, step)
+        trim_history(log_path, step)
 
     def log(record: dict) -> None:
         if acc.is_main_process:
