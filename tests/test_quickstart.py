@@ -35,3 +35,12 @@ def test_quickstart_itemlm_reaches_its_sasrec(tmp_path):
     """The real quickstart (SmolLM2-135M, 2 layers, the default 2-minute budgets)."""
     results, out = quickstart(tmp_path, "smollm2-135m", 2.0)
     assert results["itemlm"]["ndcg@10"] >= results["sasrec"]["ndcg@10"], out
+
+
+def test_quiet_quickstart_prints_the_table_and_the_winner_only(tmp_path):
+    buf = io.StringIO()
+    run(data=None, out=tmp_path, backbone="tiny", n_layers=2, minutes=0.02, console=Console(file=buf, width=200),
+        quiet=True)
+    out = buf.getvalue()
+    assert "on NDCG@10" in out and "ndcg@10" in out
+    assert "training" not in out and "next:" not in out and "synthetic catalog" not in out

@@ -147,7 +147,7 @@ def quickstart_command(data: Optional[Path] = typer.Option(None, help="prepared 
     """Prepare data, train ItemLM and SASRec, evaluate both on the test split, recommend."""
     reporting(quiet, log_format)
     _guard(run_quickstart, data=data, out=out, backbone=backbone, n_layers=n_layers, minutes=minutes,
-           console=JsonConsole() if json_mode() else console)
+           console=JsonConsole() if json_mode() else console, quiet=quiet)
 
 
 def main() -> None:

@@ -29,17 +29,20 @@ def winner_line(results: dict) -> str:
     return f"{win} wins on NDCG@10: {hi:.4f} vs {lose} {lo:.4f}{rel}"
 
 
-def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, minutes: float, console) -> dict:
+def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, minutes: float, console,
+        quiet: bool = False) -> dict:
+    """``quiet``: the result table and the winner only."""
     out = Path(out)
+    note = (lambda *a, **k: None) if quiet else console.print
     if data is None:
         data = out / "data"
         ds = make_dataset(n_users=3000, n_items=300, noise=0.1, seed=0, name="synthetic")
         ds.save(data)
-        console.print(f"synthetic catalog: {ds.n_items} items, {len(ds.users)} users, "
+        note(f"synthetic catalog: {ds.n_items} items, {len(ds.users)} users, "
                       f"{ds.n_interactions} interactions -> {data}", soft_wrap=True)
     else:
         ds = SequenceDataset.load(data)
-        console.print(f"dataset {ds.name}: {ds.n_items} items, {len(ds.users)} users")
+        note(f"dataset {ds.name}: {ds.n_items} items, {len(ds.users)} users")
     budget = {"data": {"path": str(data)}, "train": {"max_minutes": minutes}}
     sasrec = merge(merge(SASREC, budget), {"train": {"out": str(out / "sasrec")}})
     itemlm = merge(merge(ITEMLM_CPU, budget), {
@@ -48,7 +51,7 @@ def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, mi
     results, reports = {}, {}
     for name, values in (("sasrec", sasrec), ("itemlm", itemlm)):  # ItemLM starts from SASRec's items
         cfg = from_dict(values)
-        console.print(f"[bold]training {name}[/bold] (by epochs with early stopping, at most {minutes:g} min)")
+        note(f"[bold]training {name}[/bold] (by epochs with early stopping, at most {minutes:g} min)")
         res = train(cfg, dataset=ds)
         report = evaluate_checkpoint(res.best, split="test")
         reports[name] = report["path"]
@@ -60,15 +63,15 @@ def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, mi
     user = ds.examples("test")[0]
     history = [ds.items.ids[i] for i in user.history[-5:]]
     recs = pred.recommend([history], k=5)[0]
-    console.print(f"history (last 5): {', '.join(history)}")
+    note(f"history (last 5): {', '.join(history)}")
     for r, rec in enumerate(recs, 1):
-        console.print(f"  {r}. {rec['id']}  {rec['score']:.3f}  {rec['title'] or ''}")
+        note(f"  {r}. {rec['id']}  {rec['score']:.3f}  {rec['title'] or ''}")
     summary = out / "quickstart.json"
     atomic_write_text(summary, json.dumps(results, indent=2) + "\n")
-    console.print(f"\ncheckpoints: {out / 'itemlm' / 'best'}, {out / 'sasrec' / 'best'}", soft_wrap=True)
-    console.print(f"reports:     {reports['itemlm']}, {reports['sasrec']}, {summary}", soft_wrap=True)
-    console.print(f"curves:      itemgen plot {out / 'itemlm'}", soft_wrap=True)
-    console.print("next:\n"
+    note(f"\ncheckpoints: {out / 'itemlm' / 'best'}, {out / 'sasrec' / 'best'}", soft_wrap=True)
+    note(f"reports:     {reports['itemlm']}, {reports['sasrec']}, {summary}", soft_wrap=True)
+    note(f"curves:      itemgen plot {out / 'itemlm'}", soft_wrap=True)
+    note("next:\n"
                   "  itemgen data prepare table interactions.csv --out data/mine   # your own data\n"
                   "  itemgen train configs/sasrec.yaml data.path=data/mine train.out=runs/sasrec\n"
                   "  itemgen train configs/itemlm-cpu.yaml data.path=data/mine itemlm.init_from=runs/sasrec/best\n"
