@@ -185,3 +185,22 @@ def test_a_fresh_run_in_a_used_folder_starts_its_logs_anew(data, tmp_path):
     train(cfg, dataset=data)  # not --resume: a new run, the same out folder
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
+
+
+def test_tied_item_vectors_are_cached_for_scoring_until_a_weight_changes(data, tmp_path):
+    model = build_model(cfg_for(tmp_path, tie_items=True), data.items)
+    fresh = lambda: model.item_proj(model.item_embed.weight) * model.tied_scale  # noqa: E731
+    with torch.no_grad():
+        first = model.item_vectors()
+        assert model.item_vectors() is first  # kept, not recomputed
+        assert torch.equal(first, fresh())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.loss(model.to_device(model.train_batch([s for s in data.split.train if len(s) >= 2][:8],
+                                                 np.random.default_rng(0)))).backward()
+    opt.step()  # in place: the cache must notice
+    with torch.no_grad():
+        after = model.item_vectors()
+        assert after is not first and torch.equal(after, fresh()) and not torch.equal(after, first)
+    with torch.inference_mode():
+        assert torch.equal(model.item_vectors(), after)
+    assert model.item_vectors().requires_grad  # training path: never the cached tensor
