@@ -204,3 +204,37 @@ def test_tied_item_vectors_are_cached_for_scoring_until_a_weight_changes(data, t
     with torch.inference_mode():
         assert torch.equal(model.item_vectors(), after)
     assert model.item_vectors().requires_grad  # training path: never the cached tensor
+
+
+def test_tied_cache_is_refreshed_after_the_training_loops_optimizer_and_validation(data, tmp_path):
+    """The training loop's fused AdamW updates weights in place without bumping tensor versions:
+    the cache must still be dropped, or validation scores stale item vectors (a real bug)."""
+    from itemgen.training.loop import make_optimizer
+
+    cfg = cfg_for(tmp_path, tie_items=True)
+    model = build_model(cfg, data.items)
+    model.eval()
+    with torch.no_grad():
+        first = model.item_vectors().clone()
+    model.train()
+    opt = make_optimizer(model, cfg)
+    model.loss(model.to_device(model.train_batch([s for s in data.split.train if len(s) >= 2][:8],
+                                                 np.random.default_rng(0)))).backward()
+    opt.step()
+    model.eval()  # what validation does (evaluate.rank_and_top)
+    with torch.no_grad():
+        after = model.item_vectors()
+        fresh = model.item_proj(model.item_embed.weight) * model.tied_scale
+    assert not torch.equal(after, first) and torch.equal(after, fresh)
+
+
+def test_validation_during_training_matches_the_saved_checkpoint(data, tmp_path):
+    """What early stopping sees is what the checkpoints score when loaded."""
+    cfg = cfg_for(tmp_path, train_extra={"max_steps": 6, "eval_every": 2, "eval_users": None, "lr": 0.05},
+                  tie_items=True)
+    res = train(cfg, dataset=data)
+    logged = [json.loads(line)["valid"]["ndcg@10"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    for ckpt, want in ((res.best, max(logged)), (res.out / "last", logged[-1])):
+        model, mcfg, _ = load_checkpoint(ckpt)
+        again = evaluate(model, data.examples("valid"), max_history=mcfg.data.max_history, progress=False)
+        assert again["ndcg@10"] == pytest.approx(want, abs=1e-9)

@@ -119,14 +119,20 @@ class ItemLM(Recommender):
         if torch.is_grad_enabled():  # training: recomputed every step, gradients flow
             return self.item_proj(self.all_item_inputs()) * self.tied_scale
         # scoring (evaluation, serving): the (I, H) projection costs more than a batch-1 forward
-        # pass, so it is kept until a weight it depends on changes (in-place optimizer steps and
-        # loading bump the tensors' versions; moving devices changes their storage)
+        # pass, so it is kept until a weight it depends on changes: loading and most in-place
+        # updates bump the tensors' versions, moving devices changes their storage, and train() /
+        # eval() drop it, because fused AdamW (training/loop.py) updates weights WITHOUT bumping
+        # versions (a stale cache made every validation score the first validation's item vectors)
         params = [p for m in (self.item_proj, self.item_embed, self.item_encoder) if m is not None
                   for p in m.parameters()] + [self.tied_scale]
         key = tuple((p._version, p.data_ptr()) for p in params)
         if getattr(self, "_tied_cache", None) is None or self._tied_cache[0] != key:
             self._tied_cache = (key, self.item_proj(self.all_item_inputs()) * self.tied_scale)
         return self._tied_cache[1]
+
+    def train(self, mode: bool = True):
+        self._tied_cache = None  # see tied_item_vectors
+        return super().train(mode)
 
     def all_item_inputs(self) -> torch.Tensor:
         """(I, d_item) every item's input vector (ID table, text encoder, or their sum)."""
