@@ -102,6 +102,17 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (training/distill.py): the student also matches a trained teacher's
+    distribution over items at every label: (1 - weight) * CE + weight * T^2 * KL(teacher || student)
+    at temperature T. The teacher is any checkpoint of the same catalog that scores next items at
+    the same labels (SASRec, GRU4Rec, ItemLM); only training reads it."""
+    teacher: str = ""  # checkpoint directory; "" = no distillation
+    weight: float = 0.5
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
 class TitleLMConfig:
     """Title baseline, items written as text (title_lm.py)."""
     backbone: str = "tiny"
@@ -159,6 +170,7 @@ class Config:
     bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
     gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     title: TitleLMConfig = field(default_factory=TitleLMConfig)
     semantic_ids: SemanticIDConfig = field(default_factory=SemanticIDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -358,6 +370,10 @@ def validate(cfg: Config) -> None:
         (cfg.loss.negatives >= 1, "loss.negatives must be >= 1"),
         (cfg.loss.sampler in ("uniform", "popularity", "all"), "loss.sampler: uniform|popularity|all"),
         (cfg.loss.margin >= 0, "loss.margin must be >= 0"),
+        (0.0 <= cfg.distill.weight <= 1.0, "distill.weight must be in [0, 1]"),
+        (cfg.distill.temperature > 0, "distill.temperature must be > 0"),
+        (not cfg.distill.teacher or cfg.loss.kind == "full", "distill.teacher needs loss.kind=full "
+                                                              "(it matches the teacher over the whole catalog)"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from itemgen.core.config import Config, ItemLMConfig
@@ -25,6 +26,8 @@ from itemgen.models.recommender import Recommender
 
 class ItemLM(Recommender):
     name = "itemlm"
+
+    distillable = True  # with the full head (training/distill.py checks)
 
     def __init__(self, backbone, tokenizer, items: ItemTable, cfg: ItemLMConfig, clusters=None):
         super().__init__()
@@ -192,7 +195,15 @@ class ItemLM(Recommender):
         hs = self.hidden_drop(h[sel])  # (N, H): only N label positions reach the head
         if self.sampled_loss is not None:  # loss.kind != full: sampled items only, text tokens left out
             return self.sampled_loss(hs, batch["labels"][sel], self.head.item_vectors())
+        if self.distillation is not None:  # full head: the teacher is matched over items only
+            logits = self.head.logits(hs).float()  # (N, V + I) or (N, I)
+            ce = F.cross_entropy(logits, batch["labels"][sel] + (logits.shape[1] - self.n_items), reduction="sum")
+            return self.distillation(ce, logits[:, logits.shape[1] - self.n_items:], batch["teacher_scores"])
         return self.head.loss(hs, batch["labels"][sel])
+
+    def label_scores(self, batch):
+        h = self.hidden(batch)  # (B, L, H)
+        return self.head.item_log_probs(h[batch["labels"] >= 0])  # (N, I)
 
     # ---- inference ---------------------------------------------------------------------
     def query_batch(self, histories):

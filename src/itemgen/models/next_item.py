@@ -12,6 +12,8 @@ from itemgen.models.recommender import Recommender
 
 
 class NextItemRecommender(Recommender):
+    distillable = True
+
     def _item_table(self, n_items: int, d: int) -> None:
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)  # index 0 = padding, item i -> i + 1
         nn.init.normal_(self.item_emb.weight, std=0.02)
@@ -44,8 +46,15 @@ class NextItemRecommender(Recommender):
         sel = batch["y"] >= 0
         if self.sampled_loss is not None:  # loss.kind != full (losses.py)
             return self.sampled_loss(h[sel], batch["y"][sel], self.item_vectors())
-        logits = h[sel] @ self.item_vectors().T  # (N, I), label positions only
-        return F.cross_entropy(logits.float(), batch["y"][sel], reduction="sum")
+        logits = (h[sel] @ self.item_vectors().T).float()  # (N, I), label positions only
+        ce = F.cross_entropy(logits, batch["y"][sel], reduction="sum")
+        if self.distillation is not None:
+            return self.distillation(ce, logits, batch["teacher_scores"])
+        return ce
+
+    def label_scores(self, batch):
+        h = self.hidden(batch["x"])  # (B, L, d)
+        return h[batch["y"] >= 0] @ self.item_vectors().T  # (N, I)
 
     def query_batch(self, histories):
         x, lengths = self._pad([np.asarray(h)[-self.max_len:] for h in histories])

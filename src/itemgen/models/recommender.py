@@ -19,6 +19,10 @@ class Recommender(nn.Module):
     # set by losses.attach_loss when config loss.kind != full; models then route the final states at
     # label positions through it instead of the full-catalog cross-entropy
     sampled_loss = None
+    # set by training/distill.py when config distill.teacher is set: models that can learn from a
+    # teacher (distillable) add its term to their cross-entropy, given batch["teacher_scores"]
+    distillation = None
+    distillable = False
 
     # ---- training ----------------------------------------------------------------------
     def train_batch(self, seqs: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -32,6 +36,11 @@ class Recommender(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum (not mean) of the per-label losses of the batch."""
         raise NotImplementedError
+
+    def label_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, I) item scores at every label of a train_batch, labels in order (row by row, left
+        to right): what a distillation teacher gives its student (training/distill.py)."""
+        raise NotImplementedError(f"{self.name} cannot be a distillation teacher")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # training goes through forward() so that DDP wrappers see it

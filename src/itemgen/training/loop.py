@@ -28,6 +28,7 @@ from itemgen.evaluation.metrics import ranking_metrics
 from itemgen.models.checkpoint import load_trainer_state, save_checkpoint
 from itemgen.models.recommender import Recommender
 from itemgen.models.registry import build_model
+from itemgen.training.distill import attach_distillation
 from itemgen.training.item_init import init_items
 from itemgen.training.losses import attach_loss, item_counts
 
@@ -160,6 +161,7 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
     core: Recommender = acc.unwrap_model(model)
     if cfg.loss.kind != "full":  # sampled losses; the popularity proposal counts the training split
         attach_loss(core, cfg.loss, item_counts(ds.split.train, ds.n_items))
+    teacher = attach_distillation(core, cfg, ds, seqs)  # None unless distill.teacher is set
     valid = subsample(ds.split.valid, t.eval_users, t.seed)
     world, rank = acc.num_processes, acc.process_index
     if acc.is_main_process:
@@ -225,6 +227,8 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         batch = core.to_device(core.train_batch(shard, rng)) if shard else None
         if batch is None:  # an uneven last batch can leave a process without examples
             raise ValueError(f"batch of {len(global_seqs)} examples cannot be split over {world} processes")
+        if teacher is not None:  # (N, I) the teacher's scores at the same labels
+            batch["teacher_scores"] = teacher.scores(shard, rng).to(core.device)
         with acc.autocast():
             loss_sum = model(batch)
         loss = loss_sum * (world / max(n_global, 1))
