@@ -95,3 +95,30 @@ def test_config_errors(data, tmp_path):
     no_titles = SequenceDataset("bare", ItemTable([f"i{i}" for i in range(5)]), ["u"], [torch.arange(5).numpy()])
     with pytest.raises(ValueError, match="needs item titles"):
         build_model(config(tmp_path, item_encoder="text"), no_titles.items)
+
+
+def test_titles_encoded_by_a_whole_text_backbone_of_another_width(data, tmp_path):
+    """itemlm.text_backbone: the recommender cuts its backbone to 1 layer, titles are encoded by a
+    separate, wider model whole; the checkpoint keeps those features and loads without it."""
+    from itemgen.models.backbones import tiny_backbone
+
+    wide, tok = tiny_backbone(hidden_size=96, n_layers=3, n_heads=4, seed=3)
+    wide.save_pretrained(tmp_path / "wide")
+    tok.save_pretrained(tmp_path / "wide")
+    cfg = config(tmp_path / "run", item_encoder="text+id", n_layers=1, text_backbone=str(tmp_path / "wide"),
+                 freeze_backbone=False)
+    model = build_model(cfg, data.items)
+    assert model.item_encoder.feature_dim == 96 and model.backbone.config.num_hidden_layers == 1
+    want = ItemEncoder(data.n_items, 96, 4)
+    want.set_features(text_features(wide, tok, data.items.fields["title"]))
+    assert torch.allclose(model.item_encoder.text_feat, want.text_feat, atol=1e-5)
+    result = train(cfg, dataset=data)
+    loaded, _, _ = load_checkpoint(result.out / "last")
+    assert torch.equal(loaded.item_encoder.text_feat, model.item_encoder.text_feat)  # kept, not recomputed
+    hist = [s[:-1] for s in data.split.train[:4]]
+    assert loaded.scores(hist).shape == (4, data.n_items)
+    # init=text reads the same encoder (its width, 96, not the recommender's 64)
+    from itemgen.training.item_init import title_vectors
+
+    cfg = config(tmp_path / "run2", init="text", text_backbone=str(tmp_path / "wide"), freeze_backbone=False)
+    assert title_vectors(build_model(cfg, data.items), data).shape == (data.n_items, 96)

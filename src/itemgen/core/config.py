@@ -48,6 +48,10 @@ class ItemLMConfig:
     prompt: str = "default"  # default: the paper's wording; compact: ids and separators only; ids: no question either
     freeze_backbone: bool = False  # only item table, item encoder, projection and head train
     item_encoder: str = "none"  # none | text | text+id: item input vectors from title features (item_encoder.py)
+    # which LM encodes item titles (item_encoder, init=text): "" = the model's own backbone as it is
+    # (n_layers cut too); a backbone name = that model WHOLE, e.g. all 30 layers of smollm2-135m
+    # under a 2-layer CPU profile (loaded once at build; the checkpoint keeps the features)
+    text_backbone: str = ""
     lora_r: int = 0  # > 0: LoRA adapters of this rank on the frozen backbone (needs freeze_backbone)
     # item vectors at the start of training (item_init.py): random | text (the backbone's states of
     # each title) | ials (implicit ALS factors of the training split) | sasrec (a trained SASRec's

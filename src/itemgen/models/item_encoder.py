@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from itemgen.models.backbones import load_backbone
+
 ENCODERS = ("none", "text", "text+id")
 
 
@@ -45,6 +47,16 @@ def text_features(backbone, tokenizer, texts: list[str | None], *, max_tokens: i
         m = mask.to(dev, h.dtype)[..., None]  # (B, L, 1)
         out[idx] = ((h * m).sum(1) / m.sum(1)).float().cpu()  # (B, H)
     return out
+
+
+def title_encoder(cfg, backbone, tokenizer):
+    """The (model, tokenizer) that encodes item titles: the model's own backbone, or
+    ``cfg.text_backbone`` (an ItemLMConfig) loaded whole, e.g. every layer of a backbone that the
+    recommender itself cuts to its first few."""
+    if not cfg.text_backbone:
+        return backbone, tokenizer
+    text_lm, text_tok = load_backbone(cfg.text_backbone, dtype=backbone.dtype)
+    return text_lm.to(backbone.device), text_tok
 
 
 class ItemEncoder(nn.Module):
@@ -76,6 +88,10 @@ class ItemEncoder(nn.Module):
                              "(use itemlm.item_encoder=none)")
         self.set_features(text_features(backbone, tokenizer, titles))
         return sum(1 for t in titles if not (t or "").strip())
+
+    @property
+    def feature_dim(self) -> int:
+        return self.text_feat.shape[1]
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         return self.text_proj(self.text_feat[items])  # (..., d_item)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from itemgen.core.config import Config, ItemLMConfig
@@ -20,7 +21,7 @@ from itemgen.data.prompts import PromptBuilder, collate
 from itemgen.heads.clusters import Clusters, resolve_clusters
 from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead
 from itemgen.models.backbones import cache_kwargs, load_backbone
-from itemgen.models.item_encoder import ItemEncoder, add_lora
+from itemgen.models.item_encoder import ItemEncoder, add_lora, title_encoder
 from itemgen.models.recommender import Recommender
 
 
@@ -29,7 +30,8 @@ class ItemLM(Recommender):
 
     distillable = True  # with the full head (training/distill.py checks)
 
-    def __init__(self, backbone, tokenizer, items: ItemTable, cfg: ItemLMConfig, clusters=None):
+    def __init__(self, backbone, tokenizer, items: ItemTable, cfg: ItemLMConfig, clusters=None,
+                 text_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.n_items = len(items)
@@ -38,7 +40,8 @@ class ItemLM(Recommender):
         H = backbone.config.hidden_size
         # item input vectors: ID table and/or an encoder of item text (item_encoder.py)
         self.item_embed = nn.Embedding(self.n_items, cfg.item_dim) if cfg.item_encoder != "text" else None  # (I, d_item)
-        self.item_encoder = ItemEncoder(self.n_items, H, cfg.item_dim) if cfg.item_encoder != "none" else None
+        # text_dim: width of the title features (the hidden size of itemlm.text_backbone; default H)
+        self.item_encoder = ItemEncoder(self.n_items, text_dim or H, cfg.item_dim) if cfg.item_encoder != "none" else None
         self.item_proj = nn.Sequential(nn.Linear(cfg.item_dim, H), nn.GELU(), nn.Linear(H, H))
         self.item_drop = nn.Dropout(cfg.item_dropout)
         self.hidden_drop = nn.Dropout(cfg.hidden_dropout)
@@ -88,9 +91,15 @@ class ItemLM(Recommender):
         if cfg.itemlm.head == "two_level":
             clusters = resolve_clusters(cfg, len(items)) if checkpoint_dir is None else \
                 Clusters.load(Path(checkpoint_dir) / "clusters.json", len(items))
-        model = cls(backbone, tokenizer, items, cfg.itemlm, clusters)
-        if checkpoint_dir is None and model.item_encoder is not None:  # once; the checkpoint keeps them
-            model.item_encoder.fit_text(backbone, tokenizer, items.fields.get("title"))
+        if cfg.itemlm.item_encoder == "none":
+            return cls(backbone, tokenizer, items, cfg.itemlm, clusters)
+        if checkpoint_dir is not None:  # the features are in the checkpoint: only their width is needed
+            with safe_open(str(Path(checkpoint_dir) / "model.safetensors"), "pt") as f:
+                text_dim = f.get_slice("item_encoder.text_feat").get_shape()[1]
+            return cls(backbone, tokenizer, items, cfg.itemlm, clusters, text_dim)
+        text_lm, text_tok = title_encoder(cfg.itemlm, backbone, tokenizer)
+        model = cls(backbone, tokenizer, items, cfg.itemlm, clusters, text_lm.config.hidden_size)
+        model.item_encoder.fit_text(text_lm, text_tok, items.fields.get("title"))  # once; the checkpoint keeps them
         return model
 
     def save_architecture(self, directory: Path) -> None:

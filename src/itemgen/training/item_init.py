@@ -18,7 +18,7 @@ from itemgen.core.config import Config
 from itemgen.data.dataset import DataError, SequenceDataset
 from itemgen.heads.clusters import als_item_factors
 from itemgen.models.checkpoint import CheckpointError, load_checkpoint
-from itemgen.models.item_encoder import text_features
+from itemgen.models.item_encoder import text_features, title_encoder
 
 
 def pca(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -31,12 +31,14 @@ def pca(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def title_vectors(model, ds: SequenceDataset) -> torch.Tensor:
-    """(I, H) backbone states of each title; items without a title get the mean of the others."""
+    """(I, F) states of each title (the backbone's, or itemlm.text_backbone's: F its width);
+    items without a title get the mean of the others."""
     titles = ds.items.fields.get("title")
     if titles is None or not any((t or "").strip() for t in titles):
         raise DataError("itemlm.init=text needs item titles, and this dataset has none "
                         "(use itemlm.init=ials or random)")
-    feats = text_features(model.backbone, model.tokenizer, titles).clone()  # (I, H), out of inference mode
+    text_lm, text_tok = title_encoder(model.cfg, model.backbone, model.tokenizer)
+    feats = text_features(text_lm, text_tok, titles).clone()  # (I, F), out of inference mode
     has = feats.abs().sum(1) > 0
     feats[~has] = feats[has].mean(0)
     # standardise per dimension: LM states have a few huge outlier dimensions (item_encoder.py)
@@ -62,8 +64,9 @@ def init_items(model, cfg: Config, ds: SequenceDataset) -> None:
     if cfg.model != "itemlm" or m.init == "random":
         return
     if m.init == "text":
-        feats = title_vectors(model, ds)  # (I, H)
-        model.init_item_vectors(pca(feats, m.item_dim), out_vectors=None if m.tie_items else feats)
+        feats = title_vectors(model, ds)  # (I, F)
+        same_width = feats.shape[1] == model.backbone.config.hidden_size  # else outputs = projected inputs
+        model.init_item_vectors(pca(feats, m.item_dim), out_vectors=feats if same_width and not m.tie_items else None)
     elif m.init == "ials":
         f = als_item_factors(ds, factors=m.item_dim, seed=cfg.train.seed)
         model.init_item_vectors(torch.from_numpy(np.asarray(f)))
