@@ -238,3 +238,25 @@ def test_validation_during_training_matches_the_saved_checkpoint(data, tmp_path)
         model, mcfg, _ = load_checkpoint(ckpt)
         again = evaluate(model, data.examples("valid"), max_history=mcfg.data.max_history, progress=False)
         assert again["ndcg@10"] == pytest.approx(want, abs=1e-9)
+
+
+def test_backbone_dropout_acts_in_training_only(data, tmp_path):
+    torch.manual_seed(0)
+    plain = build_model(cfg_for(tmp_path), data.items)
+    torch.manual_seed(0)  # the same item table and projection
+    dropped = build_model(cfg_for(tmp_path, backbone_dropout=0.3), data.items)
+    attn = dropped.backbone.model.layers[0].self_attn
+    assert attn.attention_dropout == 0.3 and plain.backbone.model.layers[0].self_attn.attention_dropout == 0.0
+    batch = dropped.query_batch([s[:-1] for s in data.split.train[:6]])
+    plain.eval(), dropped.eval()
+    with torch.no_grad():  # same seeded tiny weights: evaluation is unchanged by the dropout
+        assert torch.equal(plain.encode(batch), dropped.encode(batch))
+        dropped.train()
+        torch.manual_seed(0)
+        a = dropped.encode(batch)
+        torch.manual_seed(1)
+        b = dropped.encode(batch)
+        plain.train()
+        assert not torch.equal(a, b) and torch.equal(plain.encode(batch), plain.encode(batch))
+    with pytest.raises(ConfigError, match="backbone_dropout"):
+        cfg_for(tmp_path, backbone_dropout=1.0)

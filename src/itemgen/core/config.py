@@ -63,6 +63,7 @@ class ItemLMConfig:
     tie_items: bool = False  # output vector of an item = its projected input vector (SASRec ties them too)
     item_dropout: float = 0.0  # dropout on projected item vectors at the input (training only)
     hidden_dropout: float = 0.0  # dropout on hidden states at label positions, before the head
+    backbone_dropout: float = 0.0  # dropout inside the backbone: attention probabilities and sublayer outputs
 
 
 @dataclass(frozen=True)
@@ -353,8 +354,8 @@ def validate(cfg: Config) -> None:
         (m.init != "sasrec" or bool(m.init_from), "itemlm.init=sasrec needs itemlm.init_from=SASREC_CHECKPOINT"),
         (not m.tie_items or m.head == "full", "itemlm.tie_items needs itemlm.head=full"),
         (not m.tie_items or m.item_encoder != "text", "itemlm.tie_items needs the ID table (item_encoder none or text+id)"),
-        (0.0 <= m.item_dropout < 1.0 and 0.0 <= m.hidden_dropout < 1.0,
-         "itemlm.item_dropout and itemlm.hidden_dropout must be in [0, 1)"),
+        (0.0 <= m.item_dropout < 1.0 and 0.0 <= m.hidden_dropout < 1.0 and 0.0 <= m.backbone_dropout < 1.0,
+         "itemlm.item_dropout, itemlm.hidden_dropout and itemlm.backbone_dropout must be in [0, 1)"),
         (m.lora_r == 0 or m.freeze_backbone, "itemlm.lora_r > 0 needs itemlm.freeze_backbone=true "
                                              "(LoRA trains adapters on a frozen backbone)"),
         (cfg.sasrec.layout in ("pre_ln", "post_ln"), "sasrec.layout: pre_ln|post_ln"),

@@ -239,6 +239,33 @@ def truncate_layers(model: PreTrainedModel, n_layers: int, *, name: str | None =
     return model
 
 
+def add_dropout(model: PreTrainedModel, p: float) -> None:
+    """Dropout inside the backbone, in training mode only, as SASRec has it and pretrained LLMs
+    (trained on far more data) do not: on every attention and MLP sublayer output before it joins
+    the residual stream, and on the attention probabilities. In place; it adds no weights, so
+    checkpoints are the same with or without it."""
+    if p <= 0:
+        return
+    layers, _, _ = _decoder_layers(model)
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not hasattr(attn, "attention_dropout"):
+            raise BackboneError(f"{type(layer).__name__}: backbone dropout needs Llama-style layers "
+                                "(self_attn with attention_dropout, mlp)")
+        attn.attention_dropout = p
+        attn.register_forward_hook(_drop_first)  # (attn_output, weights)
+        mlp.register_forward_hook(_drop_output)
+        attn._itemgen_dropout = mlp._itemgen_dropout = p
+
+
+def _drop_first(module, args, out):
+    return (torch.nn.functional.dropout(out[0], module._itemgen_dropout, module.training), *out[1:])
+
+
+def _drop_output(module, args, out):
+    return torch.nn.functional.dropout(out, module._itemgen_dropout, module.training)
+
+
 def describe_backbone(model: PreTrainedModel) -> dict[str, Any]:
     """What a benchmark result file records about the backbone."""
     config = model.config

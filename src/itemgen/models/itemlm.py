@@ -20,7 +20,7 @@ from itemgen.data.dataset import ItemTable
 from itemgen.data.prompts import PromptBuilder, collate
 from itemgen.heads.clusters import Clusters, resolve_clusters
 from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead
-from itemgen.models.backbones import cache_kwargs, load_backbone
+from itemgen.models.backbones import add_dropout, cache_kwargs, load_backbone
 from itemgen.models.item_encoder import ItemEncoder, add_lora, title_encoder
 from itemgen.models.recommender import Recommender
 
@@ -68,6 +68,7 @@ class ItemLM(Recommender):
             self.backbone.get_input_embeddings().weight.requires_grad_(False)
         if cfg.lora_r > 0:
             add_lora(self.backbone, cfg.lora_r)
+        add_dropout(self.backbone, cfg.backbone_dropout)  # training mode only
 
     @classmethod
     def build(cls, cfg: Config, items: ItemTable, checkpoint_dir=None) -> "ItemLM":
