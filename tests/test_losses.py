@@ -213,3 +213,58 @@ def test_each_loss_trains_sasrec_on_the_rule(kind, correction, sampler, tmp_path
     model, _, _ = load_checkpoint(result.best)
     m = evaluate(model, ds.split.test, max_history=10)
     assert m["recall@1"] >= 0.8, (kind, correction, sampler, m)  # chance is 1/40
+
+
+# ---- loss.exclude_history ----------------------------------------------------------------------
+def test_earlier_items_pairs_each_label_with_what_came_before_it():
+    from itemgen.data.dataset import earlier_items
+
+    pairs = earlier_items([np.array([4, 7, 9]), np.array([1, 2, 1, 3])])
+    # sequence 0: labels 0 (7 after [4]) and 1 (9 after [4, 7]); sequence 1: labels 2, 3, 4
+    # label 3 predicts 1 after [1, 2]: a repeat, so its own item stays in its softmax
+    assert pairs.tolist() == [[0, 4], [1, 4], [1, 7], [2, 1], [3, 2], [4, 1], [4, 2], [4, 1]]
+    assert earlier_items([np.array([4, 7, 9])], last_only=True).tolist() == [[0, 4], [0, 7]]
+
+
+@pytest.mark.parametrize("model", ["sasrec", "itemlm"])
+def test_excluded_history_leaves_the_softmax(model, tmp_path):
+    """The loss with exclude_history equals a cross-entropy computed by hand over the items that
+    did not come before each label; without it, over all items."""
+    from itemgen.core.config import from_dict
+    from itemgen.data.synthetic import make_dataset
+    from itemgen.models.registry import build_model
+
+    ds = make_dataset(n_users=20, n_items=15, min_len=4, max_len=6, seed=2)
+    cfg = from_dict({"model": model, "data": {"path": "x", "max_history": 6},
+                     "itemlm": {"backbone": "tiny", "prompt": "ids", "item_dim": 8, "text_vocab_in_softmax": False},
+                     "sasrec": {"hidden": 16, "n_heads": 2}, "loss": {"exclude_history": True}})
+    m = build_model(cfg, ds.items).eval()
+    seqs = [s for s in ds.split.train if len(s) >= 3][:4]
+    m.exclude_history = True
+    batch = m.train_batch(seqs, np.random.default_rng(0))
+    with torch.no_grad():
+        got = m.loss(batch).item()
+        scores = m.label_scores(batch)  # (N, I) in label order
+        want, n = 0.0, 0
+        for s in seqs:
+            for j in range(len(s) - 1):
+                keep = torch.ones(ds.n_items, dtype=torch.bool)
+                keep[torch.as_tensor(s[:j + 1])] = False
+                keep[s[j + 1]] = True
+                row = scores[n][keep]
+                want += float(torch.logsumexp(row, 0) - scores[n][s[j + 1]])
+                n += 1
+        m.exclude_history = False
+        full = m.loss({k: v for k, v in batch.items() if k != "exclude"}).item()
+    assert got == pytest.approx(want, rel=1e-4) and full > got
+
+
+def test_exclude_history_config_is_checked():
+    from itemgen.core.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="loss.exclude_history needs loss.kind=full"):
+        from_dict({"model": "sasrec", "loss": {"exclude_history": True, "kind": "warp"}})
+    with pytest.raises(ConfigError, match="next-item labels"):
+        from_dict({"model": "bert4rec", "loss": {"exclude_history": True}})
+    with pytest.raises(ConfigError, match="head=full"):
+        from_dict({"model": "itemlm", "itemlm": {"head": "two_level"}, "loss": {"exclude_history": True}})

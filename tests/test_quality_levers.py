@@ -260,3 +260,15 @@ def test_backbone_dropout_acts_in_training_only(data, tmp_path):
         assert not torch.equal(a, b) and torch.equal(plain.encode(batch), plain.encode(batch))
     with pytest.raises(ConfigError, match="backbone_dropout"):
         cfg_for(tmp_path, backbone_dropout=1.0)
+
+
+def test_validation_can_rank_without_history_items(data, tmp_path):
+    cfg = cfg_for(tmp_path, model="sasrec", train_extra={"max_steps": 2, "eval_every": 2, "eval_users": None,
+                                                         "eval_exclude_history": True})
+    res = train(cfg, dataset=data)
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["valid"]["ndcg@10"]
+    model, mcfg, _ = load_checkpoint(res.out / "last")
+    ex = data.examples("valid")
+    masked = evaluate(model, ex, max_history=mcfg.data.max_history, exclude_history=True, progress=False)
+    plain = evaluate(model, ex, max_history=mcfg.data.max_history, progress=False)
+    assert logged == pytest.approx(masked["ndcg@10"], abs=1e-9) and masked["ndcg@10"] != plain["ndcg@10"]

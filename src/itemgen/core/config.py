@@ -104,6 +104,11 @@ class LossConfig:
     sampler: str = "uniform"  # uniform | popularity (training-split counts + 1) | all (exact reference)
     correction: bool = True  # logQ (softmax); catalog-scaled, importance-weighted rank (warp, lambdarank)
     margin: float = 1.0  # WARP hinge margin
+    # full only: each label's softmax leaves out the items that came before it in its sequence. For
+    # catalogs where users never take an item twice and recommendations leave the history out (as
+    # `itemgen serve` and `--exclude-history` evaluation do): the model spends nothing on ranking
+    # items it will never be asked to rank
+    exclude_history: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,7 @@ class TrainConfig:
     eval_users: int | None = 2000  # validation users per evaluation (None: all), fixed subset
     patience: int = 5  # evaluations without NDCG@10 improvement before stopping
     eval_batch_size: int = 128
+    eval_exclude_history: bool = False  # validation ranks without the user's history items (RecBole's protocol)
     mixed_precision: str = "auto"  # auto: bf16 on GPU, none on CPU
     progress: bool = True  # false: no bar and no progress lines (errors and the result only)
     log_every: int = 50  # steps between progress lines (when the output is not a terminal) and history.jsonl rows
@@ -375,6 +381,11 @@ def validate(cfg: Config) -> None:
         (cfg.loss.negatives >= 1, "loss.negatives must be >= 1"),
         (cfg.loss.sampler in ("uniform", "popularity", "all"), "loss.sampler: uniform|popularity|all"),
         (cfg.loss.margin >= 0, "loss.margin must be >= 0"),
+        (not cfg.loss.exclude_history or cfg.loss.kind == "full", "loss.exclude_history needs loss.kind=full"),
+        (not cfg.loss.exclude_history or cfg.model in ("itemlm", "sasrec", "gru4rec"),
+         "loss.exclude_history: itemlm, sasrec or gru4rec (next-item labels)"),
+        (not cfg.loss.exclude_history or cfg.model != "itemlm" or cfg.itemlm.head == "full",
+         "loss.exclude_history needs itemlm.head=full"),
         (0.0 <= cfg.distill.weight <= 1.0, "distill.weight must be in [0, 1]"),
         (cfg.distill.temperature > 0, "distill.temperature must be > 0"),
         (not cfg.distill.teacher or cfg.loss.kind == "full", "distill.teacher needs loss.kind=full "

@@ -223,3 +223,20 @@ class SequenceDataset:
 def training_sequences(ds: SequenceDataset, max_history: int) -> list[np.ndarray]:
     """Each user's training part, last max_history + 1 items (history + label); >= 2 items."""
     return [s[-(max_history + 1):] for s in ds.split.train if len(s) >= 2]
+
+
+def earlier_items(seqs: list[np.ndarray], last_only: bool = False) -> np.ndarray:
+    """(P, 2) int64 pairs (label index, item) for ``loss.exclude_history``: every item that came
+    before a label in its sequence, with labels numbered as next-item models order them (sequence
+    by sequence, position by position: label j of a sequence predicts s[j + 1] from s[:j + 1];
+    ``last_only``: one label per sequence, its last item). A label's own item is never paired
+    with it, so the label always stays in its softmax even when a user repeats an item."""
+    out, n = [], 0
+    for s in seqs:
+        s = np.asarray(s, dtype=np.int64)
+        for j in (range(len(s) - 1) if not last_only else [len(s) - 2]):
+            prev = s[: j + 1]
+            prev = prev[prev != s[j + 1]]
+            out.append(np.stack([np.full(len(prev), n, dtype=np.int64), prev], 1))
+            n += 1
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)

@@ -13,6 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def exclude_pairs(logits: torch.Tensor, pairs: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+    """logits (N, V + I) with -inf at (label, offset + item) for each row of pairs (P, 2): items a
+    label's softmax leaves out (loss.exclude_history; data.dataset.earlier_items). Not in place."""
+    if pairs is None or not len(pairs):
+        return logits
+    return logits.index_put((pairs[:, 0], pairs[:, 1] + offset),
+                            torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
+
 class FullSoftmaxHead(nn.Module):
     """P(t | h) = softmax over V u I of h . w_t. Items have their own output vectors (I, H);
     text tokens use the backbone's output embedding (V, H)."""
@@ -41,11 +50,12 @@ class FullSoftmaxHead(nn.Module):
         text = h @ self._text_weight().T  # (N, V)
         return torch.cat([text, item], dim=1)
 
-    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """h (N, H), targets (N,) item indices -> summed cross-entropy."""
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """h (N, H), targets (N,) item indices -> summed cross-entropy; ``exclude`` (P, 2)
+        (label, item) pairs left out of the softmax (exclude_pairs)."""
         logits = self.logits(h).float()
         offset = logits.shape[1] - self.n_items  # = |V| or 0
-        return F.cross_entropy(logits, targets + offset, reduction="sum")
+        return F.cross_entropy(exclude_pairs(logits, exclude, offset), targets + offset, reduction="sum")
 
     def item_log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, H) -> (B, I) log P(item | h), normalised over V u I."""

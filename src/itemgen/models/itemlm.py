@@ -16,10 +16,10 @@ from safetensors import safe_open
 from torch import nn
 
 from itemgen.core.config import Config, ItemLMConfig
-from itemgen.data.dataset import ItemTable
+from itemgen.data.dataset import ItemTable, earlier_items
 from itemgen.data.prompts import PromptBuilder, collate
 from itemgen.heads.clusters import Clusters, resolve_clusters
-from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead
+from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead, exclude_pairs
 from itemgen.models.backbones import add_dropout, cache_kwargs, load_backbone
 from itemgen.models.item_encoder import ItemEncoder, add_lora, title_encoder
 from itemgen.models.recommender import Recommender
@@ -194,7 +194,10 @@ class ItemLM(Recommender):
     def train_batch(self, seqs, rng):
         c = self.cfg
         enc = [self.prompts.training_example(s, rng, c.id_only_share, c.field_keep_prob, c.supervise) for s in seqs]
-        return collate(enc, self.pad_token, side="right")
+        batch = collate(enc, self.pad_token, side="right")
+        if self.exclude_history:  # (P, 2) (label, earlier item), labels in row-major order as h[sel]
+            batch["exclude"] = torch.from_numpy(earlier_items(seqs, last_only=c.supervise == "last"))
+        return batch
 
     def n_labels(self, seqs) -> int:
         return sum(PromptBuilder.n_labels(len(s), self.cfg.supervise) for s in seqs)
@@ -207,8 +210,12 @@ class ItemLM(Recommender):
             return self.sampled_loss(hs, batch["labels"][sel], self.head.item_vectors())
         if self.distillation is not None:  # full head: the teacher is matched over items only
             logits = self.head.logits(hs).float()  # (N, V + I) or (N, I)
-            ce = F.cross_entropy(logits, batch["labels"][sel] + (logits.shape[1] - self.n_items), reduction="sum")
-            return self.distillation(ce, logits[:, logits.shape[1] - self.n_items:], batch["teacher_scores"])
+            offset = logits.shape[1] - self.n_items
+            ce = F.cross_entropy(exclude_pairs(logits, batch.get("exclude"), offset), batch["labels"][sel] + offset,
+                                 reduction="sum")
+            return self.distillation(ce, logits[:, offset:], batch["teacher_scores"])
+        if "exclude" in batch:
+            return self.head.loss(hs, batch["labels"][sel], batch["exclude"])
         return self.head.loss(hs, batch["labels"][sel])
 
     def label_scores(self, batch):

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from itemgen.data.dataset import earlier_items
+from itemgen.heads.softmax import exclude_pairs
 from itemgen.models.recommender import Recommender
 
 
@@ -36,7 +38,10 @@ class NextItemRecommender(Recommender):
         seqs = [np.asarray(s)[-(self.max_len + 1):] for s in seqs]
         x, _ = self._pad([s[:-1] for s in seqs])
         y, _ = self._pad([s[1:] for s in seqs])
-        return {"x": x, "y": y - 1}  # y: item index, -1 at padding
+        batch = {"x": x, "y": y - 1}  # y: item index, -1 at padding
+        if self.exclude_history:  # (P, 2) (label, earlier item), labels in y's row-major order
+            batch["exclude"] = torch.from_numpy(earlier_items(seqs))
+        return batch
 
     def n_labels(self, seqs) -> int:
         return sum(min(len(s), self.max_len + 1) - 1 for s in seqs)
@@ -47,7 +52,7 @@ class NextItemRecommender(Recommender):
         if self.sampled_loss is not None:  # loss.kind != full (losses.py)
             return self.sampled_loss(h[sel], batch["y"][sel], self.item_vectors())
         logits = (h[sel] @ self.item_vectors().T).float()  # (N, I), label positions only
-        ce = F.cross_entropy(logits, batch["y"][sel], reduction="sum")
+        ce = F.cross_entropy(exclude_pairs(logits, batch.get("exclude")), batch["y"][sel], reduction="sum")
         if self.distillation is not None:
             return self.distillation(ce, logits, batch["teacher_scores"])
         return ce

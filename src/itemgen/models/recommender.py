@@ -22,6 +22,9 @@ class Recommender(nn.Module):
     # set by training/distill.py when config distill.teacher is set: models that can learn from a
     # teacher (distillable) add its term to their cross-entropy, given batch["teacher_scores"]
     distillation = None
+    # set by training/losses.attach_loss from loss.exclude_history: train_batch then also lists the
+    # (label, earlier item) pairs its labels' softmaxes leave out, under "exclude"
+    exclude_history = False
     distillable = False
 
     # ---- training ----------------------------------------------------------------------

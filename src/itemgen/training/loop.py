@@ -159,8 +159,8 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
 
     model, optimizer = acc.prepare(model, optimizer)
     core: Recommender = acc.unwrap_model(model)
-    if cfg.loss.kind != "full":  # sampled losses; the popularity proposal counts the training split
-        attach_loss(core, cfg.loss, item_counts(ds.split.train, ds.n_items))
+    # sampled losses (the popularity proposal counts the training split), loss.exclude_history
+    attach_loss(core, cfg.loss, item_counts(ds.split.train, ds.n_items) if cfg.loss.kind != "full" else None)
     teacher = attach_distillation(core, cfg, ds, seqs)  # None unless distill.teacher is set
     valid = subsample(ds.split.valid, t.eval_users, t.seed)
     world, rank = acc.num_processes, acc.process_index
@@ -184,7 +184,8 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
 
     def validate() -> dict:
         shard = valid[rank::world]
-        ranks = rank_examples(core, shard, max_history=cfg.data.max_history, batch_size=t.eval_batch_size)
+        ranks = rank_examples(core, shard, max_history=cfg.data.max_history, batch_size=t.eval_batch_size,
+                              exclude_history=t.eval_exclude_history)
         all_ranks = gather_object(list(ranks)) if world > 1 else list(ranks)
         return ranking_metrics(all_ranks)
 

@@ -214,6 +214,7 @@ class SampledLoss:
 def attach_loss(model, cfg: "LossConfig", counts=None) -> None:
     """Give ``model`` the sampled loss of ``cfg`` (or none for loss.kind=full)."""
     model.sampled_loss = None if cfg.kind == "full" else SampledLoss(cfg, model.n_items, counts)
+    model.exclude_history = cfg.exclude_history
 
 
 def full_catalog_negatives(n_items: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
