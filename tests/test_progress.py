@@ -290,7 +290,7 @@ def test_every_help_ends_with_a_runnable_example():
 
 
 def test_long_commands_take_quiet_and_log_format():
-    for path in (["train"], ["evaluate"], ["quickstart"], ["data", "prepare"], ["data", "download"],
+    for path in (["train"], ["tune"], ["evaluate"], ["quickstart"], ["data", "prepare"], ["data", "download"],
                  ["clusters", "build"], ["index", "build"], ["report"]):
         text = runner.invoke(app, [*path, "--help"]).output
         assert "--quiet" in text and "--log-format" in text, path

@@ -23,9 +23,10 @@ from itemgen.cli.report import report_command
 from itemgen.cli.scale import clusters_app, index_app
 from itemgen.cli.serve import serve as _serve
 from itemgen.core import progress
-from itemgen.core.config import load_config
+from itemgen.core.config import load_config, parse_overrides
 from itemgen.evaluation.plot import plot_history
 from itemgen.training.loop import train as run_train
+from itemgen.training.tune import grid_search
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   epilog=example("itemgen quickstart"))
@@ -73,6 +74,35 @@ def train(config: Optional[Path] = typer.Argument(None, help="YAML config (overr
                 lambda: console.print(f"trained {cfg.model}: {result.step} steps in {result.train_seconds:.0f}s "
                                       f"({result.stopped}); best valid ndcg@10 {best:.4f}; "
                                       f"best checkpoint: {result.best}"))
+
+
+@app.command(epilog=example("itemgen tune configs/sasrec.yaml sasrec.dropout=0.1,0.5 data.path=data/mine"))
+def tune(config: Path = typer.Argument(..., help="YAML config (overrides of the defaults)"),
+         grid: str = typer.Argument(..., help="section.key=v1,v2,...: the values to try"),
+         overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides"),
+         quiet: Quiet = False, log_format: LogFormat = "text"):
+    """Train once per value of one config key and keep the value with the best validation NDCG@10.
+
+    Runs go to OUT/KEY=VALUE/; the choice, with every run's validation metrics, to OUT/selected.json."""
+    reporting(quiet, log_format)
+    key, _, raw = grid.partition("=")
+    if not key or not raw:
+        fail(f"the grid must look like section.key=v1,v2,... (got {grid!r})")
+    values = _guard(parse_overrides, [f"{key}=[{raw}]"])
+    for part in key.split("."):
+        values = values[part]
+    cfg = _guard(load_config, config, overrides or [])
+    result = _guard(grid_search, cfg, key.strip(), list(values))
+
+    def render():
+        for r in result.runs:
+            mark = "  <- best" if r["value"] == result.value else ""
+            console.print(f"{key}={r['value']}: valid ndcg@10 {r['best_valid'].get('ndcg@10', float('nan')):.4f} "
+                          f"({r['epochs']} epochs, {r['train_seconds']:.0f}s){mark}")
+        console.print(f"chosen: {key}={result.value}; checkpoint {result.best.best}; "
+                      f"{Path(cfg.train.out) / 'selected.json'}")
+
+    show_result(result.to_dict(), render)
 
 
 @app.command(epilog=example("itemgen plot runs/sasrec --out runs/sasrec/history.png"))

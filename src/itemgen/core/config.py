@@ -61,6 +61,7 @@ class ItemLMConfig:
     freeze_text_embeddings: bool = False  # the backbone's token table stays as pretrained (ID-only prompts barely use it)
     freeze_items: bool = False  # the ID table stays as initialised (E4SRec freezes its SASRec embeddings)
     tie_items: bool = False  # output vector of an item = its projected input vector (SASRec ties them too)
+    tie_projection: str = "input"  # input: scale * the input projection | linear: a linear map of the item table
     item_dropout: float = 0.0  # dropout on projected item vectors at the input (training only)
     hidden_dropout: float = 0.0  # dropout on hidden states at label positions, before the head
     backbone_dropout: float = 0.0  # dropout inside the backbone: attention probabilities and sublayer outputs
@@ -313,6 +314,14 @@ def from_dict(values: dict) -> Config:
     return cfg
 
 
+def with_values(cfg: Config, values: dict[str, object]) -> Config:
+    """``cfg`` with dotted keys set to values (already typed, e.g. {"sasrec.dropout": 0.1})."""
+    tree: dict = {}
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    return from_dict(_merge(cfg.to_dict(), tree))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     values: dict = {}
     if path is not None:
@@ -359,6 +368,7 @@ def validate(cfg: Config) -> None:
         (m.init in ("random", "text", "ials", "sasrec"), "itemlm.init: random|text|ials|sasrec"),
         (m.init != "sasrec" or bool(m.init_from), "itemlm.init=sasrec needs itemlm.init_from=SASREC_CHECKPOINT"),
         (not m.tie_items or m.head == "full", "itemlm.tie_items needs itemlm.head=full"),
+        (m.tie_projection in ("input", "linear"), "itemlm.tie_projection: input|linear"),
         (not m.tie_items or m.item_encoder != "text", "itemlm.tie_items needs the ID table (item_encoder none or text+id)"),
         (0.0 <= m.item_dropout < 1.0 and 0.0 <= m.hidden_dropout < 1.0 and 0.0 <= m.backbone_dropout < 1.0,
          "itemlm.item_dropout, itemlm.hidden_dropout and itemlm.backbone_dropout must be in [0, 1)"),

@@ -45,7 +45,13 @@ class ItemLM(Recommender):
         self.item_proj = nn.Sequential(nn.Linear(cfg.item_dim, H), nn.GELU(), nn.Linear(H, H))
         self.item_drop = nn.Dropout(cfg.item_dropout)
         self.hidden_drop = nn.Dropout(cfg.hidden_dropout)
-        self.tied_scale = nn.Parameter(torch.tensor(0.1)) if cfg.tie_items else None
+        self.tied_scale = nn.Parameter(torch.tensor(0.1)) if cfg.tie_items and cfg.tie_projection == "input" else None
+        # tie_projection=linear: output vector = W e_i, a linear map of the SHARED item table, so
+        # scores are bilinear in the item table as SASRec's (h . W e_i = (W^T h) . e_i)
+        self.out_proj = None
+        if cfg.tie_items and cfg.tie_projection == "linear":
+            self.out_proj = nn.Linear(cfg.item_dim, H, bias=False)
+            nn.init.normal_(self.out_proj.weight, std=0.003)  # initial logit std ~1 (|h| ~ 40, item table std 1)
         text_weight = (lambda: self.backbone.get_output_embeddings().weight) if cfg.text_vocab_in_softmax else None
         self.clusters = clusters  # clusters.Clusters, two_level only (saved as CKPT/clusters.json)
         if cfg.head == "two_level":
@@ -130,18 +136,23 @@ class ItemLM(Recommender):
         with a standard deviation of ~7.5 (a saturated softmax that barely learns, measured);
         the scale starts at 0.1, the logit scale of the untied head's random start."""
         if torch.is_grad_enabled():  # training: recomputed every step, gradients flow
-            return self.item_proj(self.all_item_inputs()) * self.tied_scale
+            return self._tied()
         # scoring (evaluation, serving): the (I, H) projection costs more than a batch-1 forward
         # pass, so it is kept until a weight it depends on changes: loading and most in-place
         # updates bump the tensors' versions, moving devices changes their storage, and train() /
         # eval() drop it, because fused AdamW (training/loop.py) updates weights WITHOUT bumping
         # versions (a stale cache made every validation score the first validation's item vectors)
-        params = [p for m in (self.item_proj, self.item_embed, self.item_encoder) if m is not None
-                  for p in m.parameters()] + [self.tied_scale]
+        params = [p for m in (self.item_proj, self.item_embed, self.item_encoder, self.out_proj) if m is not None
+                  for p in m.parameters()] + ([self.tied_scale] if self.tied_scale is not None else [])
         key = tuple((p._version, p.data_ptr()) for p in params)
         if getattr(self, "_tied_cache", None) is None or self._tied_cache[0] != key:
-            self._tied_cache = (key, self.item_proj(self.all_item_inputs()) * self.tied_scale)
+            self._tied_cache = (key, self._tied())
         return self._tied_cache[1]
+
+    def _tied(self) -> torch.Tensor:
+        if self.out_proj is not None:
+            return self.out_proj(self.all_item_inputs())  # (I, H)
+        return self.item_proj(self.all_item_inputs()) * self.tied_scale
 
     def train(self, mode: bool = True):
         self._tied_cache = None  # see tied_item_vectors
