@@ -12,7 +12,7 @@ from itemgen.api import Predictor, evaluate_checkpoint
 from itemgen.cli.common import metrics_table
 from itemgen.core.config import from_dict
 from itemgen.core.io import atomic_write_text
-from itemgen.core.recipes import ITEMLM_CPU, SASREC, merge
+from itemgen.core.recipes import ITEMLM_CPU, SASREC, itemlm_from_sasrec, merge
 from itemgen.data.dataset import SequenceDataset
 from itemgen.data.synthetic import make_dataset
 from itemgen.training.loop import train
@@ -45,19 +45,20 @@ def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, mi
         note(f"dataset {ds.name}: {ds.n_items} items, {len(ds.users)} users")
     budget = {"data": {"path": str(data)}, "train": {"max_minutes": minutes}}
     sasrec = merge(merge(SASREC, budget), {"train": {"out": str(out / "sasrec")}})
-    itemlm = merge(merge(ITEMLM_CPU, budget), {
-        "itemlm": {"backbone": backbone, "n_layers": n_layers, "init_from": str(out / "sasrec" / "best")},
-        "train": {"out": str(out / "itemlm")}})
+    itemlm = merge(merge(merge(ITEMLM_CPU, budget), itemlm_from_sasrec(str(out / "sasrec" / "best"),
+                                                                       SASREC["sasrec"]["dropout"])), {
+        "itemlm": {"backbone": backbone, "n_layers": n_layers}, "train": {"out": str(out / "itemlm")}})
     results, reports = {}, {}
     for name, values in (("sasrec", sasrec), ("itemlm", itemlm)):  # ItemLM starts from SASRec's items
         cfg = from_dict(values)
         note(f"[bold]training {name}[/bold] (by epochs with early stopping, at most {minutes:g} min)")
         res = train(cfg, dataset=ds)
-        report = evaluate_checkpoint(res.best, split="test")
+        # ranked without the user's history, as validation, RecBole and `itemgen serve` do
+        report = evaluate_checkpoint(res.best, split="test", exclude_history=True)
         reports[name] = report["path"]
         results[name] = {**report["metrics"], "steps": res.step, "epochs": res.epochs,
                          "train_seconds": round(res.train_seconds, 1)}
-    console.print(metrics_table(results, f"test split, full catalog ({ds.name})"))
+    console.print(metrics_table(results, f"test split, full catalog less each user's history ({ds.name})"))
     console.print(f"[bold]{winner_line(results)}[/bold]")
     pred = Predictor.load(out / "itemlm" / "best")
     user = ds.examples("test")[0]
@@ -75,6 +76,6 @@ def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, mi
                   "  itemgen data prepare table interactions.csv --out data/mine   # your own data\n"
                   "  itemgen train configs/sasrec.yaml data.path=data/mine train.out=runs/sasrec\n"
                   "  itemgen train configs/itemlm-cpu.yaml data.path=data/mine itemlm.init_from=runs/sasrec/best\n"
-                  f"  itemgen evaluate {out / 'itemlm' / 'best'} --split test\n"
+                  f"  itemgen evaluate {out / 'itemlm' / 'best'} --split test --exclude-history\n"
                   f"  itemgen serve {out / 'itemlm' / 'best'}", soft_wrap=True)
     return results
