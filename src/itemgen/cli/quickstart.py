@@ -8,21 +8,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from itemgen.api import Predictor, evaluate_checkpoint
+from itemgen.api import Predictor, evaluate_checkpoint, user_ndcg
 from itemgen.cli.common import metrics_table
 from itemgen.core.config import from_dict
 from itemgen.core.io import atomic_write_text
 from itemgen.core.recipes import ITEMLM_CPU, SASREC, itemlm_from_sasrec, merge
 from itemgen.data.dataset import SequenceDataset
 from itemgen.data.synthetic import make_dataset
+from itemgen.evaluation.metrics import paired_difference
 from itemgen.training.loop import train
 
 
-def winner_line(results: dict) -> str:
-    """One sentence: which model won on NDCG@10, and by how much."""
+def winner_line(results: dict, paired: dict | None = None) -> str:
+    """One sentence: which model won on NDCG@10, and by how much. ``paired``: ItemLM - SASRec
+    user by user (metrics.paired_difference); a difference within 2 standard errors is a tie."""
     a, b = results["itemlm"]["ndcg@10"], results["sasrec"]["ndcg@10"]
-    if a == b:
-        return f"ItemLM and SASRec tie on NDCG@10 ({a:.4f})"
+    noise = paired is not None and abs(paired["diff"]) <= 2 * paired["se"]
+    if a == b or noise:
+        why = f"; difference {paired['diff']:+.4f} ± {paired['se']:.4f} s.e. over the same users" if noise else ""
+        return f"ItemLM and SASRec tie on NDCG@10 ({a:.4f} vs {b:.4f}{why})"
     win, lose = ("ItemLM", "SASRec") if a > b else ("SASRec", "ItemLM")
     hi, lo = max(a, b), min(a, b)
     rel = f" ({hi / lo - 1:+.1%})" if lo > 0 else ""
@@ -58,8 +62,12 @@ def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, mi
         reports[name] = report["path"]
         results[name] = {**report["metrics"], "steps": res.step, "epochs": res.epochs,
                          "train_seconds": round(res.train_seconds, 1)}
-    console.print(metrics_table(results, f"test split, full catalog less each user's history ({ds.name})"))
-    console.print(f"[bold]{winner_line(results)}[/bold]")
+    paired = paired_difference(*(user_ndcg(out / name / "best", split="test", exclude_history=True)
+                                 for name in ("itemlm", "sasrec")))
+    results["itemlm_minus_sasrec"] = paired
+    console.print(metrics_table({k: v for k, v in results.items() if k in ("sasrec", "itemlm")},
+                                f"test split, full catalog less each user's history ({ds.name})"))
+    console.print(f"[bold]{winner_line(results, paired)}[/bold]")
     pred = Predictor.load(out / "itemlm" / "best")
     user = ds.examples("test")[0]
     history = [ds.items.ids[i] for i in user.history[-5:]]

@@ -27,14 +27,30 @@ def ranking_metrics(ranks, mrr_cutoff: int | None = None) -> dict[str, float]:
     if (r < 1).any():
         raise ValueError("ranks start at 1")
     out = {f"recall@{k}": float(np.mean(r <= k)) for k in RECALL_KS}
-    gain = 1.0 / np.log2(r + 1.0)
-    out.update({f"ndcg@{k}": float(np.mean(np.where(r <= k, gain, 0.0))) for k in NDCG_KS})
+    out.update({f"ndcg@{k}": float(np.mean(ndcg_gains(r, k))) for k in NDCG_KS})
     # standard error of the NDCG@10 estimate: how far apart two checkpoints must be to tell them apart
-    out["ndcg@10_se"] = float(np.std(np.where(r <= 10, gain, 0.0)) / np.sqrt(r.size))
+    out["ndcg@10_se"] = float(np.std(ndcg_gains(r, 10)) / np.sqrt(r.size))
     rr = 1.0 / r if mrr_cutoff is None else np.where(r <= mrr_cutoff, 1.0 / r, 0.0)
     out["mrr"] = float(np.mean(rr))
     out["users"] = int(r.size)
     return out
+
+
+def ndcg_gains(ranks, k: int = 10) -> np.ndarray:
+    """(n,) ranks -> (n,) each example's NDCG@k (one relevant item: 1 / log2(rank + 1) within k)."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Per-example scores of two models on the SAME examples -> the mean of a - b, its standard
+    error (far tighter than either model's own, as both see the same users) and mean(a) / mean(b)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired scores need two equal-length 1-d arrays, got {a.shape} and {b.shape}")
+    d = a - b
+    return {"diff": float(d.mean()), "se": float(d.std() / np.sqrt(d.size)),
+            "ratio": float(a.mean() / b.mean()) if b.mean() > 0 else float("inf")}
 
 
 COLLAPSE_SHARE = 0.2  # a model giving one item as top-1 to more users than this is collapsed
