@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from itemgen.api import evaluate_checkpoint, run_info, user_ndcg  # noqa: E402
 from itemgen.core.config import from_dict  # noqa: E402
 from itemgen.core.io import atomic_write_text  # noqa: E402
-from itemgen.core.recipes import ITEMLM_CPU, SASREC, SASREC_DROPOUTS, itemlm_from_sasrec, merge  # noqa: E402
+from itemgen.core.recipes import ITEMLM_CPU, ITEMLM_GPU, SASREC, SASREC_DROPOUTS, itemlm_from_sasrec, merge  # noqa: E402
 from itemgen.data.dataset import SequenceDataset  # noqa: E402
 from itemgen.evaluation.metrics import paired_difference  # noqa: E402
 from itemgen.training.loop import train  # noqa: E402
@@ -48,12 +48,10 @@ DATASETS = {  # name -> folder under ../shared/datasets
 PROFILES = {
     "cpu": {"sasrec": SASREC, "bert4rec": {"train": SASREC["train"]}, "gru4rec": {"train": SASREC["train"]},
             "itemlm": ITEMLM_CPU},
-    # the same recipes with the whole pretrained backbone and the paper's prompt, text in 75% of
+    # the same recipes with the whole pretrained backbone, the paper's prompt, text in 75% of
     # training examples (not run yet: no GPU was lent)
     "gpu": {"sasrec": SASREC, "bert4rec": {"train": SASREC["train"]}, "gru4rec": {"train": SASREC["train"]},
-            "itemlm": merge(ITEMLM_CPU, {"itemlm": {"n_layers": None, "pretrained": True, "prompt": "default",
-                                                    "id_only_share": 0.25},
-                                         "train": {"batch_size": 64}})},
+            "itemlm": ITEMLM_GPU},
 }
 
 # variant -> (model, overrides on top of the profile); abl-* change ONE lever of the profile's ItemLM

@@ -6,12 +6,13 @@ import pytest
 
 from itemgen.cli.quickstart import winner_line
 from itemgen.core.config import from_dict, load_yaml
-from itemgen.core.recipes import ITEMLM_CPU, SASREC, merge
+from itemgen.core.recipes import ITEMLM_CPU, ITEMLM_GPU, SASREC, merge
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name,recipe", [("sasrec.yaml", SASREC), ("itemlm-cpu.yaml", ITEMLM_CPU)])
+@pytest.mark.parametrize("name,recipe", [("sasrec.yaml", SASREC), ("itemlm-cpu.yaml", ITEMLM_CPU),
+                                         ("itemlm-gpu.yaml", ITEMLM_GPU)])
 def test_config_files_hold_the_measured_recipes(name, recipe):
     values = load_yaml((CONFIGS / name).read_text())
     values["train"].pop("out")
@@ -20,8 +21,8 @@ def test_config_files_hold_the_measured_recipes(name, recipe):
 
 
 def test_recipes_are_valid_configs():
-    for recipe in (SASREC, merge(ITEMLM_CPU, {"itemlm": {"init_from": "runs/sasrec/best"}})):
-        from_dict(recipe)
+    for recipe in (SASREC, ITEMLM_CPU, ITEMLM_GPU):
+        from_dict(merge(recipe, {"itemlm": {"init_from": "runs/sasrec/best"}}) if recipe is not SASREC else recipe)
 
 
 def test_winner_line():
