@@ -61,7 +61,8 @@ VARIANTS = {
     "gru4rec": ("gru4rec", {}),
     "itemlm": ("itemlm", {}),
     "abl-init-random": ("itemlm", {"itemlm": {"init": "random"}}),
-    "abl-init-text": ("itemlm", {"itemlm": {"init": "text"}}),
+    # titles encoded by the whole pretrained SmolLM2 (the recipe's own backbone is random)
+    "abl-init-text": ("itemlm", {"itemlm": {"init": "text", "text_backbone": "smollm2-135m"}}),
     "abl-init-ials": ("itemlm", {"itemlm": {"init": "ials"}}),
     "abl-tied": ("itemlm", {"itemlm": {"tie_items": True}}),
     "abl-prompt-compact": ("itemlm", {"itemlm": {"prompt": "compact"}}),
@@ -73,6 +74,8 @@ VARIANTS = {
     "abl-supervise-last": ("itemlm", {"itemlm": {"supervise": "last"}}),
     "abl-layers-4": ("itemlm", {"itemlm": {"n_layers": 4}}),
     "abl-pretrained-backbone": ("itemlm", {"itemlm": {"pretrained": True}}),
+    # two levers together: text in training is what the pretrained layers could use
+    "abl-pretrained-text": ("itemlm", {"itemlm": {"pretrained": True, "id_only_share": 0.25}}),
     "abl-text-vocab-softmax": ("itemlm", {"itemlm": {"text_vocab_in_softmax": True, "freeze_text_embeddings": False}}),
     "abl-same-lr": ("itemlm", {"train": {"backbone_lr": None}}),
     "abl-text-encoder": ("itemlm", {"itemlm": {"item_encoder": "text+id"}}),  # + a linear map of title states
@@ -140,7 +143,9 @@ def main() -> None:
             values = merge({"model": model, "data": {"path": str(path), "max_history": 50}},
                            merge(PROFILES[args.profile][model], extra))
             if model == "itemlm" and values["itemlm"].get("init") == "sasrec":
-                values = merge(values, from_selected_sasrec(args.work / dname / "sasrec", dname, row_name))
+                # the variant's own levers win over what it inherits from SASRec (abl-no-dropout)
+                values = merge(merge(values, from_selected_sasrec(args.work / dname / "sasrec", dname, row_name)),
+                               extra)
             for kv in args.set:
                 key, _, raw = kv.partition("=")
                 set_path(values, key, raw)
