@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,9 @@ def main() -> None:
                     help="comma-separated decoders to evaluate the best checkpoint with (exact, structure, ann)")
     ap.add_argument("--finish-interrupted", action="store_true",
                     help="no training: report a run that was stopped early from its best/last checkpoints")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed; other than 0, rows are VARIANT-seedN: SASRec trains at the dropout "
+                         "seed 0 chose and ItemLM starts from that seed's SASRec")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "datasets")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
@@ -139,12 +143,14 @@ def main() -> None:
             if vname not in VARIANTS:
                 sys.exit(f"unknown variant {vname!r} (known: {', '.join(VARIANTS)})")
             model, extra = VARIANTS[vname]
-            row_name = args.name or vname
+            row_name = args.name or (vname if args.seed == 0 else f"{vname}-seed{args.seed}")
+            sasrec_name = "sasrec" if args.seed == 0 else f"sasrec-seed{args.seed}"
             values = merge({"model": model, "data": {"path": str(path), "max_history": 50}},
                            merge(PROFILES[args.profile][model], extra))
+            values = merge(values, {"train": {"seed": args.seed}})
             if model == "itemlm" and values["itemlm"].get("init") == "sasrec":
                 # the variant's own levers win over what it inherits from SASRec (abl-no-dropout)
-                values = merge(merge(values, from_selected_sasrec(args.work / dname / "sasrec", dname, row_name)),
+                values = merge(merge(values, from_selected_sasrec(args.work / dname / sasrec_name, dname, row_name)),
                                extra)
             for kv in args.set:
                 key, _, raw = kv.partition("=")
@@ -158,6 +164,8 @@ def main() -> None:
                 res = interrupted_result(cfg)
             elif vname in GRIDS:  # SASRec: its dropout chosen by validation (training/tune.py)
                 key, grid_values = GRIDS[vname]
+                if args.seed != 0:  # the other seeds train once, at the value seed 0 chose
+                    grid_values = [selected_sasrec(args.work / dname / "sasrec", dname, row_name)["value"]]
                 tuned = grid_search(cfg, key, list(grid_values), dataset=ds)
                 res, grid = tuned.best, {"key": key, "chosen": tuned.value, "runs": tuned.runs}
             else:
@@ -178,7 +186,7 @@ def main() -> None:
                 by_decoder[dec] = evaluate_checkpoint(res.best, split="test", decode=dec)["metrics"]
             row = {"dataset": dname, "variant": row_name, "model": model, "profile": args.profile,
                    "test": report["metrics"], "test_history_masked": masked, "test_by_decoder": by_decoder,
-                   "vs_sasrec_paired": paired_vs_sasrec(args.work / dname, row_name, gains),
+                   "vs_sasrec_paired": paired_vs_sasrec(args.work / dname, row_name, sasrec_name, gains),
                    "best_valid": res.best_valid, "valid_history_masked": cfg.train.eval_exclude_history,
                    "steps": res.step, "epochs": res.epochs, "best_step": res.best_step,
                    "stopped": res.stopped, "train_seconds": round(res.train_seconds, 1),
@@ -194,18 +202,23 @@ def main() -> None:
 def from_selected_sasrec(sasrec_dir: Path, dname: str, row_name: str) -> dict:
     """ItemLM starts from the SASRec the sasrec variant chose for this dataset: its item vectors
     and its dropout (recipes.itemlm_from_sasrec)."""
-    try:
-        sel = read_selected(sasrec_dir)
-    except FileNotFoundError:
-        sys.exit(f"{dname}/{row_name} starts from the tuned SASRec in {sasrec_dir}, which does not exist: "
-                 f"run the sasrec variant first (--variants sasrec,{row_name})")
+    sel = selected_sasrec(sasrec_dir, dname, row_name)
     return itemlm_from_sasrec(sel["checkpoint"], float(sel["value"]))
 
 
-def paired_vs_sasrec(work: Path, row_name: str, gains: np.ndarray) -> dict | None:
-    """This row's NDCG@10 (history masked) minus SASRec's, user by user (metrics.paired_difference)."""
-    ref = work / "sasrec.test_gains.npy"
-    if row_name == "sasrec" or not ref.is_file():
+def selected_sasrec(sasrec_dir: Path, dname: str, row_name: str) -> dict:
+    try:
+        return read_selected(sasrec_dir)
+    except FileNotFoundError:
+        sys.exit(f"{dname}/{row_name} needs the tuned SASRec in {sasrec_dir}, which does not exist: "
+                 f"run the sasrec variant first (--variants sasrec,{row_name.split('-seed')[0]})")
+
+
+def paired_vs_sasrec(work: Path, row_name: str, sasrec_name: str, gains: np.ndarray) -> dict | None:
+    """This row's NDCG@10 (history masked) minus its SASRec's (the same seed), user by user
+    (metrics.paired_difference)."""
+    ref = work / f"{sasrec_name}.test_gains.npy"
+    if row_name == sasrec_name or not ref.is_file():
         return None
     return paired_difference(gains, np.load(ref))
 
@@ -236,6 +249,17 @@ def save_row(path: Path, row: dict) -> None:
         write_table(results, doc)
 
 
+SEED_ROW = re.compile(r"-seed\d+$")
+
+
+def sasrec_of(variant: str) -> str:
+    """The SASRec row a row compares with: its round's (r1-) or its seed's."""
+    if variant.startswith("r1-"):
+        return "r1-sasrec"
+    seed = SEED_ROW.search(variant)
+    return f"sasrec{seed.group(0)}" if seed else "sasrec"
+
+
 def write_table(results: dict, path: Path) -> None:
     rows = sorted(results["rows"], key=lambda r: (r["dataset"], r["variant"]))
     by = {(r["dataset"], r["variant"]): r for r in rows}
@@ -246,8 +270,7 @@ def write_table(results: dict, path: Path) -> None:
     def line(r: dict, t: dict, name: str) -> str:
         # the headline protocol masks the history; rows from before it was recorded show their one test
         m = r.get("test_history_masked", t) if t is r["test"] else t
-        # recipe-1 rows against the SASRec of their round
-        sas = by.get((r["dataset"], "r1-sasrec" if r["variant"].startswith("r1-") else "sasrec"))
+        sas = by.get((r["dataset"], sasrec_of(r["variant"])))
         sas_m = sas and sas.get("test_history_masked", sas["test"])
         ratio = f"{m['ndcg@10'] / sas_m['ndcg@10']:.2f}x" if sas and r is not sas and "epochs" in r else ""
         p = r.get("vs_sasrec_paired")
@@ -261,10 +284,11 @@ def write_table(results: dict, path: Path) -> None:
         return (f"| {r['dataset']} | {name} | {r['profile']} | {m['ndcg@10']:.4f}{se} | {m['recall@10']:.4f} | "
                 f"{m['mrr']:.4f} | {top1} | {ratio} | {paired} | {kept} | {valid} | {epochs} | {secs:.0f} |")
 
+    seeds = [r for r in rows if SEED_ROW.search(r["variant"])]
     main = [r for r in rows if r["variant"] in DEFAULT_VARIANTS and "epochs" in r]
     abl = [r for r in rows if r["variant"].startswith("abl-")]
     r1 = [r for r in rows if r["variant"].startswith("r1-")]
-    other = [r for r in rows if r not in main and r not in abl and r not in r1]
+    other = [r for r in rows if r not in main and r not in abl and r not in r1 and r not in seeds]
     lines = ["# Quality: ItemLM and the ID-based baselines (full catalog, leave-one-out, test users)", "",
              "Generated by `python benchmarks/quality.py` from `benchmarks/results/quality.json`; every row's",
              "config, command, commit and hardware are in that file. Every model trains by epochs with early",
@@ -282,6 +306,25 @@ def write_table(results: dict, path: Path) -> None:
              "Published RecBole 1.2.1 SASRec on these splits (the bar for our SASRec; RecBole masks history",
              "items): " + ", ".join(f"{d} {v:.4f}" for d, v in PUBLISHED_SASREC.items()) + ".", "", *head]
     lines += [line(r, r["test"], r["variant"]) for r in main]
+    if seeds:
+        lines += ["", "## Seeds", "",
+                  "The headline rows are seed 0. Each other seed trains SASRec once at the dropout seed 0 chose",
+                  "and ItemLM from that seed's SASRec (`--seed N`); \"vs SASRec\" and the paired difference",
+                  "compare with the SASRec of the same seed. Mean ± standard deviation over seeds:", "",
+                  "| dataset | seeds | SASRec NDCG@10 | ItemLM NDCG@10 | ratio of means | seeds with ItemLM >= SASRec |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for d in sorted({r["dataset"] for r in seeds}):
+            suffixes = [""] + sorted({SEED_ROW.search(r["variant"]).group(0) for r in seeds if r["dataset"] == d})
+            pairs = [(by[(d, "sasrec" + k)], by[(d, "itemlm" + k)]) for k in suffixes
+                     if (d, "sasrec" + k) in by and (d, "itemlm" + k) in by]
+            if not pairs:
+                continue
+            sas_v, ilm_v = (np.array([x.get("test_history_masked", x["test"])["ndcg@10"] for x in col])
+                            for col in zip(*pairs))
+            sd = (lambda v: f" ± {v.std(ddof=1):.4f}" if len(v) > 1 else "")
+            lines.append(f"| {d} | {len(pairs)} | {sas_v.mean():.4f}{sd(sas_v)} | {ilm_v.mean():.4f}{sd(ilm_v)} | "
+                         f"{ilm_v.mean() / sas_v.mean():.2f}x | {int((ilm_v >= sas_v).sum())} of {len(pairs)} |")
+        lines += ["", *head, *(line(r, r["test"], r["variant"]) for r in seeds)]
     if abl:
         lines += ["", "## Ablation: one lever of the ItemLM recipe at a time", "",
                   "`itemlm` is the recipe; each `abl-*` row changes one lever (benchmarks/quality.py VARIANTS).",
