@@ -79,6 +79,8 @@ VARIANTS = {
     "abl-pretrained-text": ("itemlm", {"itemlm": {"pretrained": True, "id_only_share": 0.25}}),
     "abl-text-vocab-softmax": ("itemlm", {"itemlm": {"text_vocab_in_softmax": True, "freeze_text_embeddings": False}}),
     "abl-same-lr": ("itemlm", {"train": {"backbone_lr": None}}),
+    # lr decayed to 0 over 5 epochs instead of constant until validation stops improving
+    "abl-cosine-5": ("itemlm", {"train": {"lr_schedule": "cosine", "max_epochs": 5}}),
     "abl-text-encoder": ("itemlm", {"itemlm": {"item_encoder": "text+id"}}),  # + a linear map of title states
     "abl-lr-1e-3": ("itemlm", {"train": {"lr": 1e-3, "backbone_lr": 1e-4}}),
     "abl-cosine-6-epochs": ("itemlm", {"train": {"lr_schedule": "cosine", "max_epochs": 6}}),
@@ -186,7 +188,10 @@ def main() -> None:
                 by_decoder[dec] = evaluate_checkpoint(res.best, split="test", decode=dec)["metrics"]
             row = {"dataset": dname, "variant": row_name, "model": model, "profile": args.profile,
                    "test": report["metrics"], "test_history_masked": masked, "test_by_decoder": by_decoder,
-                   "vs_sasrec_paired": paired_vs_sasrec(args.work / dname, row_name, sasrec_name, gains),
+                   "vs_sasrec_paired": paired_vs(args.work / dname, sasrec_name, row_name, gains),
+                   # what one lever did: against the recipe of the same seed
+                   "vs_recipe_paired": paired_vs(args.work / dname, "itemlm" + row_name[len(vname):], row_name,
+                                                 gains) if vname.startswith("abl-") else None,
                    "best_valid": res.best_valid, "valid_history_masked": cfg.train.eval_exclude_history,
                    "steps": res.step, "epochs": res.epochs, "best_step": res.best_step,
                    "stopped": res.stopped, "train_seconds": round(res.train_seconds, 1),
@@ -214,11 +219,11 @@ def selected_sasrec(sasrec_dir: Path, dname: str, row_name: str) -> dict:
                  f"run the sasrec variant first (--variants sasrec,{row_name.split('-seed')[0]})")
 
 
-def paired_vs_sasrec(work: Path, row_name: str, sasrec_name: str, gains: np.ndarray) -> dict | None:
-    """This row's NDCG@10 (history masked) minus its SASRec's (the same seed), user by user
-    (metrics.paired_difference)."""
-    ref = work / f"{sasrec_name}.test_gains.npy"
-    if row_name == sasrec_name or not ref.is_file():
+def paired_vs(work: Path, ref_name: str, row_name: str, gains: np.ndarray) -> dict | None:
+    """This row's NDCG@10 (history masked) minus the row ref_name's, user by user
+    (metrics.paired_difference); None where that row has not run."""
+    ref = work / f"{ref_name}.test_gains.npy"
+    if row_name == ref_name or not ref.is_file():
         return None
     return paired_difference(gains, np.load(ref))
 
@@ -267,7 +272,7 @@ def write_table(results: dict, path: Path) -> None:
             "paired diff (± s.e.) | NDCG@10 history kept | valid NDCG@10 | epochs | train s |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def line(r: dict, t: dict, name: str) -> str:
+    def line(r: dict, t: dict, name: str, vs_recipe: bool = False) -> str:
         # the headline protocol masks the history; rows from before it was recorded show their one test
         m = r.get("test_history_masked", t) if t is r["test"] else t
         sas = by.get((r["dataset"], sasrec_of(r["variant"])))
@@ -281,8 +286,12 @@ def write_table(results: dict, path: Path) -> None:
         valid = f"{r['best_valid']['ndcg@10']:.4f}" if r.get("best_valid") and t is r["test"] else "-"
         kept = f"{t['ndcg@10']:.4f}" if m is not t else "-"
         secs = sum(x["train_seconds"] for x in r["grid"]["runs"]) if r.get("grid") else r["train_seconds"]
-        return (f"| {r['dataset']} | {name} | {r['profile']} | {m['ndcg@10']:.4f}{se} | {m['recall@10']:.4f} | "
+        text = (f"| {r['dataset']} | {name} | {r['profile']} | {m['ndcg@10']:.4f}{se} | {m['recall@10']:.4f} | "
                 f"{m['mrr']:.4f} | {top1} | {ratio} | {paired} | {kept} | {valid} | {epochs} | {secs:.0f} |")
+        if vs_recipe:
+            q = r.get("vs_recipe_paired")
+            text += f" {q['diff']:+.4f} ± {q['se']:.4f} |" if q else "  |"
+        return text
 
     seeds = [r for r in rows if SEED_ROW.search(r["variant"])]
     main = [r for r in rows if r["variant"] in DEFAULT_VARIANTS and "epochs" in r]
@@ -328,8 +337,9 @@ def write_table(results: dict, path: Path) -> None:
     if abl:
         lines += ["", "## Ablation: one lever of the ItemLM recipe at a time", "",
                   "`itemlm` is the recipe; each `abl-*` row changes one lever (benchmarks/quality.py VARIANTS).",
-                  "", *head]
-        lines += [line(r, r["test"], r["variant"]) for r in abl]
+                  "The last column is the paired difference from the recipe row (`itemlm`), what the lever did.",
+                  "", head[0] + " paired vs recipe (± s.e.) |", head[1] + "---:|"]
+        lines += [line(r, r["test"], r["variant"], vs_recipe=True) for r in abl]
     if r1:
         lines += ["", "## Ablation around recipe 1 (pretrained SmolLM2 layers, tied item vectors, validation with",
                   "history kept; SASRec with dropout 0.5)", "",
