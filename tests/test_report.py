@@ -23,7 +23,10 @@ def results(tmp_path):
     write(d, "quality.json", {"rows": [
         {"dataset": "scientific", "variant": "sasrec", "model": "sasrec", "test": FULL, "train_seconds": 12.5,
          "command": "benchmarks/quality.py --datasets scientific", "git_commit": "aaa111", "date": "2026-11-26",
-         "hardware": {"cores": 2, "gpu": None}, "config": {"model": "sasrec", "train": {"max_steps": 2000}}}]})
+         "hardware": {"cores": 2, "gpu": None}, "config": {"model": "sasrec", "train": {"max_steps": 2000}}},
+        # the headline protocol (history masked) wins over the history-kept figure
+        {"dataset": "scientific", "variant": "itemlm-masked", "test": FULL,
+         "test_history_masked": {**FULL, "ndcg@10": 0.0333}}]})
     # frozen.json-like: file-level command, a profile dict, per-method dicts, MRR and train time absent
     write(d, "frozen.json", {"command": "benchmarks/frozen.py --data X", "git_commit": "bbb222",
                              "dataset": "Scientific",
@@ -65,6 +68,7 @@ def test_report_marks_missing_numbers_and_plots(results, tmp_path):
     sas = table_row(text, "sasrec")
     assert sas[2:6] == ["0.0123", "0.0456", "0.0289", "0.0211"] and sas[6] == "12.5" and sas[7] == NOT_MEASURED
     assert "max_steps=2000" in sas[8] and "cpu x2" in sas[8]
+    assert table_row(text, "itemlm-masked")[4] == "0.0333"
     fro = table_row(text, "itemlm-frozen")
     assert fro[2:5] == ["0.0100", "0.0500", "0.0300"] and fro[5] == NOT_MEASURED and fro[6] == NOT_MEASURED
     assert fro[7] == "20.50" and "backbone=smollm2-135m" in fro[8] and "n_layers=2" in fro[8]
@@ -100,6 +104,6 @@ def test_cli(results, tmp_path):
     out = tmp_path / "out" / "results.md"
     r = CliRunner().invoke(app, ["report", "--results", str(results), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert out.is_file() and "7 rows over 2 datasets" in r.output
+    assert out.is_file() and "8 rows over 2 datasets" in r.output
     r = CliRunner().invoke(app, ["report", "--results", str(tmp_path / "missing"), "--out", str(out)])
     assert r.exit_code == 2 and "results folder not found" in r.output

@@ -52,8 +52,8 @@ def merge(a: dict, b: dict) -> dict:
 
 # ItemLM on a GPU: the same recipe with the whole pretrained backbone, the paper's prompt and item
 # text in 75% of training examples (the paper's paradigm; IDs alone at inference). NOT measured
-# yet (no GPU was lent): on CPU with ID-only prompts the pretrained layers scored lower, and text in
-# training is the one setting where pretraining has something to offer.
+# yet (no GPU was lent): on CPU, 2 pretrained layers scored lower than random ones with ID-only
+# prompts and with text in training alike; the whole pretrained backbone is what is left to try.
 ITEMLM_GPU = merge(ITEMLM_CPU, {"itemlm": {"n_layers": None, "pretrained": True, "prompt": "default",
                                            "id_only_share": 0.25},
                                 "train": {"batch_size": 64}})
