@@ -25,14 +25,16 @@ SASREC = {"model": "sasrec", "data": {"max_history": 50},
 # items-only softmax and a frozen token table (ID-only prompts never need them: 5.4x cheaper
 # steps, measured); separate input and output item vectors, both started from the same dataset's
 # tuned SASRec, with that SASRec's dropout on item inputs and on hidden states at labels
-# (itemlm_from_sasrec; the caller names the checkpoint).
+# (itemlm_from_sasrec; the caller names the checkpoint). The lr decays to 0 over 5 epochs (cosine):
+# over 3 seeds it was within about one s.e. of a constant lr with patience 3 (above it on office
+# and instruments, below on scientific) at a fixed, lower cost (docs/quality.md, abl-constant-lr).
 ITEMLM_CPU = {"model": "itemlm", "data": {"max_history": 50},
               "itemlm": {"backbone": "smollm2-135m", "n_layers": 2, "pretrained": False, "prompt": "ids",
                          "id_only_share": 1.0, "fields": ["title", "brand", "category"], "max_field_tokens": 8,
                          "text_vocab_in_softmax": False, "freeze_text_embeddings": True,
                          "tie_items": False, "item_dropout": 0.5, "hidden_dropout": 0.5, "init": "sasrec"},
               "train": {**EPOCHS, "batch_size": 32, "lr": 3e-4, "backbone_lr": 3e-5, "warmup_steps": 100,
-                        "max_epochs": 15, "patience": 3, "eval_exclude_history": True}}
+                        "max_epochs": 5, "lr_schedule": "cosine", "patience": 3, "eval_exclude_history": True}}
 
 
 def itemlm_from_sasrec(checkpoint: str, dropout: float) -> dict:
