@@ -80,6 +80,8 @@ VARIANTS = {
     "abl-pretrained-text": ("itemlm", {"itemlm": {"pretrained": True, "id_only_share": 0.25}}),
     "abl-text-vocab-softmax": ("itemlm", {"itemlm": {"text_vocab_in_softmax": True, "freeze_text_embeddings": False}}),
     "abl-same-lr": ("itemlm", {"train": {"backbone_lr": None}}),
+    "abl-weight-decay-0.1": ("itemlm", {"train": {"weight_decay": 0.1}}),  # AdamW; norms, biases, embeddings exempt
+    "abl-no-warmup": ("itemlm", {"train": {"warmup_steps": 0}}),
     # the recipe before cosine: a constant lr until validation stops improving (patience 3)
     "abl-constant-lr": ("itemlm", {"train": {"lr_schedule": "constant", "max_epochs": 15}}),
     "abl-text-encoder": ("itemlm", {"itemlm": {"item_encoder": "text+id"}}),  # + a linear map of title states
