@@ -218,8 +218,10 @@ def selected_sasrec(sasrec_dir: Path, dname: str, row_name: str) -> dict:
     try:
         return read_selected(sasrec_dir)
     except FileNotFoundError:
+        seed = SEED_ROW.search(row_name)
         sys.exit(f"{dname}/{row_name} needs the tuned SASRec in {sasrec_dir}, which does not exist: "
-                 f"run the sasrec variant first (--variants sasrec,{row_name.split('-seed')[0]})")
+                 f"run the sasrec variant first (--variants sasrec,{SEED_ROW.sub('', row_name)}"
+                 f"{' --seed ' + seed.group(0)[len('-seed'):] if seed else ''})")
 
 
 def paired_vs(work: Path, ref_name: str, row_name: str, gains: np.ndarray) -> dict | None:
