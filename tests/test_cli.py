@@ -37,6 +37,23 @@ def test_train_evaluate_recommend(run):
     assert len(recs) == 3 and {"id", "score", "title"} <= recs[0].keys()
 
 
+def test_evaluate_names_reports_by_protocol_and_reports_segments(run):
+    """Issue 22, defect 17: --exclude-history wrote the same eval_test.json as the unmasked run."""
+    root, data, ckpt = run
+    for args in ([], ["--exclude-history"]):
+        res = runner.invoke(app, ["evaluate", str(ckpt), *args])
+        assert res.exit_code == 0, res.output
+    kept = json.loads((ckpt / "eval_test.json").read_text())
+    masked = json.loads((ckpt / "eval_test_history_masked.json").read_text())
+    assert kept["exclude_history"] is False and masked["exclude_history"] is True
+    assert "by segment" in res.output and "hist:short" in res.output
+    seg = masked["metrics"]["segments"]
+    assert {"head", "hist:short", "hist:long"} <= set(seg) and "cold" not in seg  # 30 items: no tail
+    assert sum(v["users"] for k, v in seg.items() if k.startswith("pop:")) == masked["metrics"]["users"] == 300
+    assert seg["head"]["users"] == 300 and {"ndcg@10", "recall@10", "mrr", "users"} <= set(seg["head"])
+    assert masked["segment_rules"]["tail_max"] == 4
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "model=sasrec", "train.lr=-1"], "train.lr must be > 0"),
     (["train", "model=sasrec", "train.bogus=1"], "unknown config key in train: bogus"),

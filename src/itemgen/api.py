@@ -19,7 +19,8 @@ from itemgen.data.dataset import DataError, SequenceDataset
 from itemgen.data.load import load_dataset
 from itemgen.evaluation.evaluate import evaluate, evaluate_decoder, rank_examples
 from itemgen.evaluation.metrics import ndcg_gains
-from itemgen.models.checkpoint import CheckpointError, load_checkpoint, read_items
+from itemgen.evaluation.segments import SHORT_HISTORY, TAIL_MAX, dataset_segments, segment_rules
+from itemgen.models.checkpoint import CheckpointError, load_checkpoint, read_config, read_items
 from itemgen.models.recommender import Recommender
 from itemgen.topk.exact import check_k
 from itemgen.topk.factory import make_decoder
@@ -126,27 +127,48 @@ def user_ndcg(checkpoint: str | Path, *, split: str = "test", data: str | Path |
     return ndcg_gains(ranks, k)
 
 
+def user_segments(checkpoint: str | Path, *, split: str = "test", data: str | Path | None = None,
+                  ) -> dict[str, np.ndarray]:
+    """Segment name -> (users,) bool mask, in the same user order as :func:`user_ndcg`: with it,
+    evaluation.segments.paired_by_segment(user_ndcg(a), user_ndcg(b), masks) gives each
+    segment's paired difference and its standard error (evaluation/segments.py)."""
+    return dataset_segments(load_eval_dataset(read_config(checkpoint), data), split)
+
+
+def report_name(split: str, decode: str = "exact", exclude_history: bool = False) -> str:
+    """The default report file of an evaluation, one per protocol so that no run overwrites
+    another's: eval_SPLIT[_DECODER][_history_masked].json."""
+    return (f"eval_{split}{'' if decode == 'exact' else '_' + decode}"
+            f"{'_history_masked' if exclude_history else ''}.json")
+
+
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", decode: str = "exact",
                         data: str | Path | None = None, exclude_history: bool = False,
                         batch_size: int = 128, out: str | Path | None = None, device: str = "auto") -> dict:
+    """Evaluate a checkpoint on a split: every metric over all users and per segment
+    (evaluation/segments.py); the JSON report goes to ``out`` or CHECKPOINT/:func:`report_name`."""
     checkpoint = Path(checkpoint)
     model, cfg, ds = _model_and_data(checkpoint, data, device)
     examples = ds.examples(split)
+    segments = dataset_segments(ds, split)
     if decode == "exact":  # models without full-catalog scores (beam search) name their own decoder
         decode = getattr(model, "default_decoder", "exact")
     if decode == "exact":
         metrics = evaluate(model, examples, max_history=cfg.data.max_history, batch_size=batch_size,
-                           exclude_history=exclude_history)
+                           exclude_history=exclude_history, segments=segments)
     else:
         decoder = make_decoder(decode, model, checkpoint_dir=checkpoint)
         metrics = evaluate_decoder(model, decoder, examples,
                                    max_history=cfg.data.max_history, batch_size=batch_size,
-                                   exclude_history=exclude_history)
+                                   exclude_history=exclude_history, segments=segments)
         if hasattr(decoder, "stats"):  # e.g. clusters opened (structure), index type (ann)
             metrics["decoder"] = decoder.stats()
     report = {"checkpoint": str(checkpoint), "model": cfg.model, "dataset": ds.name, "split": split,
-              "decode": decode, "exclude_history": exclude_history, "metrics": metrics, **run_info()}
-    path = Path(out) if out is not None else checkpoint / f"eval_{split}{'' if decode == 'exact' else '_' + decode}.json"
+              "decode": decode, "exclude_history": exclude_history, "metrics": metrics,
+              "segment_rules": {"tail_max": TAIL_MAX, "short_history": SHORT_HISTORY,
+                                "definitions": segment_rules(ds.cold_items is not None)},
+              **run_info()}
+    path = Path(out) if out is not None else checkpoint / report_name(split, decode, exclude_history)
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     report["path"] = str(path)
     return report

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from itemgen import __version__
 from itemgen.api import Predictor, evaluate_checkpoint
-from itemgen.cli.common import (JsonConsole, LogFormat, Quiet, _guard, console, err, example, fail, json_mode,
-                                metrics_table, reporting, show_result)
+from itemgen.cli.common import (SEGMENT_COLUMNS, JsonConsole, LogFormat, Quiet, _guard, console, err, example, fail,
+                                json_mode, metrics_table, reporting, show_result)
 from itemgen.cli.data import app as data_app
 from itemgen.cli.quickstart import run as run_quickstart
 from itemgen.cli.report import report_command
@@ -123,10 +123,14 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint directory")
              data: Optional[Path] = typer.Option(None, help="prepared dataset (default: the one in the config)"),
              exclude_history: bool = typer.Option(False, help="mask each user's history items"),
              batch_size: int = typer.Option(128, min=1),
-             out: Optional[Path] = typer.Option(None, help="JSON report (default CHECKPOINT/eval_SPLIT.json)"),
+             out: Optional[Path] = typer.Option(None, help="JSON report (default CHECKPOINT/eval_SPLIT.json, "
+                                                           "eval_SPLIT_history_masked.json with --exclude-history)"),
              device: str = typer.Option("auto", help="auto (cuda when visible) | cpu | cuda[:N]"),
              quiet: Quiet = False, log_format: LogFormat = "text"):
-    """Score the full catalog for every user of a split; write Recall/NDCG/MRR as JSON."""
+    """Score the full catalog for every user of a split; write Recall/NDCG/MRR as JSON, over all
+    users and by segment: the target's training interactions (pop:0, pop:1-4, pop:5-19, pop:20+,
+    tail <= 4, head), the history length (hist:short <= 5 items, hist:long), and cold/warm on a
+    dataset prepared with --cold-items."""
     reporting(quiet, log_format)
     if split not in ("test", "valid"):
         fail(f"--split must be test or valid, not {split!r}")
@@ -136,6 +140,11 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint directory")
 
     def render():
         console.print(metrics_table({report["model"]: m}, f"{split} ({report['dataset']})"))
+        if m.get("segments"):
+            rules = report["segment_rules"]
+            console.print(metrics_table(m["segments"], f"by segment (tail: target with <= {rules['tail_max']} "
+                                        f"training interactions; hist:short: <= {rules['short_history']} items)",
+                                        cols=SEGMENT_COLUMNS, first="segment"))
         if m.get("collapsed"):
             console.print(f"[bold red]collapsed:[/] {m['top1_share']:.0%} of users get the same top-1 item "
                           f"and {m['distinct_top10']} distinct items fill all top-10 lists: the model ignores histories and recommends by popularity")

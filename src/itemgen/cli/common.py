@@ -85,10 +85,14 @@ def _guard(fn, *args, **kwargs):
         fail(e.args[0] if e.args else str(e))
 
 
-def metrics_table(rows: dict[str, dict], title: str) -> Table:
+METRIC_COLUMNS = ("recall@1", "recall@10", "ndcg@10", "mrr", "users", "top1_share", "distinct_top10")
+SEGMENT_COLUMNS = ("users", "recall@10", "ndcg@10", "ndcg@10_se", "mrr")
+
+
+def metrics_table(rows: dict[str, dict], title: str, cols=METRIC_COLUMNS, first: str = "model") -> Table:
+    """One row per model (or per segment: ``cols=SEGMENT_COLUMNS, first="segment"``)."""
     table = Table(title=title)
-    table.add_column("model")
-    cols = ["recall@1", "recall@10", "ndcg@10", "mrr", "users", "top1_share", "distinct_top10"]
+    table.add_column(first)
     for c in cols:
         table.add_column(c, justify="right")
     for name, m in rows.items():

@@ -71,6 +71,10 @@ def prepare(
     items: Annotated[Optional[Path], typer.Option(help="table: item table (same as a second INPUT).")] = None,
     sep: Annotated[Optional[str], typer.Option(help="table: field separator, overriding the extension "
                                                     "(use 'tab' for a tab).")] = None,
+    cold_items: Annotated[Optional[float], typer.Option(
+        help="Cold-start protocol: make this fraction of the items new (in no training or validation "
+             "example; test targets only). See README.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed drawing the --cold-items.")] = 0,
     quiet: Quiet = False,
     log_format: LogFormat = "text",
 ) -> None:
@@ -81,7 +85,7 @@ def prepare(
     options = dict(kcore=kcore, name=name, user_col=user_col, item_col=item_col, time_col=time_col,
                    items=items, sep=sep)
     with _user_errors():
-        ds = do_prepare(kind, inputs, out, **options)
+        ds = do_prepare(kind, inputs, out, cold_items=cold_items, seed=seed, **options)
     show_result({"path": str(out), **ds.manifest()},
                 lambda: _console().print(_counts_table(ds.manifest(), f"{ds.name} -> {out}")))
 

@@ -6,7 +6,8 @@ On disk (``itemgen data prepare`` writes it, :func:`SequenceDataset.load` reads 
     DIR/items.parquet      index (int32), id (string), then the metadata fields present
                            (title, brand, price, category, description), null when missing
     DIR/sequences.parquet  user (string), items (list<int32>, oldest first)
-    DIR/manifest.json      counts, fields, source, content hash
+    DIR/manifest.json      counts, fields, source, content hash; ``cold_items`` (the new items of
+                           a cold-start dataset: fraction, seed, count, indices, ids)
 
 Item indices are dense 0..I-1; external ids (ASINs, strings) are kept for I/O only.
 """
@@ -102,17 +103,35 @@ def leave_one_out(sequences: list[np.ndarray]) -> Split:
 
 
 @dataclass
+class ColdItems:
+    """The new items of a cold-start dataset (:func:`make_cold`): chosen at random (``fraction``
+    of the catalog, ``seed``); they appear only as some users' test targets."""
+
+    indices: np.ndarray  # (C,) int64, sorted
+    fraction: float
+    seed: int
+    removed_interactions: int = 0  # interactions with them dropped from the sequences
+    removed_users: int = 0  # users left with no interaction at all
+
+
+@dataclass
 class SequenceDataset:
     name: str
     items: ItemTable
     users: list[str]
     sequences: list[np.ndarray]  # per user, int64 item indices, chronological
     source: dict = field(default_factory=dict)  # where it came from (loader, paths, filters)
+    cold: ColdItems | None = None  # new items (prepared with --cold-items), else None
 
     def __post_init__(self) -> None:
         if len(self.users) != len(self.sequences):
             raise DataError(f"{len(self.users)} users but {len(self.sequences)} sequences")
         self._split: Split | None = None
+
+    @property
+    def cold_items(self) -> np.ndarray | None:
+        """(C,) indices of the new items, or None for a dataset without a cold-start split."""
+        return None if self.cold is None else self.cold.indices
 
     @property
     def n_items(self) -> int:
@@ -140,6 +159,16 @@ class SequenceDataset:
                 raise DataError(f"user {self.users[u]!r} has no interactions")
             if seq.min() < 0 or seq.max() >= n:
                 raise DataError(f"user {self.users[u]!r} names an item index outside 0..{n - 1}")
+        if self.cold is not None:
+            c = np.asarray(self.cold.indices)
+            if c.size and (c.min() < 0 or c.max() >= n):
+                raise DataError(f"cold_items names an item index outside 0..{n - 1}")
+            new = np.zeros(n, dtype=bool)
+            new[c] = True
+            for u, seq in enumerate(self.sequences):  # a new item only as an evaluated user's last item
+                early = seq[:-1] if len(seq) >= MIN_EVAL_LENGTH else seq
+                if new[early].any():
+                    raise DataError(f"user {self.users[u]!r} has a new (cold) item before its test target")
 
     def content_hash(self) -> str:
         h = hashlib.sha256()
@@ -152,6 +181,8 @@ class SequenceDataset:
         for user, seq in zip(self.users, self.sequences):
             h.update(user.encode() + b"\2")
             h.update(np.asarray(seq, dtype=np.int64).tobytes())
+        if self.cold is not None:  # only then: the hashes of datasets without new items stay as they were
+            h.update(b"\3" + np.asarray(self.cold.indices, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
     def manifest(self) -> dict:
@@ -166,7 +197,17 @@ class SequenceDataset:
             "train_only_users": split.n_train_only_users,
             "content_hash": self.content_hash(),
             "source": self.source,
+            **({"cold_items": self.cold_manifest()} if self.cold is not None else {}),
         }
+
+    def cold_manifest(self) -> dict:
+        c = self.cold
+        idx = [int(i) for i in c.indices]
+        new = set(idx)
+        test_targets = sum(1 for e in self.split.test if e.target in new)
+        return {"fraction": c.fraction, "seed": c.seed, "count": len(idx), "cold_test_users": test_targets,
+                "removed_interactions": c.removed_interactions, "removed_users": c.removed_users,
+                "indices": idx, "ids": [self.items.ids[i] for i in idx]}
 
     # ---- persistence -------------------------------------------------------------------
 
@@ -212,12 +253,52 @@ class SequenceDataset:
         seqs = pq.read_table(path / "sequences.parquet")
         users = [str(u) for u in seqs.column("user").to_pylist()]
         sequences = [np.asarray(s, dtype=np.int64) for s in seqs.column("items").to_pylist()]
-        ds = cls(manifest.get("name", path.name), table, users, sequences, manifest.get("source", {}))
+        cold = manifest.get("cold_items")
+        if cold is not None:
+            try:
+                cold = ColdItems(np.asarray(cold["indices"], dtype=np.int64), float(cold["fraction"]),
+                                 int(cold["seed"]), int(cold.get("removed_interactions", 0)),
+                                 int(cold.get("removed_users", 0)))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{manifest_path}: cold_items is malformed ({type(e).__name__}: {e})") from None
+        ds = cls(manifest.get("name", path.name), table, users, sequences, manifest.get("source", {}), cold)
         ds.validate()
         if manifest.get("content_hash") not in (None, ds.content_hash()):
             raise DataError(f"{path}: content does not match manifest.json's content_hash "
                             "(files changed or half-written); prepare it again")
         return ds
+
+
+def make_cold(ds: SequenceDataset, fraction: float, seed: int = 0) -> SequenceDataset:
+    """The cold-start protocol: ``fraction`` of the items, drawn at random with ``seed``, become
+    NEW items. Every interaction with a new item is removed from the sequences, except a user's
+    last one (the test target) when the user stays evaluated (>= MIN_EVAL_LENGTH items); so no
+    training or validation input or label holds a new item, the test examples whose target is new
+    form the cold segment, and the catalog keeps every item (ranking is over old and new items).
+    Users left with no interaction are dropped."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"cold items: the fraction must be in (0, 1), not {fraction}")
+    n_cold = int(round(fraction * ds.n_items))
+    if n_cold < 1:
+        raise DataError(f"cold items: {fraction} of {ds.n_items} items is no item")
+    rng = np.random.default_rng(seed)
+    cold = np.sort(rng.choice(ds.n_items, n_cold, replace=False)).astype(np.int64)
+    new = np.zeros(ds.n_items, dtype=bool)
+    new[cold] = True
+    users, sequences, removed = [], [], 0
+    for user, seq in zip(ds.users, ds.sequences):
+        seq = np.asarray(seq, dtype=np.int64)
+        kept = seq[:-1][~new[seq[:-1]]] if len(seq) else seq
+        if len(seq) and (not new[seq[-1]] or len(kept) + 1 >= MIN_EVAL_LENGTH):
+            kept = np.append(kept, seq[-1])  # an old last item, or a new one that stays a test target
+        removed += len(seq) - len(kept)
+        if len(kept):
+            users.append(user)
+            sequences.append(kept)
+    spec = ColdItems(cold, float(fraction), int(seed), removed, len(ds.users) - len(users))
+    out = SequenceDataset(ds.name, ds.items, users, sequences, ds.source, spec)
+    out.validate()
+    return out
 
 
 def training_sequences(ds: SequenceDataset, max_history: int) -> list[np.ndarray]:

@@ -55,7 +55,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from itemgen.core.progress import Progress, phase
-from itemgen.data.dataset import METADATA_FIELDS, DataError, ItemTable, SequenceDataset
+from itemgen.data.dataset import METADATA_FIELDS, DataError, ItemTable, SequenceDataset, make_cold
 
 __all__ = [
     "AMAZON2018_BASE_URL",
@@ -926,15 +926,17 @@ def _call(loader, args: list, options: dict):
     return loader(*args, **options)
 
 
-def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, **options) -> SequenceDataset:
+def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, *, cold_items: float | None = None,
+            seed: int = 0, **options) -> SequenceDataset:
     """Load ``inputs`` with the loader for ``kind`` and save the dataset to ``out`` (atomically).
 
     * ``lcrec``: one input, the LC-Rec directory (or its ``X.inter.json``).
     * ``table``: the interaction table, optionally the item table (or ``items=``).
     * ``amazon2018``: the reviews file, optionally the meta file.
 
-    ``options`` go to the loader (``kcore``, ``name``, ``user_col``, ...). Nothing is written
-    unless loading succeeds; an existing ``out`` is replaced only by a complete dataset.
+    ``options`` go to the loader (``kcore``, ``name``, ``user_col``, ...). ``cold_items``: the
+    fraction of items made new with ``seed`` (dataset.make_cold, the cold-start protocol). Nothing
+    is written unless loading succeeds; an existing ``out`` is replaced only by a complete dataset.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -961,6 +963,8 @@ def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, **o
             ds = _call(load_amazon2018, inputs, options)
     else:
         raise DataError(f"unknown dataset kind {kind!r}; one of: {', '.join(KINDS)}")
+    if cold_items is not None:
+        ds = make_cold(ds, cold_items, seed)
     with phase("prepare", f"write {out}", users=len(ds.users), items=ds.n_items):
         ds.save(out)
     return ds

@@ -11,6 +11,7 @@ import torch
 from itemgen.core.progress import Progress
 from itemgen.data.dataset import Example
 from itemgen.evaluation.metrics import diversity, ranking_metrics, target_ranks
+from itemgen.evaluation.segments import segment_metrics
 from itemgen.models.recommender import Recommender
 from itemgen.topk.exact import mask_items
 from itemgen.topk.factory import make_decoder
@@ -59,15 +60,20 @@ def rank_and_top(model: Recommender, examples: list[Example], *, max_history: in
 
 
 def evaluate(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
-             exclude_history: bool = False, progress: bool = True) -> dict:
+             exclude_history: bool = False, progress: bool = True,
+             segments: dict[str, np.ndarray] | None = None) -> dict:
+    """Metrics over all ``examples``; with ``segments`` (segments.py masks over them) also each
+    segment's metrics, under ``"segments"``."""
     if getattr(model, "default_decoder", "exact") != "exact":
         return evaluate_decoder(model, make_decoder(model.default_decoder, model), examples,
                                 max_history=max_history, batch_size=batch_size, exclude_history=exclude_history,
-                                progress=progress)
+                                progress=progress, segments=segments)
     t0 = time.perf_counter()
     ranks, top = rank_and_top(model, examples, max_history=max_history, batch_size=batch_size,
                               exclude_history=exclude_history, progress=progress)
     out = {**ranking_metrics(ranks), **diversity(top)}
+    if segments is not None:
+        out["segments"] = segment_metrics(ranks, segments)
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 
@@ -83,17 +89,19 @@ def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example
 @torch.inference_mode()
 def evaluate_decoder(model: Recommender, decoder, examples: list[Example], *, max_history: int,
                      batch_size: int = 128, exclude_history: bool = False, cutoff: int = 100,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, segments: dict[str, np.ndarray] | None = None) -> dict:
     """Metrics for decoders that return a top-k list only (structure, ANN, beam search): a target
     outside the top ``cutoff`` gets rank cutoff + 1, so Recall/NDCG at K <= 20 are exact and MRR
     is MRR@cutoff, to which such a target adds 0 (``mrr_cutoff`` in the result; a decoder's own ``cutoff`` attribute,
-    e.g. beam search's, lowers it)."""
+    e.g. beam search's, lowers it). ``segments`` as in :func:`evaluate`."""
     t0 = time.perf_counter()
     k = min(cutoff, getattr(decoder, "cutoff", cutoff), model.n_items)
     top = np.zeros((len(examples), min(TOP, k)), dtype=np.int64)
     ranks = decoder_ranks(model, decoder, examples, max_history=max_history, batch_size=batch_size,
                           exclude_history=exclude_history, cutoff=k, top_out=top, progress=progress)
     out = {**ranking_metrics(ranks, mrr_cutoff=k), **diversity(top)}  # rank k + 1: not in the top k
+    if segments is not None:
+        out["segments"] = segment_metrics(ranks, segments, mrr_cutoff=k)
     out["mrr_cutoff"] = k
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
