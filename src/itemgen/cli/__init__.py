@@ -146,8 +146,10 @@ def evaluate(checkpoint: Path = typer.Argument(..., help="checkpoint directory")
                                         f"training interactions; hist:short: <= {rules['short_history']} items)",
                                         cols=SEGMENT_COLUMNS, first="segment"))
         if m.get("collapsed"):
+            distinct = next((f"{v} distinct items fill all top-{k[len('distinct_top'):]} lists" for k, v in m.items()
+                             if k.startswith("distinct_top")), "")  # top-k: k < 10 in a small catalog
             console.print(f"[bold red]collapsed:[/] {m['top1_share']:.0%} of users get the same top-1 item "
-                          f"and {m['distinct_top10']} distinct items fill all top-10 lists: the model ignores histories and recommends by popularity")
+                          f"and {distinct}: the model ignores histories and recommends by popularity")
         console.print(f"report: {report['path']}")
 
     show_result(report, render)

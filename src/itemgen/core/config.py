@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 # the values of ``model``: models/registry.py maps each name to its class (a test keeps the two equal)
-MODEL_NAMES = ("itemlm", "sasrec", "bert4rec", "gru4rec", "title", "semantic_id")
+MODEL_NAMES = ("itemlm", "sasrec", "bert4rec", "gru4rec", "title", "semantic_id", "text_knn")
 
 
 class ConfigError(ValueError):
@@ -147,6 +147,15 @@ class SemanticIDConfig:
 
 
 @dataclass(frozen=True)
+class TextKNNConfig:
+    """Text-similarity baseline, nothing trained (text_knn.py): a candidate's score is its mean
+    cosine with the text vectors of the user's last ``last_n`` items."""
+    encoder: str = "tfidf"  # tfidf | minilm | a backbone name (smollm2-135m, tiny) | a local HF folder
+    last_n: int = 3  # history items compared with each candidate, most recent first
+    fields: tuple[str, ...] = ("title", "brand", "category")  # an item's text (text_view.item_text)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/default"
     seed: int = 0
@@ -175,7 +184,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: str = "itemlm"  # itemlm | sasrec | bert4rec | gru4rec | title | semantic_id
+    model: str = "itemlm"  # itemlm | sasrec | bert4rec | gru4rec | title | semantic_id | text_knn
     data: DataConfig = field(default_factory=DataConfig)
     itemlm: ItemLMConfig = field(default_factory=ItemLMConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
@@ -185,6 +194,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     title: TitleLMConfig = field(default_factory=TitleLMConfig)
     semantic_ids: SemanticIDConfig = field(default_factory=SemanticIDConfig)
+    text_knn: TextKNNConfig = field(default_factory=TextKNNConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -386,6 +396,9 @@ def validate(cfg: Config) -> None:
         (0.0 < cfg.bert4rec.mask_prob <= 1.0, "bert4rec.mask_prob must be in (0, 1]"),
         (0.0 <= cfg.bert4rec.mask_last_prob <= 1.0, "bert4rec.mask_last_prob must be in [0, 1]"),
         (cfg.gru4rec.hidden >= 1 and cfg.gru4rec.n_layers >= 1, "gru4rec.hidden and gru4rec.n_layers must be >= 1"),
+        (cfg.text_knn.last_n >= 1, "text_knn.last_n must be >= 1"),
+        (bool(cfg.text_knn.encoder.strip()), "text_knn.encoder: tfidf, minilm, a backbone name or a folder"),
+        (len(cfg.text_knn.fields) >= 1, "text_knn.fields: at least one item field"),
         (cfg.loss.kind in ("full", "sampled_softmax", "warp", "lambdarank"),
          "loss.kind: full|sampled_softmax|warp|lambdarank"),
         (cfg.loss.negatives >= 1, "loss.negatives must be >= 1"),

@@ -11,6 +11,7 @@ from itemgen.models.itemlm import ItemLM
 from itemgen.models.recommender import Recommender
 from itemgen.models.sasrec import SASRec
 from itemgen.models.semantic_ids import SemanticIDLM
+from itemgen.models.text_knn import TextKNN
 from itemgen.models.title_lm import TitleLM
 
 # each takes (cfg, items, checkpoint_dir); the keys are exactly core.config.MODEL_NAMES
@@ -21,6 +22,7 @@ BUILDERS = {
     "gru4rec": lambda cfg, items, checkpoint_dir: GRU4Rec(len(items), cfg.gru4rec, cfg.data.max_history),
     "title": lambda cfg, items, checkpoint_dir: TitleLM.build(cfg, items, checkpoint_dir),
     "semantic_id": lambda cfg, items, checkpoint_dir: SemanticIDLM.build(cfg, items, checkpoint_dir),
+    "text_knn": lambda cfg, items, checkpoint_dir: TextKNN.build(cfg, items, checkpoint_dir),
 }
 
 

@@ -42,7 +42,7 @@ class TrainResult:
     step: int
     best_valid: dict
     train_seconds: float
-    stopped: str  # max_steps | early_stopping | time_limit | paused
+    stopped: str  # max_steps | early_stopping | time_limit | paused | nothing_to_train
     epochs: float = 0.0  # passes over the training sequences (steps / batches per epoch)
     best_step: int = 0  # the step of the best validation (what best/ holds)
 
@@ -120,6 +120,27 @@ def make_optimizer(model: Recommender, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, fused=True)
 
 
+def save_untrained(model: Recommender, cfg: Config, ds: SequenceDataset, write: bool = True) -> TrainResult:
+    """A model with nothing to train (``trainable = False``, e.g. text_knn): validated as a trained
+    one would be, then written to OUT/best (no OUT/last: there is nothing to resume) by the main
+    process (``write``)."""
+    t, out = cfg.train, Path(cfg.train.out)
+    t0 = time.perf_counter()
+    valid = subsample(ds.split.valid, t.eval_users, t.seed)
+    metrics = ranking_metrics(rank_examples(model, valid, max_history=cfg.data.max_history,
+                                            batch_size=t.eval_batch_size, exclude_history=t.eval_exclude_history))
+    seconds = time.perf_counter() - t0
+    if not write:
+        return TrainResult(out, out / "best", 0, metrics, seconds, "nothing_to_train")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json() + "\n")
+    append_jsonl(out / "log.jsonl", {"step": 0, "epoch": 0.0, "loss": None, "valid": metrics, "seconds": seconds})
+    n_params = sum(b.numel() for b in model.buffers())
+    save_checkpoint(out / "best", model, cfg, ds.items, dataset=ds.manifest(),
+                    metrics={"valid": metrics, "step": 0, "params": n_params, "trainable_params": 0})
+    return TrainResult(out, out / "best", 0, metrics, seconds, "nothing_to_train")
+
+
 def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None = None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
@@ -134,6 +155,8 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
     out = Path(t.out)
     best_dir, last_dir = out / "best", out / "last"
     model = build_model(cfg, ds.items)
+    if not getattr(model, "trainable", True):  # nothing to train (text_knn): validate and save it as built
+        return save_untrained(model, cfg, ds, write=acc.is_main_process)
     if not resume:
         init_items(model, cfg, ds)
     seqs = training_sequences(ds, cfg.data.max_history)
