@@ -120,12 +120,14 @@ def make_optimizer(model: Recommender, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, fused=True)
 
 
-def save_untrained(model: Recommender, cfg: Config, ds: SequenceDataset, write: bool = True) -> TrainResult:
+def save_untrained(model: Recommender, cfg: Config, ds: SequenceDataset, write: bool = True,
+                   started: float | None = None) -> TrainResult:
     """A model with nothing to train (``trainable = False``, e.g. text_knn): validated as a trained
     one would be, then written to OUT/best (no OUT/last: there is nothing to resume) by the main
-    process (``write``)."""
+    process (``write``). Its seconds count from ``started`` (perf_counter before the model was
+    built: building is its training, e.g. encoding every item's text)."""
     t, out = cfg.train, Path(cfg.train.out)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if started is None else started
     valid = subsample(ds.split.valid, t.eval_users, t.seed)
     metrics = ranking_metrics(rank_examples(model, valid, max_history=cfg.data.max_history,
                                             batch_size=t.eval_batch_size, exclude_history=t.eval_exclude_history))
@@ -154,9 +156,10 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
     ds = dataset if dataset is not None else load_dataset(cfg)
     out = Path(t.out)
     best_dir, last_dir = out / "best", out / "last"
+    t_build = time.perf_counter()
     model = build_model(cfg, ds.items)
     if not getattr(model, "trainable", True):  # nothing to train (text_knn): validate and save it as built
-        return save_untrained(model, cfg, ds, write=acc.is_main_process)
+        return save_untrained(model, cfg, ds, write=acc.is_main_process, started=t_build)
     if not resume:
         init_items(model, cfg, ds)
     seqs = training_sequences(ds, cfg.data.max_history)
