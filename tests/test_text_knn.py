@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from itemgen.api import Predictor
@@ -14,6 +15,7 @@ from itemgen.data.dataset import ItemTable, SequenceDataset
 from itemgen.models.checkpoint import load_checkpoint
 from itemgen.models.registry import build_model
 from itemgen.models.text_knn import tfidf_csr
+from itemgen.serving.server import ServeSettings, create_app
 
 runner = CliRunner()
 
@@ -84,5 +86,11 @@ def test_train_writes_a_checkpoint_that_evaluates_and_recommends(tmp_path):
     report = json.loads((out / "best" / "eval_test_history_masked.json").read_text())
     # every test target is the other item of the same kind as the user's previous item: all rank 1
     assert report["model"] == "text_knn" and report["metrics"]["recall@1"] == 1.0
-    recs = Predictor.load(out / "best").recommend([["i2"]], k=2)[0]
+    predictor = Predictor.load(out / "best")
+    recs = predictor.recommend([["i2"]], k=2)[0]
     assert [r["id"] for r in recs] == ["i3", recs[1]["id"]] and recs[0]["title"] == "electric kettle steel"
+    server = create_app(ServeSettings(checkpoint=str(out / "best")), predictor=predictor, api_key="")
+    with TestClient(server) as client:  # served like any model
+        r = client.post("/v1/recommend", json={"history": ["i0"], "k": 1})
+        assert r.status_code == 200, r.text
+        assert [x["id"] for x in r.json()["items"]] == ["i1"]
