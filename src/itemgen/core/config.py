@@ -103,6 +103,8 @@ def translate_legacy(values: dict) -> dict:
         return values  # _build names the bad section
     lm = dict(lm)
     old = {k: lm.pop(k) for k in list(lm) if k in LEGACY_ITEM_KEYS}
+    if values.get("model", "itemlm") != "itemlm":  # they only ever described ItemLM (configs dump every section)
+        return {**values, "itemlm": lm}
     for key, value in old.items():
         if key == "item_encoder":
             value = "id" if value == "none" else value

@@ -106,6 +106,14 @@ class ItemLM(Recommender):
                    "item_encoder.text_proj.": "items.text_proj.", "item_proj.": "items.proj.",
                    "tied_scale": "items.tied_scale", "out_proj.": "items.out_proj."}
 
+    def append_items(self, view: torch.Tensor) -> None:
+        """Grow the catalog by len(view) items vectorised from their text view (N, F) alone
+        (models/new_items.py). Save and reload the model to use it: prompts still hold the old table."""
+        if self.items.output_view == "untied":
+            raise ValueError("items.output=untied: new items have no output vectors (the head's are per item)")
+        self.items.append_items(view)
+        self.n_items = self.head._n_items = self.items.n_items
+
     def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return upgrade_state_dict(state, self.LEGACY_KEYS, n_items=self.n_items)
 

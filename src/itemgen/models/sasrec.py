@@ -55,6 +55,12 @@ class SASRec(NextItemRecommender):
         model.items.set_text(view)  # once; the checkpoint keeps it
         return model
 
+    def append_items(self, view: torch.Tensor) -> None:
+        """Grow the catalog by len(view) items vectorised from their text view (N, F) alone
+        (models/new_items.py)."""
+        self.items.append_items(view)
+        self.n_items = self.items.n_items
+
     def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return upgrade_state_dict(state, self.LEGACY_KEYS, n_items=self.n_items)
 
