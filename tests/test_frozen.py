@@ -46,7 +46,7 @@ def test_frozen_training_leaves_backbone_bit_identical(data, tmp_path, encoder, 
     assert base and all(torch.equal(sd0[k], sd1[k]) for k in base)
     # the item parts learned (LoRA B starts at zero, so a change there means the adapters trained)
     learned = ["items.text_proj.weight", "items.proj.0.weight", "head.item_out"]
-    learned += ["items.id_table.weight"] if encoder == "text+id" else []
+    learned += ["items.id_emb.weight"] if encoder == "text+id" else []
     learned += [k for k in sd0 if "lora_B" in k]
     for k in learned:
         assert not torch.equal(sd0[k], sd1[k]), k

@@ -86,7 +86,7 @@ def test_items_without_training_interactions_get_exactly_no_id_part(data, model,
     new = torch.arange(N_OLD, N_OLD + N_NEW)
     assert not rep.id_known[new].any() and rep.id_known[:N_OLD].all()
     with torch.no_grad():
-        rep.id_table.weight.normal_()  # every ID row nonzero, so a leak would show
+        rep.id_emb.weight.normal_()  # every ID row nonzero, so a leak would show
         if rep.id_out is not None:
             rep.id_out.normal_()
         text = rep.text_features(new)
@@ -138,7 +138,7 @@ def test_id_dropout_only_in_training_mode(data):
     assert torch.equal(rep.id_gate(), rep.id_known)  # evaluation never drops
 
 
-def test_sasrec_id_table_starts_as_before_the_component(data):
+def test_sasrec_id_emb_starts_as_before_the_component(data):
     """The same seed gives the same SASRec item table as the code before the items section (the
     measured recipes keep their numbers)."""
     torch.manual_seed(7)
@@ -148,7 +148,7 @@ def test_sasrec_id_table_starts_as_before_the_component(data):
     nn.init.normal_(old.weight, std=0.02)
     with torch.no_grad():
         old.weight[0].zero_()
-    assert torch.equal(m.items.id_table.weight, old.weight)
+    assert torch.equal(m.items.id_emb.weight, old.weight)
     assert torch.equal(m.item_vectors(), old.weight[1:])
 
 
@@ -174,7 +174,7 @@ def test_legacy_itemlm_item_keys_load_into_the_items_section(tmp_path):
     assert sas.items == ItemsConfig()
 
 
-LEGACY_NAMES = {"items.id_table.": "item_embed.", "items.text_view": "item_encoder.text_feat",
+LEGACY_NAMES = {"items.id_emb.": "item_embed.", "items.text_view": "item_encoder.text_feat",
                 "items.text_proj.": "item_encoder.text_proj.", "items.proj.": "item_proj.",
                 "items.tied_scale": "tied_scale"}
 

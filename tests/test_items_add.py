@@ -70,7 +70,7 @@ def test_a_new_item_ranks_among_the_top_for_a_history_of_its_near_duplicates(sas
     model, _, items = load_checkpoint(result.out)
     assert items.ids[-2:] == ["NEW-stapler", "NEW-lamp"] and items.title(len(items) - 1) == "blue lamp model 5"
     assert not model.items.id_known[-2:].any() and model.items.id_known[:-2].all()
-    assert torch.equal(model.items.id_table.weight[-2:], torch.zeros(2, 32))  # no ID part
+    assert torch.equal(model.items.id_emb.weight[-2:], torch.zeros(2, 32))  # no ID part
     pred = Predictor.load(result.out)
     for history, new_id, other in ((["F0M0", "F0M1", "F0M2"], "NEW-stapler", "NEW-lamp"),
                                    (["F1M3", "F1M0", "F1M1"], "NEW-lamp", "NEW-stapler")):

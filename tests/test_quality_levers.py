@@ -54,7 +54,7 @@ def test_every_init_builds_and_trains_one_step(data, tmp_path, sasrec_ckpt, init
     if init == "sasrec":  # the table started as the SASRec's item embeddings (up to one scale), then took one step
         sas, _, _ = load_checkpoint(sasrec_ckpt)
         e = sas.item_vectors().detach()
-        corr = np.corrcoef(e.flatten().numpy(), model.items.id_table.weight.detach().flatten().numpy())[0, 1]
+        corr = np.corrcoef(e.flatten().numpy(), model.items.id_emb.weight.detach().flatten().numpy())[0, 1]
         assert corr > 0.9
 
 
@@ -64,12 +64,12 @@ def test_init_vectors_reach_table_and_output_side(data, sasrec_ckpt):
     init_items(model, cfg, data)
     e = load_checkpoint(sasrec_ckpt)[0].item_vectors().detach()
     e = e - e.mean(0)
-    w = model.items.id_table.weight.detach()
+    w = model.items.id_emb.weight.detach()
     assert torch.allclose(w * e.std(), e, atol=1e-5)  # the same (centred) vectors, rescaled
     assert w.std().item() == pytest.approx(1.0, rel=1e-4)
     out = model.head.item_out.detach()
     assert out.std().item() == pytest.approx(0.02, rel=1e-3)  # the random head's logit scale
-    proj = model.items.proj(model.items.id_table.weight).detach()
+    proj = model.items.proj(model.items.id_emb.weight).detach()
     proj = proj - proj.mean(0)
     assert torch.allclose(out / out.norm(), proj / proj.norm(), atol=1e-5)  # output = projected inputs
 
@@ -79,7 +79,7 @@ def test_text_init_puts_same_title_items_together(data):
         cfg = cfg_for("unused", init="text", tie_items=tie)
         model = build_model(cfg, data.items)
         init_items(model, cfg, data)
-        for vec in (model.items.id_table.weight, model.item_vectors()):
+        for vec in (model.items.id_emb.weight, model.item_vectors()):
             d = torch.cdist(vec.detach()[:3], vec.detach()[:3])
             assert d[0, 1] < 1e-4 * d[0, 2] and d[0, 2] > 0  # same title: the same vector; other titles: apart
 
@@ -87,7 +87,7 @@ def test_text_init_puts_same_title_items_together(data):
 def test_tied_item_vectors_are_the_projected_inputs(data):
     model = build_model(cfg_for("unused", tie_items=True), data.items)
     assert model.head.item_out is None
-    assert torch.equal(model.item_vectors(), model.items.proj(model.items.id_table.weight) * model.items.tied_scale)
+    assert torch.equal(model.item_vectors(), model.items.proj(model.items.id_emb.weight) * model.items.tied_scale)
     assert model.items.tied_scale.requires_grad
     names = [n for n, _ in model.named_parameters()]
     assert not any(n.startswith("head.item_out") for n in names)
@@ -172,13 +172,13 @@ def test_tied_items_with_a_text_encoder_use_the_summed_inputs(data, tmp_path):
     cfg = cfg_for(tmp_path, tie_items=True, item_encoder="text+id")
     model = build_model(cfg, data.items)
     ids = torch.arange(data.n_items)
-    want = model.items.proj(model.items.id_table(ids) + model.items.text_proj(model.items.text_features(ids))) * model.items.tied_scale
+    want = model.items.proj(model.items.id_emb(ids) + model.items.text_proj(model.items.text_features(ids))) * model.items.tied_scale
     assert torch.allclose(model.item_vectors(), want)
     assert train(cfg, dataset=data).step == 1
     # text-only inputs tie too: every output vector then comes from text
     model = build_model(cfg_for(tmp_path, tie_items=True, item_encoder="text"), data.items)
     want = model.items.proj(model.items.text_proj(model.items.text_features())) * model.items.tied_scale
-    assert model.items.id_table is None and torch.allclose(model.item_vectors(), want)
+    assert model.items.id_emb is None and torch.allclose(model.item_vectors(), want)
 
 
 def test_a_fresh_run_in_a_used_folder_starts_its_logs_anew(data, tmp_path):
@@ -191,7 +191,7 @@ def test_a_fresh_run_in_a_used_folder_starts_its_logs_anew(data, tmp_path):
 
 def test_tied_item_vectors_are_cached_for_scoring_until_a_weight_changes(data, tmp_path):
     model = build_model(cfg_for(tmp_path, tie_items=True), data.items)
-    fresh = lambda: model.items.proj(model.items.id_table.weight) * model.items.tied_scale  # noqa: E731
+    fresh = lambda: model.items.proj(model.items.id_emb.weight) * model.items.tied_scale  # noqa: E731
     with torch.no_grad():
         first = model.item_vectors()
         assert model.item_vectors() is first  # kept, not recomputed
@@ -226,7 +226,7 @@ def test_tied_cache_is_refreshed_after_the_training_loops_optimizer_and_validati
     model.eval()  # what validation does (evaluate.rank_and_top)
     with torch.no_grad():
         after = model.item_vectors()
-        fresh = model.items.proj(model.items.id_table.weight) * model.items.tied_scale
+        fresh = model.items.proj(model.items.id_emb.weight) * model.items.tied_scale
     assert not torch.equal(after, first) and torch.equal(after, fresh)
 
 

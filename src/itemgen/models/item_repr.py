@@ -101,18 +101,19 @@ class ItemRepr(nn.Module):
             raise ValueError(f"items.input={cfg.input} / items.output={cfg.output} need a text view")
         if cfg.input == "nullspace" and not 1 <= cfg.null_dim < dim:
             raise ValueError(f"items.null_dim={cfg.null_dim} must be in [1, {dim}) (the input width)")
-        # the ID table (I [+ 1], d_id): every input view but text has one
-        self.id_table = None
+        # the ID table (I [+ 1], d_id): every input view but text has one ("emb" in its name: no
+        # weight decay, as for every embedding table, training/loop.py)
+        self.id_emb = None
         if cfg.input != "text":
             d_id = cfg.null_dim if cfg.input == "nullspace" else dim
-            self.id_table = nn.Embedding(n_items + self.pad, d_id, padding_idx=0 if pad_row else None)
+            self.id_emb = nn.Embedding(n_items + self.pad, d_id, padding_idx=0 if pad_row else None)
             if id_std != 1.0:
-                nn.init.normal_(self.id_table.weight, std=id_std)
+                nn.init.normal_(self.id_emb.weight, std=id_std)
             if pad_row:
                 with torch.no_grad():
-                    self.id_table.weight[0].zero_()
+                    self.id_emb.weight[0].zero_()
             if cfg.freeze_id:
-                self.id_table.weight.requires_grad_(False)
+                self.id_emb.weight.requires_grad_(False)
         # which items have an ID part (no training interaction: none); all until set_known
         self.register_buffer("id_known", torch.ones(n_items, dtype=torch.bool))  # (I,)
         self.text_proj = self.dual_map = None
@@ -184,16 +185,16 @@ class ItemRepr(nn.Module):
     def init_ids(self, vectors: torch.Tensor, std: float) -> None:
         """Fill the ID table with ``vectors`` (I, d_id), centred and rescaled to ``std`` (the
         random table's), so the layers after it see inputs of the size they were built for."""
-        if self.id_table is None:
+        if self.id_emb is None:
             raise ValueError("items.init needs an ID table (items.input=text has none)")
-        I, d = self.id_table.weight.shape[0] - self.pad, self.id_table.weight.shape[1]
+        I, d = self.id_emb.weight.shape[0] - self.pad, self.id_emb.weight.shape[1]
         if tuple(vectors.shape) != (I, d):
             raise ValueError(f"item init vectors have shape {tuple(vectors.shape)}, the ID table is ({I}, {d}): "
                              f"set {self.dim_key}={vectors.shape[1]}" if vectors.shape[0] == I else
                              f"item init vectors cover {vectors.shape[0]} items, the catalog has {I}")
         v = vectors.float()
         v = v - v.mean(0)
-        self.id_table.weight[self.pad:].copy_((v * (std / v.std().clamp_min(1e-8))).to(self.id_table.weight))
+        self.id_emb.weight[self.pad:].copy_((v * (std / v.std().clamp_min(1e-8))).to(self.id_emb.weight))
 
     # ---- the ID gate ---------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -221,7 +222,7 @@ class ItemRepr(nn.Module):
 
     def _id(self, items: torch.Tensor) -> torch.Tensor:
         """(..., d_id) ID vectors, zero where the gate is closed."""
-        vec = self.id_table(items + self.pad)
+        vec = self.id_emb(items + self.pad)
         gate = self.id_gate()
         return vec if gate is None else vec * gate[items][..., None].to(vec.dtype)
 
@@ -229,7 +230,7 @@ class ItemRepr(nn.Module):
         """item indices (...) -> (..., d) input vectors before the projection."""
         v = self.input_view
         if v == "id":
-            return self.id_table(items + self.pad)
+            return self.id_emb(items + self.pad)
         if v == "text":
             return self.text_proj(self.text_features(items))
         if v == "text+id":
@@ -246,7 +247,7 @@ class ItemRepr(nn.Module):
     def all_raw_inputs(self) -> torch.Tensor:
         """(I, d) every item's input vector before the projection."""
         if self.input_view == "id":
-            return self.id_table.weight[self.pad:]
+            return self.id_emb.weight[self.pad:]
         return self.raw_input(torch.arange(self.n_items, device=self.id_known.device))
 
     # ---- output side ---------------------------------------------------------------------------
@@ -299,11 +300,11 @@ class ItemRepr(nn.Module):
         dev = self.text_view.device
         self.text_view = torch.cat([self.text_view, view.to(dev, self.text_view.dtype)])
         self.id_known = torch.cat([self.id_known, torch.zeros(n, dtype=torch.bool, device=dev)])
-        if self.id_table is not None:
-            w = self.id_table.weight
-            self.id_table.weight = nn.Parameter(torch.cat([w, w.new_zeros(n, w.shape[1])]),
+        if self.id_emb is not None:
+            w = self.id_emb.weight
+            self.id_emb.weight = nn.Parameter(torch.cat([w, w.new_zeros(n, w.shape[1])]),
                                                 requires_grad=w.requires_grad)
-            self.id_table.num_embeddings += n
+            self.id_emb.num_embeddings += n
         if self.id_out is not None:
             self.id_out = nn.Parameter(torch.cat([self.id_out, self.id_out.new_zeros(n, self.width)]))
         self.n_items += n
@@ -313,7 +314,7 @@ class ItemRepr(nn.Module):
 def upgrade_state_dict(state: dict[str, torch.Tensor], renames: dict[str, str], prefix: str = "items.",
                        n_items: int | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors written before the ``items`` component, under today's names:
-    ``renames`` maps old key prefixes (e.g. "item_embed.") to new ones (e.g. "items.id_table.");
+    ``renames`` maps old key prefixes (e.g. "item_embed.") to new ones (e.g. "items.id_emb.");
     an old text feature table was stored standardised (centre 0, scale 1), and every item had its
     ID part then (id_known all True). State dicts already in today's layout come back unchanged."""
     if any(k.startswith(prefix) for k in state):

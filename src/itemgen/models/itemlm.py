@@ -102,7 +102,7 @@ class ItemLM(Recommender):
         return model
 
     # state-dict names before the item representation was one component (old checkpoints)
-    LEGACY_KEYS = {"item_embed.": "items.id_table.", "item_encoder.text_feat": "items.text_view",
+    LEGACY_KEYS = {"item_embed.": "items.id_emb.", "item_encoder.text_feat": "items.text_view",
                    "item_encoder.text_proj.": "items.text_proj.", "item_proj.": "items.proj.",
                    "tied_scale": "items.tied_scale", "out_proj.": "items.out_proj."}
 

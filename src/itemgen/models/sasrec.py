@@ -23,7 +23,7 @@ class SASRec(NextItemRecommender):
     name = "sasrec"
 
     # state-dict names before the item representation was one component (old checkpoints)
-    LEGACY_KEYS = {"item_emb.": "items.id_table."}
+    LEGACY_KEYS = {"item_emb.": "items.id_emb."}
 
     def __init__(self, n_items: int, cfg: SASRecConfig, max_len: int, items_cfg: ItemsConfig | None = None,
                  text_dim: int | None = None):

@@ -73,7 +73,7 @@ def init_items(model, cfg: Config, ds: SequenceDataset) -> None:
     it = cfg.items
     if it.init == "random":
         return
-    width = rep.id_table.weight.shape[1]
+    width = rep.id_emb.weight.shape[1]
     out = None
     if it.init == "text":
         feats = text_vectors(model, cfg, ds)  # (I, F)
