@@ -87,8 +87,11 @@ def test_items_without_training_interactions_get_exactly_no_id_part(data, model,
     assert not rep.id_known[new].any() and rep.id_known[:N_OLD].all()
     with torch.no_grad():
         rep.id_emb.weight.normal_()  # every ID row nonzero, so a leak would show
-        if rep.id_out is not None:
-            rep.id_out.normal_()
+        for p in (rep.id_out, rep.text_proj, rep.out_text):  # (the text parts start at zero)
+            if isinstance(p, torch.nn.Linear):
+                p.weight.normal_()
+            elif p is not None:
+                p.normal_()
         text = rep.text_features(new)
         if inp == "text+id":
             assert torch.equal(rep.raw_input(new), rep.text_proj(text))
@@ -100,6 +103,7 @@ def test_items_without_training_interactions_get_exactly_no_id_part(data, model,
         if out == "text+id":
             assert torch.equal(rep.output_vectors()[new], rep.out_text(text))
         # a known item does have an ID part
+        assert rep.raw_input(new).abs().sum() > 0
         old = torch.arange(3)
         assert not torch.allclose(rep.raw_input(old), cfg_free_text_input(rep, old))
 
@@ -119,6 +123,9 @@ def test_id_dropout_only_in_training_mode(data):
     m = build_model(cfg, data.items)
     init_items(m, cfg, data)
     rep = m.items
+    with torch.no_grad():  # the text parts start at zero; any weights do here
+        rep.text_proj.weight.normal_()
+        rep.out_text.weight.normal_()
     torch.manual_seed(0)
     rep.train()
     rep.begin_step()
@@ -225,3 +232,17 @@ def test_item_config_errors():
         cfg_for("x", items={"input": "text", "init": "ials"})
     with pytest.raises(ValueError, match="null_dim"):
         build_model(cfg_for("x", items={"input": "nullspace", "null_dim": 16}), ItemTable(["a", "b"], {"title": ["x", "y"]}))
+
+
+def test_fused_views_start_from_their_id_part(data):
+    """text+id input and output start with a zero text part: a model whose ID vectors come from a
+    trained SASRec (items.init=sasrec) starts where that SASRec left off, and training adds text."""
+    cfg = cfg_for("unused", items={"input": "text+id", "output": "text+id", "init": "ials"})
+    m = build_model(cfg, data.items)
+    init_items(m, cfg, data)
+    rep = m.items.eval()
+    known = torch.arange(N_OLD)
+    with torch.no_grad():
+        assert torch.equal(rep.raw_input(known), rep.id_emb(known))
+        assert torch.equal(rep.output_vectors()[:N_OLD], rep.id_out[:N_OLD])
+        assert rep.id_out.std().item() == pytest.approx(0.02, rel=1e-3)  # the ID residual was initialised

@@ -123,7 +123,12 @@ class ItemRepr(nn.Module):
             self.register_buffer("text_scale", torch.ones(text_dim))  # (F,)
             if cfg.input in ("text", "text+id", "dual"):
                 self.text_proj = nn.Linear(text_dim, dim)
-                if id_std != 1.0:  # text part at the ID table's scale (SASRec's 0.02), not ~0.6
+                if cfg.input == "text+id":
+                    # the text part starts at zero: a model whose ID table starts from a trained
+                    # SASRec (items.init=sasrec) starts exactly where it left off and learns what text adds
+                    nn.init.zeros_(self.text_proj.weight)
+                    nn.init.zeros_(self.text_proj.bias)
+                elif id_std != 1.0:  # text part at the ID table's scale (SASRec's 0.02), not ~0.6
                     nn.init.normal_(self.text_proj.weight, std=id_std / text_dim ** 0.5)
                     nn.init.zeros_(self.text_proj.bias)
             if cfg.input == "dual":
@@ -145,7 +150,7 @@ class ItemRepr(nn.Module):
         self.out_text = self.id_out = None
         if self.output_view == "text+id":
             self.out_text = nn.Linear(text_dim, width)
-            nn.init.normal_(self.out_text.weight, std=0.02 / text_dim ** 0.5)  # vectors ~0.02: a random head's scale
+            nn.init.zeros_(self.out_text.weight)  # the text part starts at zero, as the text+id input's
             nn.init.zeros_(self.out_text.bias)
             self.id_out = nn.Parameter(torch.randn(n_items, width) * 0.02)  # (I, H) ID residual
         self._step_gate: torch.Tensor | None = None
