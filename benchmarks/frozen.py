@@ -36,17 +36,21 @@ PROMPTS = ["The best microscope for a beginner is", "Safety goggles protect your
 
 def variants(lora_r: int) -> dict[str, dict]:
     return {
-        "full": {"freeze_backbone": False, "item_encoder": "none"},
-        "frozen": {"freeze_backbone": True, "item_encoder": "none"},
-        "frozen_text_id": {"freeze_backbone": True, "item_encoder": "text+id"},
-        "frozen_lora": {"freeze_backbone": True, "item_encoder": "text+id", "lora_r": lora_r},
+        "full": {"freeze_backbone": False},
+        "frozen": {"freeze_backbone": True},
+        "frozen_text_id": {"freeze_backbone": True, "input": "text+id"},
+        "frozen_lora": {"freeze_backbone": True, "input": "text+id", "lora_r": lora_r},
     }
 
 
 def make_config(args, name: str, itemlm: dict):
     from itemgen.core.config import from_dict
 
+    itemlm = dict(itemlm)
+    # the item input view; titles encoded by the model's own (frozen) backbone, as measured
+    items = {"input": itemlm.pop("input", "id"), "text_encoder": "", "text_fields": ["title"]}
     return from_dict({
+        "items": items,
         "model": "itemlm",
         "data": {"path": str(args.data), "max_history": args.max_history},
         "itemlm": {"backbone": args.backbone, "n_layers": args.n_layers, "item_dim": 64, "fields": ["title"],

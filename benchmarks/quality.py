@@ -11,7 +11,7 @@ runs can be split over several invocations) and the table in docs/quality.md.
 Every model trains by epochs with early stopping on all validation users. Profiles: ``cpu``
 (default; 2 cores: SmolLM2-135M cut to its first 2 layers, compact ID-only prompt) and ``gpu``
 (all 30 layers, the paper's prompt with text in 75% of training examples). ItemLM's item vectors
-start from the SASRec row of the same dataset (``itemlm.init=sasrec``), so run ``sasrec`` first
+start from the SASRec row of the same dataset (``items.init=sasrec``), so run ``sasrec`` first
 (it is first in the default list). Every row records its profile, epochs, wall time, command,
 commit, hardware and the full config it ran.
 """
@@ -61,17 +61,17 @@ VARIANTS = {
     "bert4rec": ("bert4rec", {}),
     "gru4rec": ("gru4rec", {}),
     "itemlm": ("itemlm", {}),
-    "abl-init-random": ("itemlm", {"itemlm": {"init": "random"}}),
+    "abl-init-random": ("itemlm", {"items": {"init": "random"}}),
     # titles encoded by the whole pretrained SmolLM2 (the recipe's own backbone is random)
-    "abl-init-text": ("itemlm", {"itemlm": {"init": "text", "text_backbone": "smollm2-135m"}}),
-    "abl-init-ials": ("itemlm", {"itemlm": {"init": "ials"}}),
-    "abl-tied": ("itemlm", {"itemlm": {"tie_items": True}}),
+    "abl-init-text": ("itemlm", {"items": {"init": "text", "text_encoder": "smollm2-135m", "text_fields": ["title"]}}),
+    "abl-init-ials": ("itemlm", {"items": {"init": "ials"}}),
+    "abl-tied": ("itemlm", {"items": {"output": "tied"}}),
     "abl-prompt-compact": ("itemlm", {"itemlm": {"prompt": "compact"}}),
-    "abl-dropout-0.2": ("itemlm", {"itemlm": {"item_dropout": 0.2, "hidden_dropout": 0.2}}),
-    "abl-no-dropout": ("itemlm", {"itemlm": {"item_dropout": 0.0, "hidden_dropout": 0.0}}),
-    "abl-dropout-0.5": ("itemlm", {"itemlm": {"item_dropout": 0.5, "hidden_dropout": 0.5}}),
+    "abl-dropout-0.2": ("itemlm", {"items": {"dropout": 0.2}, "itemlm": {"hidden_dropout": 0.2}}),
+    "abl-no-dropout": ("itemlm", {"items": {"dropout": 0.0}, "itemlm": {"hidden_dropout": 0.0}}),
+    "abl-dropout-0.5": ("itemlm", {"items": {"dropout": 0.5}, "itemlm": {"hidden_dropout": 0.5}}),
     "abl-frozen-backbone": ("itemlm", {"itemlm": {"freeze_backbone": True}}),
-    "abl-freeze-items": ("itemlm", {"itemlm": {"freeze_items": True}}),
+    "abl-freeze-items": ("itemlm", {"items": {"freeze_id": True}}),
     "abl-text-in-training": ("itemlm", {"itemlm": {"id_only_share": 0.25}}),
     "abl-supervise-last": ("itemlm", {"itemlm": {"supervise": "last"}}),
     "abl-layers-4": ("itemlm", {"itemlm": {"n_layers": 4}}),
@@ -84,7 +84,8 @@ VARIANTS = {
     "abl-no-warmup": ("itemlm", {"train": {"warmup_steps": 0}}),
     # the recipe before cosine: a constant lr until validation stops improving (patience 3)
     "abl-constant-lr": ("itemlm", {"train": {"lr_schedule": "constant", "max_epochs": 15}}),
-    "abl-text-encoder": ("itemlm", {"itemlm": {"item_encoder": "text+id"}}),  # + a linear map of title states
+    # + a linear map of title states (the recipe's own backbone, as measured)
+    "abl-text-encoder": ("itemlm", {"items": {"input": "text+id", "text_encoder": "", "text_fields": ["title"]}}),
     "abl-lr-1e-3": ("itemlm", {"train": {"lr": 1e-3, "backbone_lr": 1e-4}}),
     "abl-cosine-6-epochs": ("itemlm", {"train": {"lr_schedule": "cosine", "max_epochs": 6}}),
     # exploratory rows kept from before the lr change: "explore-lr-1e-3-cosine-6-epochs" (office)
@@ -153,7 +154,7 @@ def main() -> None:
             values = merge({"model": model, "data": {"path": str(path), "max_history": 50}},
                            merge(PROFILES[args.profile][model], extra))
             values = merge(values, {"train": {"seed": args.seed}})
-            if model == "itemlm" and values["itemlm"].get("init") == "sasrec":
+            if model == "itemlm" and values.get("items", {}).get("init") == "sasrec":
                 # the variant's own levers win over what it inherits from SASRec (abl-no-dropout)
                 values = merge(merge(values, from_selected_sasrec(args.work / dname / sasrec_name, dname, row_name)),
                                extra)
@@ -199,7 +200,7 @@ def main() -> None:
                    "steps": res.step, "epochs": res.epochs, "best_step": res.best_step,
                    "stopped": res.stopped, "train_seconds": round(res.train_seconds, 1),
                    "wall_seconds": round(time.time() - t0, 1), "eval_seconds": report["metrics"]["seconds"],
-                   "init_from": cfg.itemlm.init_from if model == "itemlm" and cfg.itemlm.init == "sasrec" else None,
+                   "init_from": cfg.items.init_from if model == "itemlm" and cfg.items.init == "sasrec" else None,
                    "grid": grid, "config": cfg.to_dict(), **info}
             print(json.dumps({k: row[k] for k in ("dataset", "variant", "steps", "epochs", "train_seconds")}),
                   {k: round(row["test_history_masked"][k], 4) for k in ("recall@10", "ndcg@10", "mrr", "top1_share")},

@@ -4,11 +4,13 @@ text generation is unchanged) while the item parts learn; LoRA adapters train on
 import pytest
 import torch
 
-from itemgen.core.config import ConfigError, from_dict
+from itemgen.core.config import ConfigError, ItemsConfig, from_dict
 from itemgen.data.dataset import ItemTable, SequenceDataset
 from itemgen.data.synthetic import make_dataset
 from itemgen.models.checkpoint import load_checkpoint
-from itemgen.models.item_encoder import ItemEncoder, adapters_disabled, text_features
+from itemgen.models.item_encoder import adapters_disabled
+from itemgen.models.item_repr import ItemRepr
+from itemgen.models.text_view import TextEncoder, encode_items
 from itemgen.models.registry import build_model
 from itemgen.training.loop import make_optimizer, train
 
@@ -43,12 +45,12 @@ def test_frozen_training_leaves_backbone_bit_identical(data, tmp_path, encoder, 
     base = [k for k in sd0 if k.startswith("backbone.") and "lora_" not in k]
     assert base and all(torch.equal(sd0[k], sd1[k]) for k in base)
     # the item parts learned (LoRA B starts at zero, so a change there means the adapters trained)
-    learned = ["item_encoder.text_proj.weight", "item_proj.0.weight", "head.item_out"]
-    learned += ["item_embed.weight"] if encoder == "text+id" else []
+    learned = ["items.text_proj.weight", "items.proj.0.weight", "head.item_out"]
+    learned += ["items.id_emb.weight"] if encoder == "text+id" else []
     learned += [k for k in sd0 if "lora_B" in k]
     for k in learned:
         assert not torch.equal(sd0[k], sd1[k]), k
-    assert torch.equal(sd0["item_encoder.text_feat"], sd1["item_encoder.text_feat"])  # fixed features round-trip
+    assert torch.equal(sd0["items.text_view"], sd1["items.text_view"])  # the fixed text view round-trips
     with adapters_disabled(after.backbone):
         assert torch.equal(greedy(after.backbone, after.tokenizer), gen_before)
     # only non-backbone parameters (and LoRA adapters) reach the optimizer
@@ -66,34 +68,27 @@ def test_full_finetuning_changes_the_backbone(data, tmp_path):
                            after.state_dict()["backbone.model.layers.0.mlp.up_proj.weight"])
 
 
-def test_text_features_are_masked_means_and_standardised():
-    from itemgen.models.backbones import load_backbone
-
-    backbone, tok = load_backbone("tiny")
-    texts = ["blue pen", None, "a much longer title of an item", "lamp", "green desk chair"]
-    feats = text_features(backbone, tok, texts, batch_size=2)
-    ids = tok("blue pen", add_special_tokens=False)["input_ids"]
-    with torch.inference_mode():
-        h = backbone.model(input_ids=torch.as_tensor([ids])).last_hidden_state[0]  # (n, H), no padding
-    assert torch.allclose(feats[0], h.mean(0), atol=1e-5)  # padding in the batch changes nothing
-    assert torch.equal(feats[1], torch.zeros_like(feats[1]))
-    enc = ItemEncoder(5, feats.shape[1], 4)
-    enc.set_features(feats)
-    kept = enc.text_feat[[0, 2, 3, 4]]
-    assert torch.allclose(kept.mean(0), torch.zeros(feats.shape[1]), atol=1e-4)
-    assert torch.allclose(kept.std(0, unbiased=False), torch.ones(feats.shape[1]), atol=1e-3)
-    assert torch.equal(enc.text_feat[1], torch.zeros_like(enc.text_feat[1]))
+def test_text_view_is_standardised_from_the_items_with_text():
+    view = torch.randn(5, 12) * torch.linspace(0.1, 50, 12) + 3.0  # a few huge dimensions, as LM states
+    view[1] = 0  # no text
+    rep = ItemRepr(5, 4, 8, ItemsConfig(input="text"), model="itemlm", text_dim=12)
+    rep.set_text(view)
+    assert torch.equal(rep.text_view, view)  # stored as the encoder gave it
+    kept = rep.text_features()[[0, 2, 3, 4]]
+    assert torch.allclose(kept.mean(0), torch.zeros(12), atol=1e-4)
+    assert torch.allclose(kept.std(0, unbiased=False), torch.ones(12), atol=1e-3)
+    assert torch.equal(rep.text_features()[1], torch.zeros(12))
     with pytest.raises(ValueError, match="expected"):
-        enc.set_features(torch.zeros(2, feats.shape[1]))
+        rep.set_text(torch.zeros(2, 12))
 
 
 def test_config_errors(data, tmp_path):
-    with pytest.raises(ConfigError, match="itemlm.item_encoder: none|text|text\\+id"):
+    with pytest.raises(ConfigError, match="items.input: id|text"):
         config(tmp_path, item_encoder="bag")
     with pytest.raises(ConfigError, match="needs itemlm.freeze_backbone=true"):
         config(tmp_path, freeze_backbone=False, lora_r=4)
     no_titles = SequenceDataset("bare", ItemTable([f"i{i}" for i in range(5)]), ["u"], [torch.arange(5).numpy()])
-    with pytest.raises(ValueError, match="needs item titles"):
+    with pytest.raises(ValueError, match="need item text"):
         build_model(config(tmp_path, item_encoder="text"), no_titles.items)
 
 
@@ -108,17 +103,16 @@ def test_titles_encoded_by_a_whole_text_backbone_of_another_width(data, tmp_path
     cfg = config(tmp_path / "run", item_encoder="text+id", n_layers=1, text_backbone=str(tmp_path / "wide"),
                  freeze_backbone=False)
     model = build_model(cfg, data.items)
-    assert model.item_encoder.feature_dim == 96 and model.backbone.config.num_hidden_layers == 1
-    want = ItemEncoder(data.n_items, 96, 4)
-    want.set_features(text_features(wide, tok, data.items.fields["title"]))
-    assert torch.allclose(model.item_encoder.text_feat, want.text_feat, atol=1e-5)
+    assert model.items.text_view.shape[1] == 96 and model.backbone.config.num_hidden_layers == 1
+    want, _ = encode_items(data.items, TextEncoder("wide", wide.model, tok), ("title",))  # legacy: titles only
+    assert torch.allclose(model.items.text_view, want, atol=1e-5)
     result = train(cfg, dataset=data)
     loaded, _, _ = load_checkpoint(result.out / "last")
-    assert torch.equal(loaded.item_encoder.text_feat, model.item_encoder.text_feat)  # kept, not recomputed
+    assert torch.equal(loaded.items.text_view, model.items.text_view)  # kept, not recomputed
     hist = [s[:-1] for s in data.split.train[:4]]
     assert loaded.scores(hist).shape == (4, data.n_items)
     # init=text reads the same encoder (its width, 96, not the recommender's 64)
-    from itemgen.training.item_init import title_vectors
+    from itemgen.training.item_init import text_vectors
 
     cfg = config(tmp_path / "run2", init="text", text_backbone=str(tmp_path / "wide"), freeze_backbone=False)
-    assert title_vectors(build_model(cfg, data.items), data).shape == (data.n_items, 96)
+    assert text_vectors(build_model(cfg, data.items), cfg, data).shape == (data.n_items, 96)

@@ -54,7 +54,7 @@ def test_every_init_builds_and_trains_one_step(data, tmp_path, sasrec_ckpt, init
     if init == "sasrec":  # the table started as the SASRec's item embeddings (up to one scale), then took one step
         sas, _, _ = load_checkpoint(sasrec_ckpt)
         e = sas.item_vectors().detach()
-        corr = np.corrcoef(e.flatten().numpy(), model.item_embed.weight.detach().flatten().numpy())[0, 1]
+        corr = np.corrcoef(e.flatten().numpy(), model.items.id_emb.weight.detach().flatten().numpy())[0, 1]
         assert corr > 0.9
 
 
@@ -64,12 +64,12 @@ def test_init_vectors_reach_table_and_output_side(data, sasrec_ckpt):
     init_items(model, cfg, data)
     e = load_checkpoint(sasrec_ckpt)[0].item_vectors().detach()
     e = e - e.mean(0)
-    w = model.item_embed.weight.detach()
+    w = model.items.id_emb.weight.detach()
     assert torch.allclose(w * e.std(), e, atol=1e-5)  # the same (centred) vectors, rescaled
     assert w.std().item() == pytest.approx(1.0, rel=1e-4)
     out = model.head.item_out.detach()
     assert out.std().item() == pytest.approx(0.02, rel=1e-3)  # the random head's logit scale
-    proj = model.item_proj(model.item_embed.weight).detach()
+    proj = model.items.proj(model.items.id_emb.weight).detach()
     proj = proj - proj.mean(0)
     assert torch.allclose(out / out.norm(), proj / proj.norm(), atol=1e-5)  # output = projected inputs
 
@@ -79,7 +79,7 @@ def test_text_init_puts_same_title_items_together(data):
         cfg = cfg_for("unused", init="text", tie_items=tie)
         model = build_model(cfg, data.items)
         init_items(model, cfg, data)
-        for vec in (model.item_embed.weight, model.item_vectors()):
+        for vec in (model.items.id_emb.weight, model.item_vectors()):
             d = torch.cdist(vec.detach()[:3], vec.detach()[:3])
             assert d[0, 1] < 1e-4 * d[0, 2] and d[0, 2] > 0  # same title: the same vector; other titles: apart
 
@@ -87,8 +87,8 @@ def test_text_init_puts_same_title_items_together(data):
 def test_tied_item_vectors_are_the_projected_inputs(data):
     model = build_model(cfg_for("unused", tie_items=True), data.items)
     assert model.head.item_out is None
-    assert torch.equal(model.item_vectors(), model.item_proj(model.item_embed.weight) * model.tied_scale)
-    assert model.tied_scale.requires_grad
+    assert torch.equal(model.item_vectors(), model.items.proj(model.items.id_emb.weight) * model.items.tied_scale)
+    assert model.items.tied_scale.requires_grad
     names = [n for n, _ in model.named_parameters()]
     assert not any(n.startswith("head.item_out") for n in names)
 
@@ -96,19 +96,19 @@ def test_tied_item_vectors_are_the_projected_inputs(data):
 def test_init_errors_name_the_problem(data, sasrec_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="init_from"):
         cfg_for(tmp_path, init="sasrec")
-    with pytest.raises(ConfigError, match="itemlm.init"):
+    with pytest.raises(ConfigError, match="items.init"):
         cfg_for(tmp_path, init="word2vec")
-    with pytest.raises(ConfigError, match="tie_items needs itemlm.head=full"):
+    with pytest.raises(ConfigError, match="needs itemlm.head=full"):
         cfg_for(tmp_path, tie_items=True, head="two_level")
     cfg = cfg_for(tmp_path, init="sasrec", init_from=str(sasrec_ckpt), item_dim=8)
-    with pytest.raises(ValueError, match="item_dim=16"):
+    with pytest.raises(ValueError, match="itemlm.item_dim=16"):
         init_items(build_model(cfg, data.items), cfg, data)
     cfg = cfg_for(tmp_path, init="sasrec", init_from=str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match="init_from"):
         init_items(build_model(cfg, data.items), cfg, data)
     no_titles = SequenceDataset(data.name, ItemTable(data.items.ids, {}), data.users, data.sequences, data.source)
     cfg = cfg_for(tmp_path, init="text")
-    with pytest.raises(Exception, match="titles"):
+    with pytest.raises(Exception, match="item text"):
         init_items(build_model(cfg, no_titles.items), cfg, no_titles)
 
 
@@ -172,11 +172,13 @@ def test_tied_items_with_a_text_encoder_use_the_summed_inputs(data, tmp_path):
     cfg = cfg_for(tmp_path, tie_items=True, item_encoder="text+id")
     model = build_model(cfg, data.items)
     ids = torch.arange(data.n_items)
-    want = model.item_proj(model.item_embed(ids) + model.item_encoder(ids)) * model.tied_scale
+    want = model.items.proj(model.items.id_emb(ids) + model.items.text_proj(model.items.text_features(ids))) * model.items.tied_scale
     assert torch.allclose(model.item_vectors(), want)
     assert train(cfg, dataset=data).step == 1
-    with pytest.raises(ConfigError, match="ID table"):
-        cfg_for(tmp_path, tie_items=True, item_encoder="text")
+    # text-only inputs tie too: every output vector then comes from text
+    model = build_model(cfg_for(tmp_path, tie_items=True, item_encoder="text"), data.items)
+    want = model.items.proj(model.items.text_proj(model.items.text_features())) * model.items.tied_scale
+    assert model.items.id_emb is None and torch.allclose(model.item_vectors(), want)
 
 
 def test_a_fresh_run_in_a_used_folder_starts_its_logs_anew(data, tmp_path):
@@ -189,7 +191,7 @@ def test_a_fresh_run_in_a_used_folder_starts_its_logs_anew(data, tmp_path):
 
 def test_tied_item_vectors_are_cached_for_scoring_until_a_weight_changes(data, tmp_path):
     model = build_model(cfg_for(tmp_path, tie_items=True), data.items)
-    fresh = lambda: model.item_proj(model.item_embed.weight) * model.tied_scale  # noqa: E731
+    fresh = lambda: model.items.proj(model.items.id_emb.weight) * model.items.tied_scale  # noqa: E731
     with torch.no_grad():
         first = model.item_vectors()
         assert model.item_vectors() is first  # kept, not recomputed
@@ -224,7 +226,7 @@ def test_tied_cache_is_refreshed_after_the_training_loops_optimizer_and_validati
     model.eval()  # what validation does (evaluate.rank_and_top)
     with torch.no_grad():
         after = model.item_vectors()
-        fresh = model.item_proj(model.item_embed.weight) * model.tied_scale
+        fresh = model.items.proj(model.items.id_emb.weight) * model.items.tied_scale
     assert not torch.equal(after, first) and torch.equal(after, fresh)
 
 

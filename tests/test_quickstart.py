@@ -27,7 +27,7 @@ def test_quickstart_prints_the_winner_paths_and_next_commands(tmp_path):
     assert json.loads((tmp_path / "quickstart.json").read_text())["sasrec"]["users"] == 3000
     # ItemLM started from the SASRec the quickstart trained first
     cfg = json.loads((tmp_path / "itemlm" / "best" / "config.json").read_text())
-    assert cfg["itemlm"]["init"] == "sasrec" and cfg["itemlm"]["init_from"] == str(tmp_path / "sasrec" / "best")
+    assert cfg["items"]["init"] == "sasrec" and cfg["items"]["init_from"] == str(tmp_path / "sasrec" / "best")
 
 
 @pytest.mark.slow

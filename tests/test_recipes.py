@@ -16,13 +16,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_config_files_hold_the_measured_recipes(name, recipe):
     values = load_yaml((CONFIGS / name).read_text())
     values["train"].pop("out")
-    fill = {"itemlm": {"init_from": "runs/sasrec/best"}} if recipe["model"] == "itemlm" else {}
+    fill = {"items": {"init_from": "runs/sasrec/best"}} if recipe["model"] == "itemlm" else {}
     assert from_dict(merge(values, fill)) == from_dict(merge(recipe, fill))
 
 
 def test_recipes_are_valid_configs():
     for recipe in (SASREC, ITEMLM_CPU, ITEMLM_GPU):
-        from_dict(merge(recipe, {"itemlm": {"init_from": "runs/sasrec/best"}}) if recipe is not SASREC else recipe)
+        from_dict(merge(recipe, {"items": {"init_from": "runs/sasrec/best"}}) if recipe is not SASREC else recipe)
 
 
 def test_winner_line():

@@ -18,6 +18,7 @@ from itemgen.api import Predictor, evaluate_checkpoint
 from itemgen.cli.common import (SEGMENT_COLUMNS, JsonConsole, LogFormat, Quiet, _guard, console, err, example, fail,
                                 json_mode, metrics_table, reporting, show_result)
 from itemgen.cli.data import app as data_app
+from itemgen.cli.items import app as items_app
 from itemgen.cli.quickstart import run as run_quickstart
 from itemgen.cli.report import report_command
 from itemgen.cli.scale import clusters_app, index_app
@@ -31,6 +32,7 @@ from itemgen.training.tune import grid_search
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   epilog=example("itemgen quickstart"))
 app.add_typer(data_app, name="data", help="Prepare, download and inspect datasets.")  # cli/data.py
+app.add_typer(items_app, name="items", help="Add items to a trained checkpoint's catalog.")  # cli/items.py
 app.command(name="report", epilog=example("itemgen report --results benchmarks/results --out docs/results.md"))(
     report_command)  # cli/report.py
 app.add_typer(clusters_app, name="clusters")  # two-level softmax, ANN: cli/scale.py

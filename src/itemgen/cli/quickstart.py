@@ -83,7 +83,7 @@ def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, mi
     note("next:\n"
                   "  itemgen data prepare table interactions.csv --out data/mine   # your own data\n"
                   "  itemgen train configs/sasrec.yaml data.path=data/mine train.out=runs/sasrec\n"
-                  "  itemgen train configs/itemlm-cpu.yaml data.path=data/mine itemlm.init_from=runs/sasrec/best\n"
+                  "  itemgen train configs/itemlm-cpu.yaml data.path=data/mine items.init_from=runs/sasrec/best\n"
                   f"  itemgen evaluate {out / 'itemlm' / 'best'} --split test --exclude-history\n"
                   f"  itemgen serve {out / 'itemlm' / 'best'}", soft_wrap=True)
     return results

@@ -46,25 +46,75 @@ class ItemLMConfig:
     n_clusters: int | None = None  # None: about sqrt(|I|)
     text_vocab_in_softmax: bool = True  # normalise over V u I as in the paper (False: items only)
     prompt: str = "default"  # default: the paper's wording; compact: ids and separators only; ids: no question either
-    freeze_backbone: bool = False  # only item table, item encoder, projection and head train
-    item_encoder: str = "none"  # none | text | text+id: item input vectors from title features (item_encoder.py)
-    # which LM encodes item titles (item_encoder, init=text): "" = the model's own backbone as it is
-    # (n_layers cut too); a backbone name = that model WHOLE, e.g. all 30 layers of smollm2-135m
-    # under a 2-layer CPU profile (loaded once at build; the checkpoint keeps the features)
-    text_backbone: str = ""
+    freeze_backbone: bool = False  # only the item representation, its projection and the head train
     lora_r: int = 0  # > 0: LoRA adapters of this rank on the frozen backbone (needs freeze_backbone)
-    # item vectors at the start of training (item_init.py): random | text (the backbone's states of
-    # each title) | ials (implicit ALS factors of the training split) | sasrec (a trained SASRec's
-    # item embeddings, E4SRec style: set init_from to its checkpoint)
-    init: str = "random"
-    init_from: str = ""  # init=sasrec: the SASRec checkpoint directory
     freeze_text_embeddings: bool = False  # the backbone's token table stays as pretrained (ID-only prompts barely use it)
-    freeze_items: bool = False  # the ID table stays as initialised (E4SRec freezes its SASRec embeddings)
-    tie_items: bool = False  # output vector of an item = its projected input vector (SASRec ties them too)
-    tie_projection: str = "input"  # input: scale * the input projection | linear: a linear map of the item table
-    item_dropout: float = 0.0  # dropout on projected item vectors at the input (training only)
+    # how items become vectors (input/output views, text view, initialisation): the `items` section
     hidden_dropout: float = 0.0  # dropout on hidden states at label positions, before the head
     backbone_dropout: float = 0.0  # dropout inside the backbone: attention probabilities and sublayer outputs
+
+
+# items.input / items.output / items.init: models/item_repr.py says what each one is
+ITEM_INPUTS = ("id", "text", "text+id", "dual", "nullspace")
+ITEM_OUTPUTS = ("auto", "untied", "tied", "text+id")
+ITEM_INITS = ("random", "text", "ials", "sasrec")
+
+
+@dataclass(frozen=True)
+class ItemsConfig:
+    """How a catalog item becomes the vectors a model reads and scores (models/item_repr.py), for
+    itemlm and sasrec. The text view is computed once at build with ``text_encoder`` from
+    ``text_fields`` and kept in the checkpoint; items with no training interaction get no ID part."""
+    input: str = "id"  # id | text | text+id | dual | nullspace
+    output: str = "auto"  # auto (itemlm: untied, sasrec: tied) | untied | tied | text+id
+    # where the ID vectors start (training/item_init.py): random | text (PCA of the text view) |
+    # ials (implicit ALS factors of the training split) | sasrec (a trained SASRec's item vectors,
+    # E4SRec style: init_from names its checkpoint; for output text+id the ID residual starts there too)
+    init: str = "random"
+    init_from: str = ""  # init=sasrec: the SASRec checkpoint directory
+    # the frozen text encoder (models/text_view.py): minilm | a backbone name (loaded whole, e.g.
+    # smollm2-135m) | a local HF folder | "" (itemlm only: its own backbone as built, n_layers cut)
+    text_encoder: str = "minilm"
+    text_fields: tuple[str, ...] = ("title", "brand", "category")  # an item's text, those present
+    null_dim: int = 16  # input nullspace: ID width, the lowest-variance directions of the text view
+    tie_projection: str = "input"  # output tied (itemlm): input = scale * the input projection | linear: a linear map
+    dropout: float = 0.0  # itemlm: dropout on projected item input vectors (training only)
+    id_dropout: float = 0.0  # training: share of items per step whose ID part is zeroed on input and output
+    freeze_id: bool = False  # the ID table stays as initialised (E4SRec freezes its SASRec embeddings)
+
+
+# ItemLMConfig's item fields before the `items` section existed, translated when a config is read
+# (old checkpoints' config.json, old YAML, old overrides): itemlm.KEY -> items.NEW_KEY
+LEGACY_ITEM_KEYS = {"item_encoder": "input", "text_backbone": "text_encoder", "init": "init",
+                    "init_from": "init_from", "freeze_items": "freeze_id", "tie_items": "output",
+                    "tie_projection": "tie_projection", "item_dropout": "dropout"}
+
+
+def translate_legacy(values: dict) -> dict:
+    """``values`` with itemlm's old item keys moved into ``items`` (not in place). A legacy key wins
+    over the new one (only an old config or an explicit old-style override holds it). Legacy text
+    features were the titles through the model's own backbone (or text_backbone): kept so."""
+    lm = values.get("itemlm")
+    if not isinstance(lm, dict) or not set(lm) & set(LEGACY_ITEM_KEYS):
+        return values
+    items = values.get("items")
+    items = dict(items) if isinstance(items, dict) else {} if items is None else items
+    if not isinstance(items, dict):
+        return values  # _build names the bad section
+    lm = dict(lm)
+    old = {k: lm.pop(k) for k in list(lm) if k in LEGACY_ITEM_KEYS}
+    if values.get("model", "itemlm") != "itemlm":  # they only ever described ItemLM (configs dump every section)
+        return {**values, "itemlm": lm}
+    for key, value in old.items():
+        if key == "item_encoder":
+            value = "id" if value == "none" else value
+        elif key == "tie_items":
+            value = "tied" if value is True else "untied" if value is False else value
+        items[LEGACY_ITEM_KEYS[key]] = value
+    if old.get("item_encoder", "none") != "none" or old.get("init") == "text" or "text_backbone" in old:
+        items.setdefault("text_encoder", "")
+        items.setdefault("text_fields", ["title"])
+    return {**values, "itemlm": lm, "items": items}
 
 
 @dataclass(frozen=True)
@@ -187,6 +237,7 @@ class Config:
     model: str = "itemlm"  # itemlm | sasrec | bert4rec | gru4rec | title | semantic_id | text_knn
     data: DataConfig = field(default_factory=DataConfig)
     itemlm: ItemLMConfig = field(default_factory=ItemLMConfig)
+    items: ItemsConfig = field(default_factory=ItemsConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
     gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
@@ -319,7 +370,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def from_dict(values: dict) -> Config:
-    cfg = _build(Config, values)
+    cfg = _build(Config, translate_legacy(values))
     validate(cfg)
     return cfg
 
@@ -351,7 +402,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(cfg: Config) -> None:
     if cfg.model not in MODEL_NAMES:
         raise ConfigError(f"model: {cfg.model!r} is not one of {', '.join(MODEL_NAMES)}")
-    t, m = cfg.train, cfg.itemlm
+    t, m, it = cfg.train, cfg.itemlm, cfg.items
     checks = [
         (cfg.data.max_history >= 1, "data.max_history must be >= 1"),
         (t.batch_size >= 1, "train.batch_size must be >= 1"),
@@ -373,15 +424,28 @@ def validate(cfg: Config) -> None:
         (m.head in ("full", "two_level"), "itemlm.head: full|two_level"),
         (m.cluster_method in ("kmeans", "frequency", "random"), "itemlm.cluster_method: kmeans|frequency|random"),
         (m.n_clusters is None or m.n_clusters >= 1, "itemlm.n_clusters must be >= 1"),
-        (m.item_encoder in ("none", "text", "text+id"), "itemlm.item_encoder: none|text|text+id"),
         (m.lora_r >= 0, "itemlm.lora_r must be >= 0"),
-        (m.init in ("random", "text", "ials", "sasrec"), "itemlm.init: random|text|ials|sasrec"),
-        (m.init != "sasrec" or bool(m.init_from), "itemlm.init=sasrec needs itemlm.init_from=SASREC_CHECKPOINT"),
-        (not m.tie_items or m.head == "full", "itemlm.tie_items needs itemlm.head=full"),
-        (m.tie_projection in ("input", "linear"), "itemlm.tie_projection: input|linear"),
-        (not m.tie_items or m.item_encoder != "text", "itemlm.tie_items needs the ID table (item_encoder none or text+id)"),
-        (0.0 <= m.item_dropout < 1.0 and 0.0 <= m.hidden_dropout < 1.0 and 0.0 <= m.backbone_dropout < 1.0,
-         "itemlm.item_dropout, itemlm.hidden_dropout and itemlm.backbone_dropout must be in [0, 1)"),
+        (0.0 <= m.hidden_dropout < 1.0 and 0.0 <= m.backbone_dropout < 1.0,
+         "itemlm.hidden_dropout and itemlm.backbone_dropout must be in [0, 1)"),
+        (it.input in ITEM_INPUTS, f"items.input: {'|'.join(ITEM_INPUTS)}"),
+        (it.output in ITEM_OUTPUTS, f"items.output: {'|'.join(ITEM_OUTPUTS)}"),
+        (it.init in ITEM_INITS, f"items.init: {'|'.join(ITEM_INITS)}"),
+        (it.init != "sasrec" or bool(it.init_from), "items.init=sasrec needs items.init_from=SASREC_CHECKPOINT"),
+        (it.init == "random" or it.input != "text", f"items.init={it.init} needs an ID table (items.input=text has none)"),
+        (it.tie_projection in ("input", "linear"), "items.tie_projection: input|linear"),
+        (0.0 <= it.dropout < 1.0 and 0.0 <= it.id_dropout < 1.0, "items.dropout and items.id_dropout must be in [0, 1)"),
+        (it.id_dropout == 0 or it.input not in ("id", "text"),
+         "items.id_dropout needs an input view with both parts (text+id, dual or nullspace)"),
+        (it.null_dim >= 1, "items.null_dim must be >= 1"),
+        (it.input == "id" and it.output in ("auto", "untied", "tied") or cfg.model in ("itemlm", "sasrec"),
+         "items.input and items.output=text+id: itemlm or sasrec"),
+        (cfg.model != "itemlm" or it.output in ("auto", "untied") or m.head == "full",
+         f"items.output={it.output} needs itemlm.head=full (the two-level head keeps its own item vectors)"),
+        (cfg.model != "sasrec" or it.output in ("auto", "tied", "text+id"),
+         "sasrec scores with its input vectors: items.output auto|tied|text+id"),
+        (cfg.model != "sasrec" or bool(it.text_encoder) or (it.input == "id" and it.output != "text+id"
+                                                           and it.init != "text"),
+         "sasrec has no backbone to encode item text with: set items.text_encoder (minilm, a backbone name or a folder)"),
         (m.lora_r == 0 or m.freeze_backbone, "itemlm.lora_r > 0 needs itemlm.freeze_backbone=true "
                                              "(LoRA trains adapters on a frozen backbone)"),
         (cfg.sasrec.layout in ("pre_ln", "post_ln"), "sasrec.layout: pre_ln|post_ln"),

@@ -31,8 +31,8 @@ SASREC = {"model": "sasrec", "data": {"max_history": 50},
 ITEMLM_CPU = {"model": "itemlm", "data": {"max_history": 50},
               "itemlm": {"backbone": "smollm2-135m", "n_layers": 2, "pretrained": False, "prompt": "ids",
                          "id_only_share": 1.0, "fields": ["title", "brand", "category"], "max_field_tokens": 8,
-                         "text_vocab_in_softmax": False, "freeze_text_embeddings": True,
-                         "tie_items": False, "item_dropout": 0.5, "hidden_dropout": 0.5, "init": "sasrec"},
+                         "text_vocab_in_softmax": False, "freeze_text_embeddings": True, "hidden_dropout": 0.5},
+              "items": {"input": "id", "output": "untied", "dropout": 0.5, "init": "sasrec"},
               "train": {**EPOCHS, "batch_size": 32, "lr": 3e-4, "backbone_lr": 3e-5, "warmup_steps": 100,
                         "max_epochs": 5, "lr_schedule": "cosine", "patience": 3, "eval_exclude_history": True}}
 
@@ -40,8 +40,8 @@ ITEMLM_CPU = {"model": "itemlm", "data": {"max_history": 50},
 def itemlm_from_sasrec(checkpoint: str, dropout: float) -> dict:
     """Overrides that start ItemLM from a trained SASRec: its item vectors and its dropout (the
     rate validation chose for the same data is the regularisation ItemLM's new parts need too)."""
-    return {"itemlm": {"init": "sasrec", "init_from": str(checkpoint), "item_dropout": dropout,
-                       "hidden_dropout": dropout}}
+    return {"items": {"init": "sasrec", "init_from": str(checkpoint), "dropout": dropout},
+            "itemlm": {"hidden_dropout": dropout}}
 
 
 def merge(a: dict, b: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from itemgen.core.config import Config, ConfigError, from_dict
 from itemgen.core.io import replace_dir
@@ -119,7 +119,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise CheckpointError(f"{directory}: missing model.safetensors")
     model = build_model(cfg, items, checkpoint_dir=directory)
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
+        missing, unexpected = load_weights(model, weights)
     except SafetensorError as e:
         raise CheckpointError(f"{weights} is corrupt: {error_line(e)}") from None
     except RuntimeError as e:  # shape mismatch, e.g. clusters.json with another cluster count
@@ -129,6 +129,20 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise CheckpointError(f"{weights} does not match a {cfg.model} model for {len(items)} items: "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     return model.to(device).eval(), cfg, items
+
+
+def load_weights(model: Recommender, weights: Path) -> tuple[list[str], list[str]]:
+    """Load model.safetensors into ``model`` -> (missing, unexpected) keys. Tensors under names
+    of an older layout are renamed first (``model.upgrade_state_dict``: the item representation's
+    old keys); a tensor the file left out because it shares storage with one it holds (a tied LM
+    head) is not missing."""
+    state = load_file(str(weights))
+    if hasattr(model, "upgrade_state_dict"):
+        state = model.upgrade_state_dict(state)
+    own = model.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    return [k for k in missing if own[k].data_ptr() not in loaded or own[k].numel() == 0], list(unexpected)
 
 
 def load_trainer_state(directory: str | Path, optimizer: torch.optim.Optimizer | None) -> dict:

@@ -1,8 +1,10 @@
 """ItemLM: a Hugging Face causal LM in which every catalog item is ONE token (method.md 2-4).
 
-Input side: item index -> item table (I, d_item) -> feed-forward projection -> (H,), spliced
-into ``inputs_embeds`` at item slots. Output side: the hidden state before a slot scores text
-tokens and items together through a head (heads/softmax.py). One forward pass gives the top-k.
+Input side: item index -> item input vector (I, d_item) -> feed-forward projection -> (H,),
+spliced into ``inputs_embeds`` at item slots. Output side: the hidden state before a slot scores
+text tokens and items together through a head (heads/softmax.py). One forward pass gives the top-k.
+Both sides' item vectors come from the item representation (item_repr.py, the ``items`` section):
+ID, text or fused inputs; the head's own (untied), tied or text+id outputs.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from itemgen.core.config import Config, ItemLMConfig
+from itemgen.core.config import Config, ItemLMConfig, ItemsConfig
 from itemgen.data.dataset import ItemTable, earlier_items
 from itemgen.data.prompts import PromptBuilder, collate
 from itemgen.heads.clusters import Clusters, resolve_clusters
 from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead, exclude_pairs
 from itemgen.models.backbones import add_dropout, cache_kwargs, load_backbone
-from itemgen.models.item_encoder import ItemEncoder, add_lora, title_encoder
+from itemgen.models.item_encoder import add_lora
+from itemgen.models.item_repr import ItemRepr, compute_text_view, text_dim_of, text_encoder, upgrade_state_dict, uses_text
 from itemgen.models.recommender import Recommender
 
 
@@ -30,28 +33,19 @@ class ItemLM(Recommender):
 
     distillable = True  # with the full head (training/distill.py checks)
 
-    def __init__(self, backbone, tokenizer, items: ItemTable, cfg: ItemLMConfig, clusters=None,
-                 text_dim: int | None = None):
+    def __init__(self, backbone, tokenizer, items: ItemTable, cfg: ItemLMConfig, items_cfg: ItemsConfig | None = None,
+                 clusters=None, text_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.n_items = len(items)
         self.backbone = backbone
         self.tokenizer = tokenizer
         H = backbone.config.hidden_size
-        # item input vectors: ID table and/or an encoder of item text (item_encoder.py)
-        self.item_embed = nn.Embedding(self.n_items, cfg.item_dim) if cfg.item_encoder != "text" else None  # (I, d_item)
-        # text_dim: width of the title features (the hidden size of itemlm.text_backbone; default H)
-        self.item_encoder = ItemEncoder(self.n_items, text_dim or H, cfg.item_dim) if cfg.item_encoder != "none" else None
-        self.item_proj = nn.Sequential(nn.Linear(cfg.item_dim, H), nn.GELU(), nn.Linear(H, H))
-        self.item_drop = nn.Dropout(cfg.item_dropout)
+        # item vectors: inputs (I, d_item) -> MLP -> (I, H); outputs (I, H) unless the head's own.
+        # text_dim: the text view's width F (None: no text view)
+        self.items = ItemRepr(self.n_items, cfg.item_dim, H, items_cfg or ItemsConfig(), model="itemlm",
+                              text_dim=text_dim)
         self.hidden_drop = nn.Dropout(cfg.hidden_dropout)
-        self.tied_scale = nn.Parameter(torch.tensor(0.1)) if cfg.tie_items and cfg.tie_projection == "input" else None
-        # tie_projection=linear: output vector = W e_i, a linear map of the SHARED item table, so
-        # scores are bilinear in the item table as SASRec's (h . W e_i = (W^T h) . e_i)
-        self.out_proj = None
-        if cfg.tie_items and cfg.tie_projection == "linear":
-            self.out_proj = nn.Linear(cfg.item_dim, H, bias=False)
-            nn.init.normal_(self.out_proj.weight, std=0.003)  # initial logit std ~1 (|h| ~ 40, item table std 1)
         text_weight = (lambda: self.backbone.get_output_embeddings().weight) if cfg.text_vocab_in_softmax else None
         self.clusters = clusters  # clusters.Clusters, two_level only (saved as CKPT/clusters.json)
         if cfg.head == "two_level":
@@ -59,8 +53,8 @@ class ItemLM(Recommender):
                 raise ValueError("itemlm.head=two_level needs item clusters (clusters.py)")
             self.head = TwoLevelHead(self.n_items, H, text_weight, clusters.check(self.n_items).assign)
         elif cfg.head == "full":
-            self.head = FullSoftmaxHead(self.n_items, H, text_weight,
-                                        item_weight=self.tied_item_vectors if cfg.tie_items else None)
+            self.head = FullSoftmaxHead(self.n_items, H, text_weight, item_weight=None
+                                        if self.items.output_view == "untied" else self.items.output_vectors)
         else:
             raise ValueError(f"itemlm.head={cfg.head!r} is not available (available: full, two_level)")
         self.prompts = PromptBuilder(tokenizer, items, cfg.fields, cfg.max_field_tokens, cfg.prompt)
@@ -68,8 +62,6 @@ class ItemLM(Recommender):
         if cfg.freeze_backbone:
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
-        if cfg.freeze_items and self.item_embed is not None:
-            self.item_embed.weight.requires_grad_(False)
         if cfg.freeze_text_embeddings:  # also the tied LM head: no (V, H) gradient or optimizer state
             self.backbone.get_input_embeddings().weight.requires_grad_(False)
         if cfg.lora_r > 0:
@@ -98,16 +90,32 @@ class ItemLM(Recommender):
         if cfg.itemlm.head == "two_level":
             clusters = resolve_clusters(cfg, len(items)) if checkpoint_dir is None else \
                 Clusters.load(Path(checkpoint_dir) / "clusters.json", len(items))
-        if cfg.itemlm.item_encoder == "none":
-            return cls(backbone, tokenizer, items, cfg.itemlm, clusters)
-        if checkpoint_dir is not None:  # the features are in the checkpoint: only their width is needed
+        if not uses_text(cfg.items):
+            return cls(backbone, tokenizer, items, cfg.itemlm, cfg.items, clusters)
+        if checkpoint_dir is not None:  # the text view is in the checkpoint: only its width is needed
             with safe_open(str(Path(checkpoint_dir) / "model.safetensors"), "pt") as f:
-                text_dim = f.get_slice("item_encoder.text_feat").get_shape()[1]
-            return cls(backbone, tokenizer, items, cfg.itemlm, clusters, text_dim)
-        text_lm, text_tok = title_encoder(cfg.itemlm, backbone, tokenizer)
-        model = cls(backbone, tokenizer, items, cfg.itemlm, clusters, text_lm.config.hidden_size)
-        model.item_encoder.fit_text(text_lm, text_tok, items.fields.get("title"))  # once; the checkpoint keeps them
+                text_dim = text_dim_of({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            return cls(backbone, tokenizer, items, cfg.itemlm, cfg.items, clusters, text_dim)
+        view = compute_text_view(cfg.items, items, text_encoder(cfg.items, backbone, tokenizer))  # (I, F)
+        model = cls(backbone, tokenizer, items, cfg.itemlm, cfg.items, clusters, view.shape[1])
+        model.items.set_text(view)  # once; the checkpoint keeps it
         return model
+
+    # state-dict names before the item representation was one component (old checkpoints)
+    LEGACY_KEYS = {"item_embed.": "items.id_emb.", "item_encoder.text_feat": "items.text_view",
+                   "item_encoder.text_proj.": "items.text_proj.", "item_proj.": "items.proj.",
+                   "tied_scale": "items.tied_scale", "out_proj.": "items.out_proj."}
+
+    def append_items(self, view: torch.Tensor) -> None:
+        """Grow the catalog by len(view) items vectorised from their text view (N, F) alone
+        (models/new_items.py). Save and reload the model to use it: prompts still hold the old table."""
+        if self.items.output_view == "untied":
+            raise ValueError("items.output=untied: new items have no output vectors (the head's are per item)")
+        self.items.append_items(view)
+        self.n_items = self.head._n_items = self.items.n_items
+
+    def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return upgrade_state_dict(state, self.LEGACY_KEYS, n_items=self.n_items)
 
     def save_architecture(self, directory: Path) -> None:
         bdir = Path(directory) / "backbone"
@@ -122,76 +130,29 @@ class ItemLM(Recommender):
         """The transformer without its LM head: we never want V-sized logits everywhere."""
         return getattr(self.backbone, self.backbone.base_model_prefix)
 
-    def item_input(self, items: torch.Tensor) -> torch.Tensor:
-        """item indices (...) -> (..., d_item): ID vector, text-encoder vector, or their sum."""
-        vec = self.item_embed(items) if self.item_embed is not None else None
-        if self.item_encoder is not None:
-            vec = self.item_encoder(items) if vec is None else vec + self.item_encoder(items)
-        return vec
-
-    def tied_item_vectors(self) -> torch.Tensor:
-        """(I, H) every item's projected input vector, times a learned scale: its output vector
-        when itemlm.tie_items. Input vectors are as long as token embeddings (|x| ~ 5) and the
-        final hidden states are RMS-normed (|h| ~ 40 on SmolLM2), so unscaled tied logits start
-        with a standard deviation of ~7.5 (a saturated softmax that barely learns, measured);
-        the scale starts at 0.1, the logit scale of the untied head's random start."""
-        if torch.is_grad_enabled():  # training: recomputed every step, gradients flow
-            return self._tied()
-        # scoring (evaluation, serving): the (I, H) projection costs more than a batch-1 forward
-        # pass, so it is kept until a weight it depends on changes: loading and most in-place
-        # updates bump the tensors' versions, moving devices changes their storage, and train() /
-        # eval() drop it, because fused AdamW (training/loop.py) updates weights WITHOUT bumping
-        # versions (a stale cache made every validation score the first validation's item vectors)
-        params = [p for m in (self.item_proj, self.item_embed, self.item_encoder, self.out_proj) if m is not None
-                  for p in m.parameters()] + ([self.tied_scale] if self.tied_scale is not None else [])
-        key = tuple((p._version, p.data_ptr()) for p in params)
-        if getattr(self, "_tied_cache", None) is None or self._tied_cache[0] != key:
-            self._tied_cache = (key, self._tied())
-        return self._tied_cache[1]
-
-    def _tied(self) -> torch.Tensor:
-        if self.out_proj is not None:
-            return self.out_proj(self.all_item_inputs())  # (I, H)
-        return self.item_proj(self.all_item_inputs()) * self.tied_scale
-
-    def train(self, mode: bool = True):
-        self._tied_cache = None  # see tied_item_vectors
-        return super().train(mode)
-
     def all_item_inputs(self) -> torch.Tensor:
-        """(I, d_item) every item's input vector (ID table, text encoder, or their sum)."""
-        if self.item_encoder is None:
-            return self.item_embed.weight
-        return self.item_input(torch.arange(self.n_items, device=self.item_proj[0].weight.device))
+        """(I, d_item) every item's input vector before the projection."""
+        return self.items.all_raw_inputs()
 
     @torch.no_grad()
     def init_item_vectors(self, vectors: torch.Tensor, out_vectors: torch.Tensor | None = None) -> None:
-        """Start from given item vectors instead of random ones (item_init.py): vectors (I, d_item)
-        fill the ID table, rescaled to the random table's scale (std 1), so the projection sees
-        inputs of the size it was built for. The output vectors (separate head) become the
-        projected inputs, or out_vectors (I, H), at the random head's scale (std 0.02): the same
-        logit scale as a random start, but with the given geometry."""
-        if self.item_embed is None:
-            raise ValueError("itemlm.init needs the ID table (itemlm.item_encoder=none or text+id)")
-        I, d = self.item_embed.weight.shape
-        if tuple(vectors.shape) != (I, d):
-            raise ValueError(f"item init vectors have shape {tuple(vectors.shape)}, the item table is ({I}, {d}): "
-                             f"set itemlm.item_dim={vectors.shape[1]}" if vectors.shape[0] == I else
-                             f"item init vectors cover {vectors.shape[0]} items, the catalog has {I}")
-        v = vectors.float()
-        v = v - v.mean(0)
-        v = v / v.std().clamp_min(1e-8)
-        self.item_embed.weight.copy_(v.to(self.item_embed.weight))
-        if getattr(self.head, "item_out", None) is not None:
-            out = self.item_proj(self.all_item_inputs()) if out_vectors is None else out_vectors.float()
+        """Start from given item vectors instead of random ones (item_init.py): vectors (I, d_id)
+        fill the ID table at the random table's scale (std 1), so the projection sees inputs of the
+        size it was built for. The head's own output vectors (untied), or the ID residual of the
+        text+id output, become the projected inputs, or out_vectors (I, H), at the random head's
+        scale (std 0.02): the same logit scale as a random start, but with the given geometry."""
+        self.items.init_ids(vectors, std=1.0)
+        target = getattr(self.head, "item_out", None) if self.items.output_view == "untied" else self.items.id_out
+        if target is not None:
+            out = self.items.proj(self.all_item_inputs()) if out_vectors is None else out_vectors.float()
             out = out - out.mean(0)
-            self.head.item_out.copy_((out * (0.02 / out.std().clamp_min(1e-8))).to(self.head.item_out))
+            target.copy_((out * (0.02 / out.std().clamp_min(1e-8))).to(target))
 
     def embed(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """tokens, items (B, L) -> inputs_embeds (B, L, H)."""
         text = self.backbone.get_input_embeddings()(tokens)  # (B, L, H)
         is_item = items >= 0  # (B, L)
-        item = self.item_drop(self.item_proj(self.item_input(items[is_item])))  # (N_slots, H): no MLP at text positions
+        item = self.items(items[is_item])  # (N_slots, H): no MLP at text positions
         return text.masked_scatter(is_item[..., None], item.to(text.dtype))
 
     def hidden(self, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
@@ -214,6 +175,7 @@ class ItemLM(Recommender):
         return sum(PromptBuilder.n_labels(len(s), self.cfg.supervise) for s in seqs)
 
     def loss(self, batch):
+        self.items.begin_step()  # items.id_dropout: this step's ID-less items, on both sides
         h = self.hidden(batch)  # (B, L, H)
         sel = batch["labels"] >= 0  # (B, L)
         hs = self.hidden_drop(h[sel])  # (N, H): only N label positions reach the head

@@ -17,7 +17,7 @@ from itemgen.models.title_lm import TitleLM
 # each takes (cfg, items, checkpoint_dir); the keys are exactly core.config.MODEL_NAMES
 BUILDERS = {
     "itemlm": lambda cfg, items, checkpoint_dir: ItemLM.build(cfg, items, checkpoint_dir),
-    "sasrec": lambda cfg, items, checkpoint_dir: SASRec(len(items), cfg.sasrec, cfg.data.max_history),
+    "sasrec": lambda cfg, items, checkpoint_dir: SASRec.build(cfg, items, checkpoint_dir),
     "bert4rec": lambda cfg, items, checkpoint_dir: BERT4Rec(len(items), cfg.bert4rec, cfg.data.max_history),
     "gru4rec": lambda cfg, items, checkpoint_dir: GRU4Rec(len(items), cfg.gru4rec, cfg.data.max_history),
     "title": lambda cfg, items, checkpoint_dir: TitleLM.build(cfg, items, checkpoint_dir),

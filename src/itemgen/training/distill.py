@@ -2,7 +2,7 @@
 
 At every label the student minimises (1 - w) * CE(label) + w * T^2 * KL(p_teacher || p_student),
 with both distributions over the whole catalog at temperature T (Hinton et al., 2015). ItemLM
-starts from a trained SASRec's item vectors (itemlm.init=sasrec); the same SASRec as teacher also
+starts from a trained SASRec's item vectors (items.init=sasrec); the same SASRec as teacher also
 hands over its full distribution over next items, a softer target than the one-hot label on
 datasets with a dozen interactions per item. The teacher is frozen and only used in training:
 the student checkpoint is scored and served alone.

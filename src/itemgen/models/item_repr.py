@@ -1,0 +1,348 @@
+"""The item representation: how a catalog item becomes the vectors a model reads (input side)
+and scores (output side), as ONE component that ItemLM and SASRec compose (``items:`` section,
+core/config.py ItemsConfig) and that ``itemgen items add`` extends to new items.
+
+Input views (``items.input``), item index (...) -> (..., d) before the model's projection:
+
+    id         the ID table (I, d) (the paper's and SASRec's default)
+    text       a trainable linear map of the text view (F -> d): no per-item parameters
+    text+id    that map + the ID table, summed (LLM-ESR-like text prior, collaborative correction)
+    dual       [ID (d) ; mapped text (d)] -> a linear map to d (AlphaFuse's "dual view" baseline)
+    nullspace  AlphaFuse (SIGIR'25): the text view on its top-d principal directions, whitened and
+               FROZEN; an ID table (I, null_dim) is added to the last null_dim (lowest-variance)
+               coordinates, so collaborative signal is learned where the text says least
+
+Output views (``items.output``), -> (I, H) vectors scored by a dot product with the hidden state:
+
+    untied     the head's own item vectors (heads/softmax.py; the two-level head's only choice)
+    tied       the projected input vectors (ItemLM: a learned scale times the projection, or a
+               linear map of the input vectors; SASRec: the input vectors themselves)
+    text+id    a linear map of the text view + an ID residual (I, H)
+
+The text view (I, F) is computed ONCE at build by a frozen encoder (models/text_view.py) and kept
+as a buffer with the per-dimension centre and scale it is standardised with: loading never
+recomputes it, and a new item is encoded and standardised the same way (``append_items``).
+
+The ID gate: items with no training interaction (``id_known`` False, set from the training
+split before the first step) get NO ID part on either side, only text, exactly as a new item
+will. ``items.id_dropout`` also closes the gate for a random share of items each training step
+(DropoutNet), so the text path learns to rank ID-less items and the model cannot learn that
+ID-less items are never targets. The gate only applies to views with a text part: an ID-only
+model keeps every ID vector (an untrained one is all it has).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from itemgen.core.config import ItemsConfig
+from itemgen.data.dataset import DataError, ItemTable
+from itemgen.models.text_view import TextEncoder, encode_items, load_text_encoder
+
+TEXT_INPUTS = ("text", "text+id", "dual", "nullspace")
+
+
+def uses_text(cfg: ItemsConfig) -> bool:
+    """Whether the component keeps a text view (init=text alone only reads one once)."""
+    return cfg.input in TEXT_INPUTS or cfg.output == "text+id"
+
+
+def output_view(cfg: ItemsConfig, model: str) -> str:
+    """items.output with ``auto`` resolved: ItemLM's own head vectors, SASRec's tied table."""
+    if cfg.output != "auto":
+        return cfg.output
+    return "tied" if model == "sasrec" else "untied"
+
+
+def text_encoder(cfg: ItemsConfig, backbone=None, tokenizer=None) -> TextEncoder:
+    """The frozen encoder items.text_encoder names; "" = ``backbone`` as built (ItemLM's own)."""
+    if cfg.text_encoder:
+        return load_text_encoder(cfg.text_encoder)
+    if backbone is None:
+        raise ValueError("items.text_encoder is empty (the model's own backbone) and this model has no "
+                         "backbone: name an encoder (minilm, a backbone name or a local folder)")
+    return TextEncoder("", getattr(backbone, backbone.base_model_prefix), tokenizer)
+
+
+def compute_text_view(cfg: ItemsConfig, items: ItemTable, encoder: TextEncoder) -> torch.Tensor:
+    """(I, F) every item's text view (zero rows for items without text); a catalog with no item
+    text at all is an error naming the fields."""
+    view, missing = encode_items(items, encoder, cfg.text_fields)
+    if missing == len(items):
+        raise DataError(f"items.input={cfg.input} / items.output={cfg.output} / items.init={cfg.init} need item "
+                        f"text, and no item has any of items.text_fields ({', '.join(cfg.text_fields)}): "
+                        "use items.input=id")
+    return view
+
+
+class ItemRepr(nn.Module):
+    """Item vectors of one catalog of ``n_items``.
+
+    n_items  I
+    dim      d: input vectors' width before ``proj`` (ItemLM: itemlm.item_dim; SASRec: hidden)
+    width    H: the model's width, of projected inputs and of output vectors
+    text_dim F: the text view's width (None: no text view)
+    project  "mlp": d -> H -> H feed-forward (ItemLM) | "identity": d == H (SASRec)
+    id_std   std of a random ID table (ItemLM: 1, nn.Embedding's; SASRec: 0.02)
+    pad_row  the ID table has a leading zero row for padding (SASRec's layout, index + 1)
+    dim_key  the config key that sets d (for error messages)
+    """
+
+    def __init__(self, n_items: int, dim: int, width: int, cfg: ItemsConfig, *, model: str,
+                 text_dim: int | None = None, project: str = "mlp", id_std: float = 1.0, pad_row: bool = False,
+                 dim_key: str = "itemlm.item_dim"):
+        super().__init__()
+        self.cfg, self.n_items, self.dim, self.width = cfg, n_items, dim, width
+        self.input_view, self.output_view = cfg.input, output_view(cfg, model)
+        self.pad, self.id_std, self.dim_key = int(pad_row), id_std, dim_key
+        self.has_text = uses_text(cfg)
+        if self.has_text and not text_dim:
+            raise ValueError(f"items.input={cfg.input} / items.output={cfg.output} need a text view")
+        if cfg.input == "nullspace" and not 1 <= cfg.null_dim < dim:
+            raise ValueError(f"items.null_dim={cfg.null_dim} must be in [1, {dim}) (the input width)")
+        # the ID table (I [+ 1], d_id): every input view but text has one ("emb" in its name: no
+        # weight decay, as for every embedding table, training/loop.py)
+        self.id_emb = None
+        if cfg.input != "text":
+            d_id = cfg.null_dim if cfg.input == "nullspace" else dim
+            self.id_emb = nn.Embedding(n_items + self.pad, d_id, padding_idx=0 if pad_row else None)
+            if id_std != 1.0:
+                nn.init.normal_(self.id_emb.weight, std=id_std)
+            if pad_row:
+                with torch.no_grad():
+                    self.id_emb.weight[0].zero_()
+            if cfg.freeze_id:
+                self.id_emb.weight.requires_grad_(False)
+        # which items have an ID part (no training interaction: none); all until set_known
+        self.register_buffer("id_known", torch.ones(n_items, dtype=torch.bool))  # (I,)
+        self.text_proj = self.dual_map = None
+        if self.has_text:
+            self.register_buffer("text_view", torch.zeros(n_items, text_dim))  # (I, F) as the encoder gave it
+            self.register_buffer("text_center", torch.zeros(text_dim))  # (F,) standardisation, fixed at build
+            self.register_buffer("text_scale", torch.ones(text_dim))  # (F,)
+            if cfg.input in ("text", "text+id", "dual"):
+                self.text_proj = nn.Linear(text_dim, dim)
+                if cfg.input == "text+id":
+                    # the text part starts at zero: a model whose ID table starts from a trained
+                    # SASRec (items.init=sasrec) starts exactly where it left off and learns what text adds
+                    nn.init.zeros_(self.text_proj.weight)
+                    nn.init.zeros_(self.text_proj.bias)
+                elif id_std != 1.0:  # text part at the ID table's scale (SASRec's 0.02), not ~0.6
+                    nn.init.normal_(self.text_proj.weight, std=id_std / text_dim ** 0.5)
+                    nn.init.zeros_(self.text_proj.bias)
+            if cfg.input == "dual":
+                self.dual_map = nn.Linear(2 * dim, dim)
+            if cfg.input == "nullspace":  # (F, d) principal directions / sqrt(variance), set by set_text
+                self.register_buffer("null_basis", torch.zeros(text_dim, dim))
+        self.proj = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, width)) \
+            if project == "mlp" else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
+        # output view tied: ItemLM's projected inputs at a learned scale (input) or a linear map
+        self.tied_scale = self.out_proj = None
+        if self.output_view == "tied" and project == "mlp":
+            if cfg.tie_projection == "linear":
+                # output vector = W x_i, so scores are bilinear in the input vectors as SASRec's
+                self.out_proj = nn.Linear(dim, width, bias=False)
+                nn.init.normal_(self.out_proj.weight, std=0.003)  # initial logit std ~1 (|h| ~ 40, table std 1)
+            else:
+                self.tied_scale = nn.Parameter(torch.tensor(0.1))
+        self.out_text = self.id_out = None
+        if self.output_view == "text+id":
+            self.out_text = nn.Linear(text_dim, width)
+            nn.init.zeros_(self.out_text.weight)  # the text part starts at zero, as the text+id input's
+            nn.init.zeros_(self.out_text.bias)
+            self.id_out = nn.Parameter(torch.randn(n_items, width) * 0.02)  # (I, H) ID residual
+        self._step_gate: torch.Tensor | None = None
+        self._cache = None
+
+    # ---- set once before training -------------------------------------------------------------
+    @torch.no_grad()
+    def set_text(self, view: torch.Tensor) -> None:
+        """Store the text view (I, F) (zero rows: no text) and fix its standardisation (and, for
+        nullspace, the principal directions) from the rows that have text."""
+        if not self.has_text:
+            raise ValueError("this item representation keeps no text view")
+        if view.shape != self.text_view.shape:
+            raise ValueError(f"text view has shape {tuple(view.shape)}, expected {tuple(self.text_view.shape)}")
+        view = view.float()
+        has = view.abs().sum(1) > 0  # (I,)
+        if int(has.sum()) >= 2:
+            # LM states have a few huge dimensions that would otherwise dominate the linear maps
+            self.text_center.copy_(view[has].mean(0))
+            self.text_scale.copy_(view[has].std(0, unbiased=False).clamp_min(1e-6))
+        self.text_view.copy_(view)
+        if self.input_view == "nullspace":
+            x = self.text_features()[has]  # (N, F)
+            _, s, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)  # s (k,), vh (k, F)
+            k = min(self.dim, len(s))
+            var = (s[:k] ** 2 / max(len(x) - 1, 1)).clamp_min(1e-6)
+            self.null_basis.zero_()
+            # whitened: every coordinate has the ID table's variance (AlphaFuse's standardisation)
+            self.null_basis[:, :k] = vh[:k].T / var.sqrt() * self.id_std
+
+    @torch.no_grad()
+    def set_known(self, known: torch.Tensor) -> None:
+        """known (I,) bool: items with at least one training interaction (the rest get no ID part)."""
+        self.id_known.copy_(torch.as_tensor(known, dtype=torch.bool))
+
+    @torch.no_grad()
+    def init_ids(self, vectors: torch.Tensor, std: float) -> None:
+        """Fill the ID table with ``vectors`` (I, d_id), centred and rescaled to ``std`` (the
+        random table's), so the layers after it see inputs of the size they were built for."""
+        if self.id_emb is None:
+            raise ValueError("items.init needs an ID table (items.input=text has none)")
+        I, d = self.id_emb.weight.shape[0] - self.pad, self.id_emb.weight.shape[1]
+        if tuple(vectors.shape) != (I, d):
+            raise ValueError(f"item init vectors have shape {tuple(vectors.shape)}, the ID table is ({I}, {d}): "
+                             f"set {self.dim_key}={vectors.shape[1]}" if vectors.shape[0] == I else
+                             f"item init vectors cover {vectors.shape[0]} items, the catalog has {I}")
+        v = vectors.float()
+        v = v - v.mean(0)
+        self.id_emb.weight[self.pad:].copy_((v * (std / v.std().clamp_min(1e-8))).to(self.id_emb.weight))
+
+    # ---- the ID gate ---------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """A training step starts: draw which known items keep their ID part (items.id_dropout)."""
+        if self.training and self.cfg.id_dropout > 0:
+            keep = torch.rand(self.n_items, device=self.id_known.device) >= self.cfg.id_dropout
+            self._step_gate = self.id_known & keep  # (I,)
+        else:
+            self._step_gate = None
+
+    def id_gate(self) -> torch.Tensor | None:
+        """(I,) bool: items whose ID part counts now; None: every item's (ID-only views)."""
+        if not self.has_text:
+            return None
+        if self.training and self._step_gate is not None:
+            return self._step_gate
+        return self.id_known
+
+    # ---- input side ----------------------------------------------------------------------------
+    def text_features(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., F) standardised text view of ``items`` (None: all); zero rows stay zero."""
+        view = self.text_view if items is None else self.text_view[items]
+        has = view.abs().sum(-1, keepdim=True) > 0
+        return torch.where(has, (view - self.text_center) / self.text_scale, torch.zeros_like(view))
+
+    def _id(self, items: torch.Tensor) -> torch.Tensor:
+        """(..., d_id) ID vectors, zero where the gate is closed."""
+        vec = self.id_emb(items + self.pad)
+        gate = self.id_gate()
+        return vec if gate is None else vec * gate[items][..., None].to(vec.dtype)
+
+    def raw_input(self, items: torch.Tensor) -> torch.Tensor:
+        """item indices (...) -> (..., d) input vectors before the projection."""
+        v = self.input_view
+        if v == "id":
+            return self.id_emb(items + self.pad)
+        if v == "text":
+            return self.text_proj(self.text_features(items))
+        if v == "text+id":
+            return self._id(items) + self.text_proj(self.text_features(items))
+        if v == "dual":
+            return self.dual_map(torch.cat([self._id(items), self.text_proj(self.text_features(items))], -1))
+        sem = self.text_features(items) @ self.null_basis  # (..., d) frozen semantic coordinates
+        return torch.cat([sem[..., :-self.cfg.null_dim], sem[..., -self.cfg.null_dim:] + self._id(items)], -1)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """item indices (...) -> (..., H) projected input vectors (items.dropout in training)."""
+        return self.drop(self.proj(self.raw_input(items)))
+
+    def all_raw_inputs(self) -> torch.Tensor:
+        """(I, d) every item's input vector before the projection."""
+        if self.input_view == "id":
+            return self.id_emb.weight[self.pad:]
+        return self.raw_input(torch.arange(self.n_items, device=self.id_known.device))
+
+    # ---- output side ---------------------------------------------------------------------------
+    def output_vectors(self) -> torch.Tensor:
+        """(I, H) every item's output vector (not for output untied: the head has its own)."""
+        if torch.is_grad_enabled() or self._step_gate is not None:  # training: recomputed every step
+            return self._outputs()
+        # scoring (evaluation, serving): kept until a weight it depends on changes: loading and
+        # in-place updates bump the tensors' versions, moving devices changes their storage, and
+        # train() / eval() drop it, because fused AdamW (training/loop.py) updates weights WITHOUT
+        # bumping versions (a stale cache made every validation score the first one's vectors)
+        key = tuple((t._version, t.data_ptr()) for t in list(self.parameters()) + list(self.buffers()))
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._outputs())
+        return self._cache[1]
+
+    def _outputs(self) -> torch.Tensor:
+        if self.output_view == "text+id":
+            res = self.id_out
+            gate = self.id_gate()
+            if gate is not None:
+                res = res * gate[:, None].to(res.dtype)  # unknown (or dropped) items: text alone
+            return self.out_text(self.text_features()) + res  # (I, H)
+        if self.output_view != "tied":
+            raise ValueError(f"items.output={self.output_view}: the head keeps the item vectors")
+        x = self.all_raw_inputs()  # (I, d)
+        if self.out_proj is not None:
+            return self.out_proj(x)
+        if self.tied_scale is not None:
+            return self.proj(x) * self.tied_scale
+        return self.proj(x)  # SASRec: the input table itself (identity projection)
+
+    def train(self, mode: bool = True):
+        self._cache = None  # see output_vectors
+        self._step_gate = None
+        return super().train(mode)
+
+    # ---- new items -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def append_items(self, view: torch.Tensor) -> None:
+        """Add len(view) items at the end of the catalog from their text view (N, F) alone: no
+        ID part (id_known False, zero ID rows), so their vectors come from text as an unknown
+        item's. Every item-indexed tensor grows; trained weights are unchanged."""
+        if not self.has_text:
+            raise ValueError("this model keeps no text view (items.input / items.output have no text part)")
+        n = view.shape[0]
+        if view.ndim != 2 or view.shape[1] != self.text_view.shape[1]:
+            raise ValueError(f"new items' text view has shape {tuple(view.shape)}, "
+                             f"expected (N, {self.text_view.shape[1]})")
+        dev = self.text_view.device
+        self.text_view = torch.cat([self.text_view, view.to(dev, self.text_view.dtype)])
+        self.id_known = torch.cat([self.id_known, torch.zeros(n, dtype=torch.bool, device=dev)])
+        if self.id_emb is not None:
+            w = self.id_emb.weight
+            self.id_emb.weight = nn.Parameter(torch.cat([w, w.new_zeros(n, w.shape[1])]),
+                                                requires_grad=w.requires_grad)
+            self.id_emb.num_embeddings += n
+        if self.id_out is not None:
+            self.id_out = nn.Parameter(torch.cat([self.id_out, self.id_out.new_zeros(n, self.width)]))
+        self.n_items += n
+        self._cache = None
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor], renames: dict[str, str], prefix: str = "items.",
+                       n_items: int | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors written before the ``items`` component, under today's names:
+    ``renames`` maps old key prefixes (e.g. "item_embed.") to new ones (e.g. "items.id_emb.");
+    an old text feature table was stored standardised (centre 0, scale 1), and every item had its
+    ID part then (id_known all True). State dicts already in today's layout come back unchanged."""
+    if any(k.startswith(prefix) for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        for old, new in renames.items():
+            if key == old or key.startswith(old) and old.endswith("."):
+                key = new + key[len(old):] if old.endswith(".") else new
+                break
+        out[key] = value
+    if n_items is not None:
+        out[prefix + "id_known"] = torch.ones(n_items, dtype=torch.bool)
+    if prefix + "text_view" in out:
+        dim = out[prefix + "text_view"].shape[1]
+        out[prefix + "text_center"] = torch.zeros(dim)
+        out[prefix + "text_scale"] = torch.ones(dim)
+    return out
+
+
+def text_dim_of(keys_and_shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The text view's width F from a checkpoint's tensor shapes (today's or the old name)."""
+    for key in ("items.text_view", "item_encoder.text_feat"):
+        if key in keys_and_shapes:
+            return keys_and_shapes[key][1]
+    return None
