@@ -986,7 +986,7 @@ def check_output(out: PathLike, inputs: Sequence[PathLike], overwrite: bool = Fa
         if not entries:
             return
         if _is_prepared_dataset(out_path):
-            others = sorted(e for e in entries - DATASET_ENTRIES if not e.startswith("."))
+            others = sorted(entries - DATASET_ENTRIES)
             if not others:
                 return
             found = (f"a prepared dataset that also holds {', '.join(others[:5])}"
