@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from itemgen.api import Predictor
@@ -176,15 +177,21 @@ def test_corrupt_checksums_file_is_refused(broken):
     one_error(invoke(["recommend", broken, "--history", "I00001"]), "checksums.json is corrupt")
 
 
-def test_recommend_never_prints_an_empty_table(ckpt, monkeypatch):
+def test_recommend_never_prints_an_empty_table(ckpt, tmp_path):
     # every catalog item in the history, all excluded: nothing is left, and it says so
     every = ",".join(f"I{i:05d}" for i in range(12))
     one_error(invoke(["recommend", ckpt, "--history", every]), "every one of the catalog's 12 items")
     assert invoke(["recommend", ckpt, "--history", every, "--no-exclude-history"]).exit_code == 0
-    # a model whose every score is NaN (what damaged weights gave) is an error, not an empty list
-    monkeypatch.setattr(Predictor, "recommend", lambda self, *a, **k: [[]])
+    # weights that are finite (and match their checksum) but overflow in the forward pass score
+    # every item NaN, which the top-k list drops: an error, not an empty table with exit 0
+    model, cfg, items = load_checkpoint(ckpt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3e38)
+    huge = save_checkpoint(tmp_path / "huge", model, cfg, items)
+    assert Predictor.load(huge).recommend([["I00001"]], k=5) == [[]]
     for extra in ([], ["--json"]):
-        one_error(invoke(["recommend", ckpt, "--history", "I00001", *extra]), "no item with a finite score")
+        one_error(invoke(["recommend", huge, "--history", "I00001", *extra]), "no item with a finite score")
 
 
 # ---- defect 10: tracebacks become one-line errors ----------------------------------------------
@@ -339,6 +346,15 @@ def test_nul_bytes_in_item_ids_are_refused(tmp_path, broken):
     one_error(invoke(["data", "prepare", "table", path, "--out", tmp_path / "out"]), str(path), "row 2",
               "NUL byte")
     assert not (tmp_path / "out").exists()
+    lc = tmp_path / "lc"
+    lc.mkdir()
+    (lc / "x.inter.json").write_text(json.dumps({"u1": [0, 1, 0]}))
+    (lc / "x.item2id").write_bytes(b"A\t0\nB\x00\t1\n")
+    one_error(invoke(["data", "prepare", "lcrec", lc, "--out", tmp_path / "out"]), "x.item2id", "line 2", "NUL byte")
+    reviews = tmp_path / "Pets_5.json"
+    reviews.write_text('{"reviewerID": "u", "asin": "a\\u0000b", "unixReviewTime": 1}\n')
+    one_error(invoke(["data", "prepare", "amazon2018", reviews, "--out", tmp_path / "out"]), str(reviews),
+              "line 1", "NUL byte")
     blob = json.loads((broken / "items.json").read_text())
     blob["ids"][3] = "I00003\x00evil"
     (broken / "items.json").write_text(json.dumps(blob))
