@@ -16,7 +16,7 @@ from itemgen.cli import app
 from itemgen.core.config import load_config
 from itemgen.data.synthetic import make_dataset
 from itemgen.models.checkpoint import (CHECKSUMS, CheckpointError, load_checkpoint, load_trainer_state,
-                                       save_checkpoint, sha256_file)
+                                       save_checkpoint, sha256_file, verify_checkpoint)
 from itemgen.models.registry import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "old_checkpoints"
@@ -157,8 +157,9 @@ def test_weights_damaged_behind_a_valid_header_are_refused(broken):
     """The probe's reproduction: 4 KiB of 0xFF in the middle of model.safetensors used to load,
     and recommend printed an empty table with exit 0."""
     _overwrite_middle(broken / "model.safetensors")
-    with pytest.raises(CheckpointError, match="model.safetensors does not match the sha256"):
-        load_checkpoint(broken)
+    for check in (load_checkpoint, verify_checkpoint):  # verify_checkpoint: what `itemgen serve` runs first
+        with pytest.raises(CheckpointError, match="model.safetensors does not match the sha256"):
+            check(broken)
     one_error(invoke(["recommend", broken, "--history", "I00001"]), "model.safetensors", "sha256")
 
 
