@@ -169,6 +169,12 @@ def recommend(checkpoint: Path = typer.Argument(..., help="checkpoint directory"
         fail("--history is empty: give item ids separated by commas")
     predictor = _guard(Predictor.load, checkpoint)
     recs = _guard(predictor.recommend, [ids], k=k, exclude_history=exclude_history)[0]
+    if not recs:  # never an empty table with exit 0 from a non-empty catalog
+        if exclude_history and len(set(ids)) >= len(predictor.items):
+            fail(f"every one of the catalog's {len(predictor.items)} items is in the history, so none is left "
+                 "to recommend (--no-exclude-history allows them)")
+        fail(f"the model scored no item with a finite score: {checkpoint} gives NaN scores (damaged or "
+             "diverged weights); use another checkpoint")
     if as_json:
         print(json.dumps(recs))
         return

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from itemgen.core import progress
 from itemgen.core.config import ConfigError
+from itemgen.core.io import printable
 from itemgen.data.dataset import DataError
 from itemgen.models.checkpoint import CheckpointError
 
@@ -34,6 +35,8 @@ def example(command: str) -> str:
 
 
 def fail(message: str, code: int = 2) -> None:
+    # messages may quote user data (a binary file's bytes): never send control characters to a terminal
+    message = "\n".join(printable(line) for line in str(message).split("\n"))
     if progress.settings().format == "json":
         print(json.dumps({"event": "error", "error": message}), file=sys.stderr, flush=True)
     else:

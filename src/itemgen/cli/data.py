@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from itemgen.cli.common import LogFormat, Quiet, example, reporting, show_result
+from itemgen.cli.common import LogFormat, Quiet, example, fail, reporting, show_result
 from itemgen.data.dataset import DataError, SequenceDataset
 from itemgen.data.loaders import download_amazon2018
 from itemgen.data.loaders import prepare as do_prepare
@@ -36,8 +36,7 @@ def _user_errors() -> Iterator[None]:
         yield
     except (DataError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        typer.echo(f"error: {msg}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(msg))
 
 
 def _counts_table(manifest: dict, title: str):
@@ -61,7 +60,8 @@ def prepare(
     kind: Annotated[str, typer.Argument(help="lcrec | table | amazon2018")],
     inputs: Annotated[list[Path], typer.Argument(
         help="lcrec: DIR; table: INTERACTIONS [ITEMS]; amazon2018: REVIEWS [META]")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Prepared dataset directory (replaced atomically).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Prepared dataset directory: new, empty, or a prepared "
+                                                          "dataset (replaced atomically).")],
     kcore: Annotated[Optional[int], typer.Option(help="Drop users/items with fewer than K interactions, repeatedly "
                                                       "(amazon2018 default 5, others 0).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Dataset name (default: from the input file names).")] = None,
@@ -75,17 +75,22 @@ def prepare(
         help="Cold-start protocol: make this fraction of the items new (in no training or validation "
              "example; test targets only). See README.")] = None,
     seed: Annotated[int, typer.Option(help="Seed drawing the --cold-items.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an --out that holds other files "
+                                                                "(never an input, nor a folder holding one).")] = False,
     quiet: Quiet = False,
     log_format: LogFormat = "text",
 ) -> None:
-    """Read raw data and write a prepared dataset (items.parquet, sequences.parquet, manifest.json)."""
+    """Read raw data and write a prepared dataset (items.parquet, sequences.parquet, manifest.json).
+
+    --out must be new, empty, or a prepared dataset (which is replaced); anything else there is
+    kept unless --overwrite. An --out that is an input, or holds one, is always refused."""
     reporting(quiet, log_format)
     if sep is not None and sep.lower() in ("tab", "\\t"):
         sep = "\t"
     options = dict(kcore=kcore, name=name, user_col=user_col, item_col=item_col, time_col=time_col,
                    items=items, sep=sep)
     with _user_errors():
-        ds = do_prepare(kind, inputs, out, cold_items=cold_items, seed=seed, **options)
+        ds = do_prepare(kind, inputs, out, cold_items=cold_items, seed=seed, overwrite=overwrite, **options)
     show_result({"path": str(out), **ds.manifest()},
                 lambda: _console().print(_counts_table(ds.manifest(), f"{ds.name} -> {out}")))
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from itemgen.core.io import printable
+
 # the values of ``model``: models/registry.py maps each name to its class (a test keeps the two equal)
 MODEL_NAMES = ("itemlm", "sasrec", "bert4rec", "gru4rec", "title", "semantic_id", "text_knn")
 
@@ -332,9 +334,34 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice (plain YAML keeps the last silently)."""
+
+    def __init__(self, key, node, first_line: int):
+        self.key, self.line = key, node.start_mark.line + 1
+        super().__init__(None, None, f"key {key!r} appears twice (lines {first_line} and {self.line}): "
+                         "remove one", node.start_mark)
+
+
 class _Loader(yaml.SafeLoader):
     """YAML with 1.2 booleans: only true/false are booleans, so ``train.mixed_precision=no`` is the
-    string "no" (YAML 1.1 reads no/yes/on/off as booleans)."""
+    string "no" (YAML 1.1 reads no/yes/on/off as booleans); a key repeated in one mapping is an
+    error (the later value would silently win, hiding the edit the user meant)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}  # key -> line of its first use
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # << merges: their keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, key_node, seen[key])
+                    seen[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: SafeLoader's own check reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -391,8 +418,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file not found: {p}")
         try:
             values = load_yaml(p.read_text()) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not a YAML text file (byte {e.object[e.start]:#04x} at offset {e.start} "
+                              "is not UTF-8)") from None
+        except DuplicateKeyError as e:
+            raise ConfigError(f"{p}: line {e.line}: {e.problem}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML: {printable(' '.join(str(e).split()), 300)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
     values = _merge(values, parse_overrides(overrides or []))

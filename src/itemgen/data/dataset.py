@@ -18,13 +18,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from itemgen.core.io import replace_dir
+from itemgen.core.io import printable, replace_dir, temp_dir
 
 METADATA_FIELDS = ("title", "brand", "price", "category", "description")
 MIN_EVAL_LENGTH = 3  # users with fewer interactions are used for training only
@@ -32,6 +31,25 @@ MIN_EVAL_LENGTH = 3  # users with fewer interactions are used for training only
 
 class DataError(ValueError):
     """Bad input data; the message names the file (and row) at fault."""
+
+
+def check_item_ids(ids) -> None:
+    """Item ids are distinct, non-empty strings without NUL bytes (the content hash separates ids
+    with NUL, and C tools and some terminals cut a string at one). Raises DataError naming the
+    first bad id and its index."""
+    if not isinstance(ids, list):
+        raise DataError(f"item ids must be a list of strings, not {type(ids).__name__}")
+    seen: dict[str, int] = {}
+    for i, x in enumerate(ids):
+        if not isinstance(x, str):
+            raise DataError(f"item {i}: id {printable(repr(x), 80)} is a {type(x).__name__}, not a string")
+        if not x:
+            raise DataError(f"item {i}: empty id")
+        if "\0" in x:
+            raise DataError(f"item {i}: id {printable(repr(x), 80)} contains a NUL byte")
+        j = seen.setdefault(x, i)
+        if j != i:
+            raise DataError(f"item {i}: id {printable(repr(x), 80)} repeats item {j}'s (ids must be distinct)")
 
 
 @dataclass
@@ -153,6 +171,7 @@ class SequenceDataset:
         return getattr(self.split, split)
 
     def validate(self) -> None:
+        check_item_ids(self.items.ids)
         n = self.n_items
         for u, seq in enumerate(self.sequences):
             if len(seq) == 0:
@@ -218,8 +237,7 @@ class SequenceDataset:
 
         self.validate()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = temp_dir(path)
         try:
             cols = {"index": pa.array(np.arange(self.n_items, dtype=np.int32)),
                     "id": pa.array(self.items.ids, pa.string())}
@@ -245,14 +263,12 @@ class SequenceDataset:
         if not manifest_path.is_file():
             raise DataError(f"{path} is not a prepared dataset (no manifest.json); "
                             "run `itemgen data prepare` first")
-        manifest = json.loads(manifest_path.read_text())
-        items = pq.read_table(path / "items.parquet").to_pydict()
-        ids = [str(x) for x in items.pop("id")]
-        items.pop("index", None)
-        table = ItemTable(ids, {k: v for k, v in items.items()})
-        seqs = pq.read_table(path / "sequences.parquet")
-        users = [str(u) for u in seqs.column("user").to_pylist()]
-        sequences = [np.asarray(s, dtype=np.int64) for s in seqs.column("items").to_pylist()]
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{manifest_path} is corrupt ({printable(str(e), 200)}); prepare the dataset again") from None
         cold = manifest.get("cold_items")
         if cold is not None:
             try:
@@ -261,8 +277,21 @@ class SequenceDataset:
                                  int(cold.get("removed_users", 0)))
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(f"{manifest_path}: cold_items is malformed ({type(e).__name__}: {e})") from None
-        ds = cls(manifest.get("name", path.name), table, users, sequences, manifest.get("source", {}), cold)
-        ds.validate()
+        try:
+            items = pq.read_table(path / "items.parquet").to_pydict()
+            ids = [str(x) for x in items.pop("id")]
+            items.pop("index", None)
+            table = ItemTable(ids, {k: v for k, v in items.items()})
+            seqs = pq.read_table(path / "sequences.parquet")
+            users = [str(u) for u in seqs.column("user").to_pylist()]
+            sequences = [np.asarray(s, dtype=np.int64) for s in seqs.column("items").to_pylist()]
+            ds = cls(manifest.get("name", path.name), table, users, sequences, manifest.get("source", {}), cold)
+            ds.validate()
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+        except (OSError, KeyError, ValueError, TypeError) as e:  # pyarrow's errors are OSError/ValueError
+            raise DataError(f"{path}: cannot read the prepared dataset ({type(e).__name__}: "
+                            f"{printable(str(e), 200)}); prepare it again") from None
         if manifest.get("content_hash") not in (None, ds.content_hash()):
             raise DataError(f"{path}: content does not match manifest.json's content_hash "
                             "(files changed or half-written); prepare it again")

@@ -54,6 +54,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from itemgen.core.io import printable
 from itemgen.core.progress import Progress, phase
 from itemgen.data.dataset import METADATA_FIELDS, DataError, ItemTable, SequenceDataset, make_cold
 
@@ -61,6 +62,7 @@ __all__ = [
     "AMAZON2018_BASE_URL",
     "AMAZON2018_CATEGORIES",
     "KINDS",
+    "check_output",
     "download_amazon2018",
     "load_amazon2018",
     "load_lcrec",
@@ -320,7 +322,10 @@ def load_lcrec(path: PathLike, name: str | None = None, *, kcore: int = 0,
                     continue
                 parts = line.rstrip("\r\n").split("\t")
                 if len(parts) != 2 or not parts[0].strip():
-                    raise DataError(f"{map_path}: line {lineno}: expected ASIN<TAB>item index, got {line.strip()!r}")
+                    raise DataError(f"{map_path}: line {lineno}: expected ASIN<TAB>item index, "
+                                    f"got {printable(repr(line.strip()), 100)}")
+                if "\0" in parts[0]:
+                    raise DataError(f"{map_path}: line {lineno}: ASIN {parts[0].strip()!r} contains a NUL byte")
                 pairs.append((parts[0].strip(), parts[1].strip()))
         n_map = _dense_index([p[1] for p in pairs], map_path, "item index")
         if n_items is not None and n_map != n_items:
@@ -433,7 +438,8 @@ def _read_any_table(path: Path, sep: str | None, string_cols: Sequence[str]):
         )
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
         where = _find_bad_line(path, delim) if fmt == "csv" else ""
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # Arrow quotes the offending row, which in a binary file is raw control bytes
+        msg = printable(str(e).splitlines()[0], 120) if str(e) else type(e).__name__
         raise DataError(f"{path}: cannot read as {'Parquet' if fmt == 'parquet' else 'CSV'}"
                         f"{': ' + where if where else ''} ({msg})") from None
 
@@ -453,6 +459,8 @@ def _id_column(table, col: str, path: Path) -> list[str]:
         s = None if v is None else str(v).strip()
         if not s:
             raise DataError(f"{path}: row {row}: empty {col!r}")
+        if "\0" in s:
+            raise DataError(f"{path}: row {row}: {col!r} {printable(repr(s), 80)} contains a NUL byte")
         out.append(s)
     return out
 
@@ -471,6 +479,10 @@ def _timestamp_column(table, col: str, path: Path) -> np.ndarray:
         raise DataError(f"{path}: row {row}: missing {col!r}")
     ts = None
     if pa.types.is_integer(t):
+        if pa.types.is_unsigned_integer(t) and len(arr) and pc.max(arr).as_py() > _INT64_MAX:
+            row = int(np.argmax(arr.to_numpy() > _INT64_MAX)) + 1
+            raise DataError(f"{path}: row {row}: {col!r} is too large for a Unix time "
+                            f"({arr[row - 1].as_py()} > {_INT64_MAX})")
         ts = arr.to_numpy().astype(np.int64)
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
         try:  # fast path; the loop below finds the row at fault
@@ -491,12 +503,19 @@ def _timestamp_column(table, col: str, path: Path) -> np.ndarray:
                 else:
                     raise ValueError
             except (ValueError, OverflowError):
-                raise DataError(f"{path}: row {row}: {col!r} must be an integer Unix time, got {v!r}") from None
+                raise DataError(f"{path}: row {row}: {col!r} must be an integer Unix time, "
+                                f"got {printable(repr(v), 80)}") from None
+            if not -_INT64_MAX - 1 <= iv <= _INT64_MAX:
+                raise DataError(f"{path}: row {row}: {col!r} is too large for a Unix time "
+                                f"({printable(repr(v), 80)}; the largest is {_INT64_MAX})")
             ts[row - 1] = iv
     neg = np.flatnonzero(ts < 0)
     if len(neg):
         raise DataError(f"{path}: row {neg[0] + 1}: {col!r} is negative ({ts[neg[0]]})")
     return ts
+
+
+_INT64_MAX = 2**63 - 1  # timestamps are int64
 
 
 def _codes(values: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -727,9 +746,14 @@ def load_amazon2018(
             if isinstance(t, str) and t.strip().isdigit():
                 t = int(t)
             else:
-                raise DataError(f"{reviews_path}: line {lineno}: unixReviewTime must be a non-negative integer, got {t!r}")
+                raise DataError(f"{reviews_path}: line {lineno}: unixReviewTime must be a non-negative integer, "
+                                f"got {printable(repr(t), 80)}")
+        if t > _INT64_MAX:
+            raise DataError(f"{reviews_path}: line {lineno}: unixReviewTime {t} is too large for a Unix time")
         if not user or not asin:
             raise DataError(f"{reviews_path}: line {lineno}: empty reviewerID or asin")
+        if "\0" in str(asin):
+            raise DataError(f"{reviews_path}: line {lineno}: asin {str(asin)!r} contains a NUL byte")
         users.append(str(user))
         items.append(str(asin))
         times.append(t)
@@ -926,8 +950,58 @@ def _call(loader, args: list, options: dict):
     return loader(*args, **options)
 
 
+# what SequenceDataset.save writes, and what is built from a dataset inside its folder
+# (heads/clusters.py: DIR/clusters/): replacing a folder that holds nothing else loses nothing
+DATASET_ENTRIES = frozenset({"manifest.json", "items.parquet", "sequences.parquet", "clusters"})
+
+
+def _is_prepared_dataset(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "content_hash" in manifest
+
+
+def check_output(out: PathLike, inputs: Sequence[PathLike], overwrite: bool = False) -> None:
+    """Refuse to write a prepared dataset where doing so would destroy the user's files.
+
+    ``out`` may be missing, an empty folder, or a prepared dataset (a folder holding only what
+    :meth:`SequenceDataset.save` writes, and its ``clusters/``): it is replaced. Anything else
+    that exists (a file, a folder with other files) is replaced only with ``overwrite``. An
+    ``out`` that is an input, or a folder that holds one, is refused even with ``overwrite``:
+    replacing it would delete the input."""
+    out_path = Path(out)
+    target = out_path.resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if src == target or target in src.parents:
+            what = "is" if src == target else "holds"
+            raise DataError(f"--out {out_path} {what} the input {given}: writing the dataset there would delete "
+                            "the input (even with --overwrite); choose another output folder")
+    if not out_path.exists() and not out_path.is_symlink():
+        return
+    if out_path.is_dir() and not out_path.is_symlink():
+        entries = {p.name for p in out_path.iterdir()}
+        if not entries:
+            return
+        if _is_prepared_dataset(out_path):
+            others = sorted(entries - DATASET_ENTRIES)
+            if not others:
+                return
+            found = (f"a prepared dataset that also holds {', '.join(others[:5])}"
+                     + (f" (+{len(others) - 5} more)" if len(others) > 5 else ""))
+        else:
+            found = f"a folder of {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} that is not a prepared dataset"
+    else:
+        found = "a file" if out_path.is_file() else "something that is not a folder"
+    if not overwrite:
+        raise DataError(f"--out {out_path} is {found}; preparing would delete it: choose another output, "
+                        "or pass --overwrite to replace it")
+
+
 def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, *, cold_items: float | None = None,
-            seed: int = 0, **options) -> SequenceDataset:
+            seed: int = 0, overwrite: bool = False, **options) -> SequenceDataset:
     """Load ``inputs`` with the loader for ``kind`` and save the dataset to ``out`` (atomically).
 
     * ``lcrec``: one input, the LC-Rec directory (or its ``X.inter.json``).
@@ -936,12 +1010,16 @@ def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, *, 
 
     ``options`` go to the loader (``kcore``, ``name``, ``user_col``, ...). ``cold_items``: the
     fraction of items made new with ``seed`` (dataset.make_cold, the cold-start protocol). Nothing
-    is written unless loading succeeds; an existing ``out`` is replaced only by a complete dataset.
+    is written unless loading succeeds; an existing ``out`` is replaced only by a complete dataset,
+    and only when :func:`check_output` allows it (a prepared dataset or an empty folder; anything
+    else needs ``overwrite``; an input never).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = list(inputs)
     options = {k: v for k, v in options.items() if v is not None}
+    # before reading (fail fast), and again below with the files the loader actually read
+    check_output(out, [*inputs, *([options["items"]] if "items" in options else [])], overwrite)
     if kind == "lcrec":
         if len(inputs) != 1:
             raise DataError(f"lcrec takes one input (the LC-Rec directory), got {len(inputs)}")
@@ -963,6 +1041,7 @@ def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, *, 
             ds = _call(load_amazon2018, inputs, options)
     else:
         raise DataError(f"unknown dataset kind {kind!r}; one of: {', '.join(KINDS)}")
+    check_output(out, [p for p in ds.source.get("inputs", {}).values() if isinstance(p, str)], overwrite)
     if cold_items is not None:
         ds = make_cold(ds, cold_items, seed)
     with phase("prepare", f"write {out}", users=len(ds.users), items=ds.n_items):

@@ -6,13 +6,18 @@
     CKPT/metrics.json           validation metrics and training progress
     CKPT/backbone/              HF config + tokenizer of the LM backbone (ItemLM only)
     CKPT/trainer/               optimizer/scheduler/RNG state for --resume (last checkpoint only)
+    CKPT/checksums.json         sha256 of every *.safetensors file above, checked when it is loaded
+
+Loading refuses, with a CheckpointError naming the file: a weight file whose sha256 differs from
+the one recorded when it was saved (bytes overwritten behind a valid header), and weights that
+are not finite (NaN or inf). Checkpoints written before checksums.json existed load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,14 +25,66 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
 
 from itemgen.core.config import Config, ConfigError, from_dict
-from itemgen.core.io import replace_dir
-from itemgen.data.dataset import ItemTable
+from itemgen.core.io import clear_stale_temps, printable, replace_dir, temp_dir
+from itemgen.data.dataset import DataError, ItemTable, check_item_ids
 from itemgen.models.recommender import Recommender
 from itemgen.models.registry import build_model
 
 
+CHECKSUMS = "checksums.json"
+# models whose checkpoint holds backbone/ (the LM's HF config and tokenizer; save_architecture)
+BACKBONE_MODELS = ("itemlm", "title", "semantic_id")
+
+
 class CheckpointError(ValueError):
     pass
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_checksums(directory: Path) -> None:
+    """checksums.json: the sha256 of every weight file (*.safetensors) under ``directory``."""
+    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.safetensors"))
+    (directory / CHECKSUMS).write_text(json.dumps(
+        {"sha256": {name: sha256_file(directory / name) for name in files}}, indent=2) + "\n")
+
+
+_VERIFIED: set[tuple] = set()  # (path, inode, size, mtime, sha256) of files that matched
+
+
+def verify_checksum(directory: str | Path, name: str) -> None:
+    """Check ``directory/name`` against the sha256 checksums.json recorded when it was saved.
+    A checkpoint without checksums.json (written before it existed), or a file it does not list,
+    passes unchecked."""
+    directory = Path(directory)
+    record = directory / CHECKSUMS
+    if not record.is_file():
+        return
+    try:
+        want = json.loads(record.read_text())["sha256"]
+        if not isinstance(want, dict):
+            raise TypeError("sha256 is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{record} is corrupt (not the JSON object of sha256 checksums a checkpoint "
+                              f"holds): {type(e).__name__}: {printable(error_line(e), 200)}") from None
+    if name not in want:
+        return
+    path = directory / name
+    try:
+        st = path.stat()
+        # `itemgen serve` verifies, then loads: hash an unchanged file once per process
+        key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, want[name])
+        got = want[name] if key in _VERIFIED else sha256_file(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({error_line(e)})") from None
+    if got == want[name]:
+        _VERIFIED.add(key)
+    else:
+        raise CheckpointError(f"{path} does not match the sha256 recorded in {record} when it was saved: "
+                              "the file was changed or damaged since; use another checkpoint or train again")
 
 
 def save_checkpoint(directory: str | Path, model: Recommender, cfg: Config, items: ItemTable, *,
@@ -35,8 +92,10 @@ def save_checkpoint(directory: str | Path, model: Recommender, cfg: Config, item
                     trainer_state: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
                     extra_files: dict[str, bytes] | None = None) -> Path:
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    # what a save killed midway left behind (a hidden .NAME.XXXXXXXX folder that may hold a whole
+    # model); one process saves a given checkpoint folder at a time, so none of them is in use
+    clear_stale_temps(directory)
+    tmp = temp_dir(directory)
     try:
         save_model(model, str(tmp / "model.safetensors"), metadata={"model": model.name})
         (tmp / "config.json").write_text(cfg.to_json() + "\n")
@@ -55,6 +114,7 @@ def save_checkpoint(directory: str | Path, model: Recommender, cfg: Config, item
         for name, blob in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(blob)
+        _write_checksums(tmp)
         replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -69,8 +129,11 @@ def read_config(directory: str | Path) -> Config:
         raise CheckpointError(f"{directory} is not an itemgen checkpoint (no config.json)")
     try:
         return from_dict(json.loads(path.read_text()))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 JSON text (byte {e.object[e.start]:#04x} at offset "
+                              f"{e.start}): the checkpoint's config is damaged") from None
     except (json.JSONDecodeError, ConfigError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: {printable(str(e), 300)}") from None
 
 
 def read_items(directory: str | Path) -> tuple[ItemTable, dict]:
@@ -79,11 +142,22 @@ def read_items(directory: str | Path) -> tuple[ItemTable, dict]:
         raise CheckpointError(f"{directory}: missing items.json")
     try:
         blob = json.loads(path.read_text())
-        fields = {"title": blob["titles"]} if blob.get("titles") is not None else {}
-        return ItemTable(blob["ids"], fields), blob.get("dataset", {})
+        ids, titles = blob["ids"], blob.get("titles")
+        check_item_ids(ids)
+        if not ids:
+            raise DataError("it holds no items")
+        if titles is not None and (not isinstance(titles, list)
+                                   or not all(t is None or isinstance(t, str) for t in titles)):
+            raise DataError("titles must be a list of strings (or null)")
+        dataset = blob.get("dataset") or {}
+        if not isinstance(dataset, dict):
+            raise DataError("dataset must be an object")
+        return ItemTable(ids, {"title": titles} if titles is not None else {}), dataset
+    except DataError as e:  # ids that are not unique strings, titles of another length, ...
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path} is corrupt (not the JSON object of item ids a checkpoint holds): "
-                              f"{type(e).__name__}: {e}") from None
+                              f"{type(e).__name__}: {printable(error_line(e), 200)}") from None
 
 
 def verify_checkpoint(directory: str | Path) -> None:
@@ -102,6 +176,7 @@ def verify_checkpoint(directory: str | Path) -> None:
                 raise CheckpointError(f"{weights} holds no tensors")
     except (SafetensorError, OSError) as e:  # a header that does not parse, a short file
         raise CheckpointError(f"{weights} is corrupt: {error_line(e)}") from None
+    verify_checksum(directory, "model.safetensors")
 
 
 def error_line(e: BaseException) -> str:
@@ -117,18 +192,49 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{directory}: missing model.safetensors")
-    model = build_model(cfg, items, checkpoint_dir=directory)
+    if cfg.model in BACKBONE_MODELS and not (directory / "backbone" / "config.json").is_file():
+        raise CheckpointError(f"{directory}: missing backbone/config.json (a {cfg.model} checkpoint keeps its "
+                              "LM backbone's Hugging Face config and tokenizer in backbone/)")
+    try:
+        model = build_model(cfg, items, checkpoint_dir=directory)
+    except (OSError, ValueError) as e:  # Hugging Face's errors for a backbone/ that does not load
+        if type(e).__module__.startswith("itemgen."):  # ours name their file already (clusters.json, ...)
+            raise
+        raise CheckpointError(f"{directory}: cannot build the {cfg.model} model it describes: "
+                              f"{printable(error_line(e), 300)}") from None
+    load_weights(model, directory, f"{cfg.model} model")
+    return model.to(device).eval(), cfg, items
+
+
+def load_weights(model: Recommender, directory: str | Path, kind: str = "model") -> None:
+    """Load ``directory/model.safetensors`` into ``model``: checked against its recorded sha256,
+    every tensor present and of the right shape, every value finite."""
+    directory = Path(directory)
+    weights = directory / "model.safetensors"
+    verify_checksum(directory, "model.safetensors")
     try:
         missing, unexpected = load_weights(model, weights)
     except SafetensorError as e:
         raise CheckpointError(f"{weights} is corrupt: {error_line(e)}") from None
     except RuntimeError as e:  # shape mismatch, e.g. clusters.json with another cluster count
-        raise CheckpointError(f"{weights} does not fit the {cfg.model} model described by {directory} "
+        raise CheckpointError(f"{weights} does not fit the {kind} described by {directory} "
                               f"(config, items.json, clusters.json): {str(e).strip().splitlines()[-1]}") from None
     if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match a {cfg.model} model for {len(items)} items: "
+        raise CheckpointError(f"{weights} does not match a {kind} for {model.n_items} items: "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    return model.to(device).eval(), cfg, items
+    # NaN or inf weights give NaN scores, and NaN-scored items drop out of every top-k list:
+    # a model that answers with nothing must fail here, loudly, rather than serve empty lists
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.numel() and not _finite(t):
+            raise CheckpointError(f"{weights}: tensor {name} holds non-finite values (NaN or inf): the weights "
+                                  "are damaged (or training diverged); use another checkpoint")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``: NaN propagates through min/max, which (unlike isfinite(t).all())
+    allocates nothing tensor-sized (10x faster on a 135M-parameter backbone)."""
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def load_weights(model: Recommender, weights: Path) -> tuple[list[str], list[str]]:
@@ -146,9 +252,14 @@ def load_weights(model: Recommender, weights: Path) -> tuple[list[str], list[str
 
 
 def load_trainer_state(directory: str | Path, optimizer: torch.optim.Optimizer | None) -> dict:
+    verify_checksum(directory, "trainer/state.safetensors")
     directory = Path(directory) / "trainer"
-    state = json.loads((directory / "state.json").read_text())
-    tensors = load_file(str(directory / "state.safetensors"))
+    try:
+        state = json.loads((directory / "state.json").read_text())
+        tensors = load_file(str(directory / "state.safetensors"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
+        raise CheckpointError(f"{directory} is corrupt (the optimizer state --resume needs): "
+                              f"{type(e).__name__}: {printable(error_line(e), 200)}") from None
     torch.set_rng_state(tensors.pop("torch_rng"))
     if optimizer is not None:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))

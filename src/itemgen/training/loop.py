@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from itemgen.core.config import Config
-from itemgen.core.io import atomic_write_text
+from itemgen.core.config import Config, ConfigError
+from itemgen.core.io import atomic_write_text, clear_stale_temps
 from itemgen.core.progress import Progress
 from itemgen.data.dataset import SequenceDataset, training_sequences
 from itemgen.data.load import load_dataset
 from itemgen.evaluation.evaluate import rank_examples, subsample
 from itemgen.evaluation.metrics import ranking_metrics
-from itemgen.models.checkpoint import load_trainer_state, save_checkpoint
+from itemgen.models.checkpoint import load_trainer_state, load_weights, save_checkpoint
 from itemgen.models.recommender import Recommender
 from itemgen.models.registry import build_model
 from itemgen.training.distill import attach_distillation
@@ -104,6 +104,16 @@ def trim_history(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
+def check_out(out: Path) -> None:
+    """train.out must be a folder, or a path where one can be made: say so before any work."""
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "is a file" if p == out else f"is under {p}, which is a file"
+                raise ConfigError(f"train.out={out} {what}, not a folder: choose another train.out")
+            return
+
+
 def make_optimizer(model: Recommender, cfg: Config) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms and embedding tables; optional backbone lr."""
     t = cfg.train
@@ -151,10 +161,11 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
     mp = t.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    out = Path(t.out)
+    check_out(out)
     acc = Accelerator(mixed_precision=mp)
     set_seed(t.seed)
     ds = dataset if dataset is not None else load_dataset(cfg)
-    out = Path(t.out)
     best_dir, last_dir = out / "best", out / "last"
     t_build = time.perf_counter()
     model = build_model(cfg, ds.items)
@@ -172,11 +183,12 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
 
     step, best_score, bad_evals, best_valid, elapsed, best_step = 0, -1.0, 0, {}, 0.0, 0
     if resume:
+        if acc.is_main_process:  # a save killed midway left a hidden .last.XXXXXXXX/ (maybe a whole model)
+            for d in (best_dir, last_dir):
+                clear_stale_temps(d)
         if not (last_dir / "trainer" / "state.json").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint to resume in {last_dir}")
-        from safetensors.torch import load_model
-
-        load_model(model, str(last_dir / "model.safetensors"), strict=False)
+        load_weights(model, last_dir, f"{cfg.model} model")  # checksum, shapes, finite values
         state = load_trainer_state(last_dir, optimizer)
         step, best_score, bad_evals = state["step"], state["best_score"], state["bad_evals"]
         best_valid, elapsed = state.get("best_valid", {}), state.get("train_seconds", 0.0)
