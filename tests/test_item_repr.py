@@ -206,6 +206,7 @@ def test_a_legacy_text_id_tied_checkpoint_loads_and_recommends_the_same(data, tm
                 break
         legacy[key] = value.contiguous()
     save_file(legacy, str(ckpt / "model.safetensors"), metadata={"model": "itemlm"})
+    (ckpt / "checksums.json").unlink(missing_ok=True)  # checkpoints of that layout recorded no checksums
     blob = json.loads((ckpt / "config.json").read_text())
     items = blob.pop("items")
     blob["itemlm"].update(item_encoder=items["input"], tie_items=True, tie_projection="input", text_backbone="",

@@ -213,7 +213,7 @@ def load_weights(model: Recommender, directory: str | Path, kind: str = "model")
     weights = directory / "model.safetensors"
     verify_checksum(directory, "model.safetensors")
     try:
-        missing, unexpected = load_weights(model, weights)
+        missing, unexpected = read_weights(model, weights)
     except SafetensorError as e:
         raise CheckpointError(f"{weights} is corrupt: {error_line(e)}") from None
     except RuntimeError as e:  # shape mismatch, e.g. clusters.json with another cluster count
@@ -237,7 +237,7 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
-def load_weights(model: Recommender, weights: Path) -> tuple[list[str], list[str]]:
+def read_weights(model: Recommender, weights: Path) -> tuple[list[str], list[str]]:
     """Load model.safetensors into ``model`` -> (missing, unexpected) keys. Tensors under names
     of an older layout are renamed first (``model.upgrade_state_dict``: the item representation's
     old keys); a tensor the file left out because it shares storage with one it holds (a tied LM
