@@ -94,3 +94,12 @@ def test_train_writes_a_checkpoint_that_evaluates_and_recommends(tmp_path):
         r = client.post("/v1/recommend", json={"history": ["i0"], "k": 1})
         assert r.status_code == 200, r.text
         assert [x["id"] for x in r.json()["items"]] == ["i1"]
+
+
+def test_corrupt_tfidf_vectors_are_refused():
+    model = _model()
+    with torch.no_grad():
+        model.csr_indices[0] = 10_000  # a term outside the vocabulary
+    model._sparse = None
+    with pytest.raises(ValueError, match="do not describe 8 items"):
+        model.scores([np.array([0])])

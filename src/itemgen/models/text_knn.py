@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from itemgen.core.config import Config, TextKNNConfig
 from itemgen.data.dataset import METADATA_FIELDS, ItemTable
@@ -111,8 +112,6 @@ class TextKNN(Recommender):
     def _empty(cls, n_items: int, cfg: TextKNNConfig, weights: Path) -> "TextKNN":
         """Zeros shaped as the checkpoint's tensors (checkpoint.py then loads them; a file that does
         not parse gets zero-sized buffers, and that load reports it)."""
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(weights), framework="pt") as f:
                 shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
@@ -133,6 +132,7 @@ class TextKNN(Recommender):
         if hasattr(self, "vectors"):
             return self.vectors
         if self._sparse is None or self._sparse.device != self.csr_values.device:
+            self._check_csr()
             counts = self.csr_indptr[1:] - self.csr_indptr[:-1]  # (I,) terms per item
             rows = torch.arange(self.n_items, device=counts.device).repeat_interleave(counts)
             self._sparse = torch.sparse_coo_tensor(torch.stack([rows, self.csr_indices]), self.csr_values,
@@ -140,6 +140,17 @@ class TextKNN(Recommender):
                                                    check_invariants=False).coalesce()  # built from valid CSR
             self._sparse_t = self._sparse.t().coalesce()  # (F, I)
         return self._sparse
+
+    def _check_csr(self) -> None:
+        """Refuse CSR buffers that do not describe an (I, F) matrix (a corrupt checkpoint) before
+        torch builds a sparse tensor from them unchecked."""
+        ptr, idx, n_terms = self.csr_indptr, self.csr_indices, int(self.n_terms)
+        ok = (ptr.numel() == self.n_items + 1 and idx.numel() == self.csr_values.numel()
+              and int(ptr[0]) == 0 and int(ptr[-1]) == idx.numel() and bool((ptr[1:] >= ptr[:-1]).all())
+              and (idx.numel() == 0 or (int(idx.min()) >= 0 and int(idx.max()) < n_terms)))
+        if not ok:
+            raise ValueError(f"text_knn: the TF-IDF item vectors do not describe {self.n_items} items "
+                             f"over {n_terms} terms (corrupt checkpoint?)")
 
     def _matrix_t(self) -> torch.Tensor:
         """(F, I) the sparse item vectors transposed (cached with _matrix)."""
