@@ -14,6 +14,7 @@ from torch import nn
 from itemgen.core.config import ConfigError, ItemsConfig, from_dict, load_config
 from itemgen.data.dataset import ItemTable, SequenceDataset
 from itemgen.data.synthetic import make_dataset
+from itemgen.heads.clusters import Clusters, random_clusters
 from itemgen.models.checkpoint import load_checkpoint, save_checkpoint
 from itemgen.models.registry import build_model
 from itemgen.models.text_view import encode_items
@@ -74,6 +75,15 @@ def test_every_view_builds_trains_and_round_trips(data, tmp_path, model, inp, ou
     save_checkpoint(tmp_path / "again", loaded, lcfg, data.items)
     again, _, _ = load_checkpoint(tmp_path / "again")
     assert torch.equal(again.scores(hist), scores)
+
+
+def test_the_two_level_head_keeps_its_own_vectors_with_text_inputs(data, tmp_path):
+    path = Clusters(random_clusters(data.n_items, 4), "random").save(tmp_path / "clusters.json")
+    cfg = cfg_for(tmp_path, items={"input": "text+id", "id_dropout": 0.2}, head="two_level", clusters=str(path))
+    res = train(cfg, dataset=data)
+    loaded, _, _ = load_checkpoint(res.out / "last")
+    assert loaded.items.output_view == "untied" and "items.text_view" in loaded.state_dict()
+    assert torch.isfinite(loaded.scores([s[:-1] for s in data.split.train[:2]])).all()
 
 
 @pytest.mark.parametrize("model,inp,out", [("itemlm", "text+id", "text+id"), ("itemlm", "dual", "tied"),
