@@ -25,7 +25,7 @@ from itemgen.data.dataset import SequenceDataset, training_sequences
 from itemgen.data.load import load_dataset
 from itemgen.evaluation.evaluate import rank_examples, subsample
 from itemgen.evaluation.metrics import ranking_metrics
-from itemgen.models.checkpoint import load_trainer_state, save_checkpoint
+from itemgen.models.checkpoint import load_trainer_state, load_weights, save_checkpoint
 from itemgen.models.recommender import Recommender
 from itemgen.models.registry import build_model
 from itemgen.training.distill import attach_distillation
@@ -148,9 +148,7 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
     if resume:
         if not (last_dir / "trainer" / "state.json").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint to resume in {last_dir}")
-        from safetensors.torch import load_model
-
-        load_model(model, str(last_dir / "model.safetensors"), strict=False)
+        load_weights(model, last_dir / "model.safetensors")  # a run from before the items section too
         state = load_trainer_state(last_dir, optimizer)
         step, best_score, bad_evals = state["step"], state["best_score"], state["bad_evals"]
         best_valid, elapsed = state.get("best_valid", {}), state.get("train_seconds", 0.0)
