@@ -33,7 +33,10 @@ model keeps every ID vector (an untrained one is all it has).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from itemgen.core.config import ItemsConfig
@@ -340,9 +343,11 @@ def upgrade_state_dict(state: dict[str, torch.Tensor], renames: dict[str, str], 
     return out
 
 
-def text_dim_of(keys_and_shapes: dict[str, tuple[int, ...]]) -> int | None:
-    """The text view's width F from a checkpoint's tensor shapes (today's or the old name)."""
-    for key in ("items.text_view", "item_encoder.text_feat"):
-        if key in keys_and_shapes:
-            return keys_and_shapes[key][1]
+def text_dim_of(checkpoint_dir) -> int | None:
+    """The text view's width F from a checkpoint's tensor shapes (today's name or the old one),
+    read from the safetensors header: the view itself is loaded with the other weights."""
+    with safe_open(str(Path(checkpoint_dir) / "model.safetensors"), "pt") as f:
+        for key in ("items.text_view", "item_encoder.text_feat"):
+            if key in f.keys():
+                return f.get_slice(key).get_shape()[1]
     return None
