@@ -97,7 +97,7 @@ def test_items_without_training_interactions_get_exactly_no_id_part(data, model,
     assert not rep.id_known[new].any() and rep.id_known[:N_OLD].all()
     with torch.no_grad():
         rep.id_emb.weight.normal_()  # every ID row nonzero, so a leak would show
-        for p in (rep.id_out, rep.text_proj, rep.out_text):  # (the text parts start at zero)
+        for p in (rep.id_out, rep.text_proj, rep.out_text, rep.dual_map):  # (the text parts start at zero)
             if isinstance(p, torch.nn.Linear):
                 p.weight.normal_()
             elif p is not None:
@@ -244,10 +244,12 @@ def test_item_config_errors():
         build_model(cfg_for("x", items={"input": "nullspace", "null_dim": 16}), ItemTable(["a", "b"], {"title": ["x", "y"]}))
 
 
-def test_fused_views_start_from_their_id_part(data):
-    """text+id input and output start with a zero text part: a model whose ID vectors come from a
-    trained SASRec (items.init=sasrec) starts where that SASRec left off, and training adds text."""
-    cfg = cfg_for("unused", items={"input": "text+id", "output": "text+id", "init": "ials"})
+@pytest.mark.parametrize("inp", ["text+id", "dual"])
+def test_fused_views_start_from_their_id_part(data, inp):
+    """text+id and dual inputs and the text+id output start as their ID part: a model whose ID
+    vectors come from a trained SASRec (items.init=sasrec) starts where that SASRec left off, and
+    training adds text."""
+    cfg = cfg_for("unused", items={"input": inp, "output": "text+id", "init": "ials"})
     m = build_model(cfg, data.items)
     init_items(m, cfg, data)
     rep = m.items.eval()

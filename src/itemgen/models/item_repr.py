@@ -127,8 +127,8 @@ class ItemRepr(nn.Module):
             if cfg.input in ("text", "text+id", "dual"):
                 self.text_proj = nn.Linear(text_dim, dim)
                 if cfg.input == "text+id":
-                    # the text part starts at zero: a model whose ID table starts from a trained
-                    # SASRec (items.init=sasrec) starts exactly where it left off and learns what text adds
+                    # the fused views start from their ID part: a model whose ID table starts from a
+                    # trained SASRec (items.init=sasrec) starts where it left off and learns what text adds
                     nn.init.zeros_(self.text_proj.weight)
                     nn.init.zeros_(self.text_proj.bias)
                 elif id_std != 1.0:  # text part at the ID table's scale (SASRec's 0.02), not ~0.6
@@ -136,6 +136,9 @@ class ItemRepr(nn.Module):
                     nn.init.zeros_(self.text_proj.bias)
             if cfg.input == "dual":
                 self.dual_map = nn.Linear(2 * dim, dim)
+                with torch.no_grad():  # starts as the ID view, [I | 0], for the reason above
+                    self.dual_map.weight.copy_(torch.cat([torch.eye(dim), torch.zeros(dim, dim)], 1))
+                    self.dual_map.bias.zero_()
             if cfg.input == "nullspace":  # (F, d) principal directions / sqrt(variance), set by set_text
                 self.register_buffer("null_basis", torch.zeros(text_dim, dim))
         self.proj = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, width)) \
