@@ -7,6 +7,8 @@ import pytest
 from rich.console import Console
 
 from itemgen.cli.quickstart import run
+from itemgen.core.recipes import ITEMLM_TEXT
+from itemgen.data.dataset import SequenceDataset
 
 
 def quickstart(tmp_path, backbone, minutes):
@@ -18,27 +20,79 @@ def quickstart(tmp_path, backbone, minutes):
 
 def test_quickstart_prints_the_winner_paths_and_next_commands(tmp_path):
     results, out = quickstart(tmp_path, "tiny", 0.05)
-    assert set(results) == {"sasrec", "itemlm", "itemlm_minus_sasrec"}
+    assert set(results) == {"sasrec", "itemlm", "itemlm_minus_sasrec", "itemlm_minus_sasrec_by_segment",
+                            "added_item"}
     assert "wins on NDCG@10" in out or "tie on NDCG@10" in out
     for what in ("checkpoints:", "reports:", "itemgen plot", "itemgen train configs/sasrec.yaml",
-                 "itemgen evaluate", "itemgen serve"):
+                 "itemgen train configs/itemlm-text.yaml", "itemgen evaluate", "itemgen serve"):
         assert what in out
     assert (tmp_path / "itemlm" / "best" / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "quickstart.json").read_text())["sasrec"]["users"] == 3000
-    # ItemLM started from the SASRec the quickstart trained first
+    # every test user of the synthetic catalog (less the few whose history was all new items)
+    test_users = len(SequenceDataset.load(tmp_path / "data").examples("test"))
+    assert 2900 < test_users <= 3000
+    assert json.loads((tmp_path / "quickstart.json").read_text())["sasrec"]["users"] == test_users
+    # ItemLM with the text recipe, started from the SASRec the quickstart trained first
     cfg = json.loads((tmp_path / "itemlm" / "best" / "config.json").read_text())
     assert cfg["items"]["init"] == "sasrec" and cfg["items"]["init_from"] == str(tmp_path / "sasrec" / "best")
+    for key in ("input", "output", "text_encoder"):
+        assert cfg["items"][key] == ITEMLM_TEXT["items"][key]
+
+
+def test_quickstart_tells_the_new_item_story(tmp_path):
+    """10% of the synthetic items are new (test targets only), said plainly; the table has the
+    all / warm / new-item columns for both models; a new item is added to the trained checkpoint."""
+    results, out = quickstart(tmp_path, "tiny", 0.02)
+    assert "made-up data" in out and "30 of its items (10%) are new: they appear only at test time" in out
+    for row in ("SASRec, all", "SASRec, warm", "SASRec, new items", "ItemLM + text, all", "ItemLM + text, warm",
+                "ItemLM + text, new items"):
+        assert row in out
+    assert "ndcg@10" in out and "recall@10" in out
+    for model in ("sasrec", "itemlm"):
+        seg = results[model]["segments"]
+        assert seg["cold"]["users"] + seg["warm"]["users"] == results[model]["users"]
+        assert 0 < seg["cold"]["users"] < results[model]["users"]
+    assert results["itemlm_minus_sasrec_by_segment"]["cold"]["users"] == results["sasrec"]["segments"]["cold"]["users"]
+    # the added item: a file of one titled item, the commands, and its rank in the new checkpoint
+    added = results["added_item"]
+    line = json.loads((tmp_path / "new_items.jsonl").read_text())
+    assert line["id"] == "I00300" and line["title"] == added["item"]["title"]
+    assert added["n_items"] == 301 and 1 <= added["rank"] <= 301
+    assert f"itemgen items add {tmp_path / 'itemlm' / 'best'} {tmp_path / 'new_items.jsonl'}" in out
+    assert f"itemgen recommend {tmp_path / 'itemlm' / 'with-new'} --history {','.join(added['history'])}" in out
+    items = json.loads((tmp_path / "itemlm" / "with-new" / "items.json").read_text())
+    assert "I00300" in json.dumps(items)
+
+
+@pytest.fixture(scope="module")
+def real_quickstart(tmp_path_factory):
+    """The real quickstart (SmolLM2-135M's shape, 2 layers, the default 2-minute budgets), once."""
+    return quickstart(tmp_path_factory.mktemp("quickstart"), "smollm2-135m", 2.0)
 
 
 @pytest.mark.slow
-def test_quickstart_itemlm_reaches_its_sasrec(tmp_path):
-    """The real quickstart (SmolLM2-135M's shape, 2 layers, the default 2-minute budgets): ItemLM is
-    not below SASRec beyond the noise of the paired difference (both sit at the synthetic
-    catalog's ceiling, where one user in 3,000 can decide the fourth digit)."""
-    results, out = quickstart(tmp_path, "smollm2-135m", 2.0)
+def test_quickstart_itemlm_reaches_its_sasrec(real_quickstart):
+    """ItemLM with text is not below SASRec beyond the noise of the paired difference over all test
+    users (both sit at the synthetic catalog's ceiling on warm targets, where one user in 3,000
+    can decide the fourth digit), and the winner line says no more than that."""
+    results, out = real_quickstart
     paired = results["itemlm_minus_sasrec"]
     assert paired["diff"] >= -2 * paired["se"], out
     assert "SASRec wins" not in out
+    warm = results["itemlm_minus_sasrec_by_segment"]["warm"]
+    assert warm["diff"] >= -2 * warm["se"], out
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met by recipes.ITEMLM_TEXT yet (measured: NDCG@10 0.0000 on the "
+                                       "300 new-item targets, as SASRec): its text part stays small beside the "
+                                       "SASRec-started ID part within the 2-minute budget; strict, so a recipe "
+                                       "that meets it makes this test fail until the mark is removed")
+def test_quickstart_text_model_ranks_new_items(real_quickstart):
+    """On new items, which SASRec cannot know (untrained vectors), ItemLM with text is above it
+    beyond the noise: the synthetic text says which group comes next."""
+    results, out = real_quickstart
+    cold = results["itemlm_minus_sasrec_by_segment"]["cold"]
+    assert cold["diff"] > 2 * cold["se"], out
 
 
 def test_quiet_quickstart_prints_the_table_and_the_winner_only(tmp_path):

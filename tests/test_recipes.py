@@ -6,13 +6,14 @@ import pytest
 
 from itemgen.cli.quickstart import winner_line
 from itemgen.core.config import from_dict, load_yaml
-from itemgen.core.recipes import ITEMLM_CPU, ITEMLM_GPU, SASREC, merge
+from itemgen.core.recipes import ITEMLM_CPU, ITEMLM_GPU, ITEMLM_TEXT, SASREC, merge
+from itemgen.models.item_repr import output_view, uses_text
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("name,recipe", [("sasrec.yaml", SASREC), ("itemlm-cpu.yaml", ITEMLM_CPU),
-                                         ("itemlm-gpu.yaml", ITEMLM_GPU)])
+                                         ("itemlm-gpu.yaml", ITEMLM_GPU), ("itemlm-text.yaml", ITEMLM_TEXT)])
 def test_config_files_hold_the_measured_recipes(name, recipe):
     values = load_yaml((CONFIGS / name).read_text())
     values["train"].pop("out")
@@ -21,8 +22,19 @@ def test_config_files_hold_the_measured_recipes(name, recipe):
 
 
 def test_recipes_are_valid_configs():
-    for recipe in (SASREC, ITEMLM_CPU, ITEMLM_GPU):
+    for recipe in (SASREC, ITEMLM_CPU, ITEMLM_GPU, ITEMLM_TEXT):
         from_dict(merge(recipe, {"items": {"init_from": "runs/sasrec/best"}}) if recipe is not SASREC else recipe)
+
+
+def test_text_recipe_is_the_cpu_recipe_with_a_text_view_on_both_sides():
+    """ITEMLM_TEXT differs from ITEMLM_CPU in the items section only, and every difference is
+    the text view: new items (no ID part) get vectors on both sides (models/new_items.py)."""
+    text, cpu = from_dict(merge(ITEMLM_TEXT, {"items": {"init_from": "x"}})), from_dict(
+        merge(ITEMLM_CPU, {"items": {"init_from": "x"}}))
+    assert text.itemlm == cpu.itemlm and text.train == cpu.train and text.data == cpu.data
+    # the conditions of `itemgen items add` (new_items.check_addable), whatever fusion design wins
+    assert uses_text(text.items) and text.items.input != "id" and output_view(text.items, "itemlm") != "untied"
+    assert text.items.text_encoder and text.items.text_fields
 
 
 def test_winner_line():

@@ -52,6 +52,17 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
+# ItemLM with item text (issue 20), for datasets whose items have text: the CPU recipe with a
+# frozen all-MiniLM-L6-v2 view of each item's title, brand and category fused with the ID on both
+# sides (models/item_repr.py: input = text map + ID, output = text map + ID residual; both text
+# maps start at zero, so training starts from the SASRec it is given). Items without training
+# interactions (new items, `itemgen items add`) get the text part alone. The fusion design is still
+# being compared on real data (benchmarks/text.py): the quickstart, configs/itemlm-text.yaml and
+# the docs read it from here, so a change of design is a change of this entry and that file only.
+ITEMLM_TEXT = merge(ITEMLM_CPU, {"items": {"input": "text+id", "output": "text+id", "text_encoder": "minilm",
+                                           "text_fields": ["title", "brand", "category"]}})
+
+
 # ItemLM on a GPU: the same recipe with the whole pretrained backbone, the paper's prompt and item
 # text in 75% of training examples (the paper's paradigm; IDs alone at inference). NOT measured
 # yet (no GPU was lent): on CPU, 2 pretrained layers scored lower than random ones with ID-only
