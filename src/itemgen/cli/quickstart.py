@@ -147,7 +147,7 @@ def show_new_item(ds: SequenceDataset, out: Path, lm_name: str, note) -> dict:
     rank = ranked.index(fields["id"]) + 1 if fields["id"] in ranked else None
     last = ds.items.ids[user.history[-1]]
     note(f"\n[bold]a new item, without retraining[/bold]: {new_file} holds {fields['id']} \"{fields['title']}\" "
-         f"({fields['brand']}, {fields['category']}), a {item_fields(index, 0)['title'].split()[0]} item: in the "
+         f"({fields['brand']}, {fields['category']}), a {fields['title'].split()[0]} item: in the "
          f"synthetic catalog that is what follows an item of category \"group {group}\" such as {last} "
          f"\"{ds.items.title(user.history[-1])}\"", soft_wrap=True)
     note(f"  itemgen items add {ckpt} {new_file} --out {with_new}\n"
