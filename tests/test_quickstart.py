@@ -8,7 +8,8 @@ from rich.console import Console
 
 from itemgen.cli.quickstart import run
 from itemgen.core.recipes import ITEMLM_TEXT
-from itemgen.data.dataset import SequenceDataset
+from itemgen.data.dataset import ItemTable, SequenceDataset
+from itemgen.data.synthetic import make_dataset
 
 
 def quickstart(tmp_path, backbone, minutes):
@@ -102,3 +103,20 @@ def test_quiet_quickstart_prints_the_table_and_the_winner_only(tmp_path):
     out = buf.getvalue()
     assert "on NDCG@10" in out and "ndcg@10" in out
     assert "training" not in out and "next:" not in out and "synthetic catalog" not in out
+
+
+def test_quickstart_on_a_dataset_without_text_trains_the_id_recipe(tmp_path):
+    """A prepared dataset whose items have no text: ItemLM falls back to the ID-only recipe, the
+    table has no new-item rows (no --cold-items) and no item is added."""
+    ds = make_dataset(n_users=300, n_items=40, seed=1, name="bare")
+    bare = SequenceDataset("bare", ItemTable(ds.items.ids, {}), ds.users, ds.sequences, ds.source)
+    bare.save(tmp_path / "bare")
+    buf = io.StringIO()
+    results = run(data=tmp_path / "bare", out=tmp_path / "run", backbone="tiny", n_layers=2, minutes=0.02,
+                  console=Console(file=buf, width=200))
+    out = buf.getvalue()
+    cfg = json.loads((tmp_path / "run" / "itemlm" / "best" / "config.json").read_text())
+    assert cfg["items"]["input"] == "id"
+    assert "SASRec, all" in out and "ItemLM, all" in out and "new items" not in out
+    assert "added_item" not in results and results["itemlm_minus_sasrec_by_segment"] == {}
+    assert "itemgen train configs/itemlm-cpu.yaml" in out
