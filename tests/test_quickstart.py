@@ -19,7 +19,7 @@ def quickstart(tmp_path, backbone, minutes):
     return results, buf.getvalue()
 
 
-def test_quickstart_prints_the_winner_paths_and_next_commands(tmp_path):
+def test_quickstart_prints_the_winner_new_items_paths_and_next_commands(tmp_path):
     results, out = quickstart(tmp_path, "tiny", 0.05)
     assert set(results) == {"sasrec", "itemlm", "itemlm_minus_sasrec", "itemlm_minus_sasrec_by_segment",
                             "added_item"}
@@ -37,12 +37,9 @@ def test_quickstart_prints_the_winner_paths_and_next_commands(tmp_path):
     assert cfg["items"]["init"] == "sasrec" and cfg["items"]["init_from"] == str(tmp_path / "sasrec" / "best")
     for key in ("input", "output", "text_encoder"):
         assert cfg["items"][key] == ITEMLM_TEXT["items"][key]
-
-
-def test_quickstart_tells_the_new_item_story(tmp_path):
-    """10% of the synthetic items are new (test targets only), said plainly; the table has the
-    all / warm / new-item columns for both models; a new item is added to the trained checkpoint."""
-    results, out = quickstart(tmp_path, "tiny", 0.02)
+    # the new-item story: 10% of the synthetic items are new (test targets only), said plainly;
+    # the table has all / warm / new-item rows for both models; a new item is added to the trained
+    # checkpoint and ranked
     assert "made-up data" in out and "30 of its items (10%) are new: they appear only at test time" in out
     for row in ("SASRec, all", "SASRec, warm", "SASRec, new items", "ItemLM + text, all", "ItemLM + text, warm",
                 "ItemLM + text, new items"):
@@ -58,6 +55,11 @@ def test_quickstart_tells_the_new_item_story(tmp_path):
     line = json.loads((tmp_path / "new_items.jsonl").read_text())
     assert line["id"] == "I00300" and line["title"] == added["item"]["title"]
     assert added["n_items"] == 301 and 1 <= added["rank"] <= 301
+    # ranked after a history the synthetic rule says it follows: the last item's category names
+    # the group that the new item's title adjective names (item 300: group 0, "red")
+    ds = SequenceDataset.load(tmp_path / "data")
+    assert ds.items.fields["category"][ds.items.index[added["history"][-1]]] == "group 0"
+    assert line["title"].startswith("red ")
     assert f"itemgen items add {tmp_path / 'itemlm' / 'best'} {tmp_path / 'new_items.jsonl'}" in out
     assert f"itemgen recommend {tmp_path / 'itemlm' / 'with-new'} --history {','.join(added['history'])}" in out
     items = json.loads((tmp_path / "itemlm" / "with-new" / "items.json").read_text())
