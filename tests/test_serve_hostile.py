@@ -355,6 +355,9 @@ def test_serve_refuses_a_blank_key_in_the_environment(ckpt, monkeypatch):
 
     from itemgen.cli import app
 
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("started serving with a blank key"))
     monkeypatch.setenv("ITEMGEN_API_KEY", "  ")
     r = CliRunner().invoke(app, ["serve", str(ckpt), "--port", "1"])
     assert r.exit_code == 2 and "error: $ITEMGEN_API_KEY is set but blank" in r.output

@@ -37,7 +37,7 @@ def serve(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
           graceful_timeout_s: float = typer.Option(30.0, min=0.0,
                                                    help="how long shutdown waits for requests in flight"),
           client_timeout_s: float = typer.Option(10.0, min=0.1, help="seconds a client may take to send a "
-                                                 "request head, or pause within a body, before it is closed"),
+                                                 "request head, and again its body, before it is closed"),
           access_log: bool = typer.Option(False, help="log every request"),
           log_level: str = typer.Option("info")):
     """Serve recommendations over HTTP (FastAPI on uvicorn); see docs/serve.md."""
