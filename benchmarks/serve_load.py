@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--compare-threads", default="", help="e.g. 1,2,0: compare these --threads first")
     ap.add_argument("--compare-duration", type=float, default=10.0, help="seconds per candidate per round")
     ap.add_argument("--compare-rounds", type=int, default=3)
+    ap.add_argument("--compare-only", action="store_true", help="only the thread comparison (JSON, no doc)")
     ap.add_argument("--batch-window-ms", type=float, default=2.0)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--k", type=int, default=10)
@@ -253,6 +254,15 @@ def main() -> None:
     if args.compare_threads:
         cands = [int(x) for x in args.compare_threads.split(",")]
         threads_cmp = compare_threads(args, cands, levels, histories, logs)
+        if args.compare_only:
+            report = {"benchmark": "serve_load --compare-only", **run_info(),
+                      "profile": {"model": cfg.model, "max_history": cfg.data.max_history, "items": ds.n_items,
+                                  "dataset": ds.name, "checkpoint": str(args.checkpoint)},
+                      "settings": {k: v for k, v in vars(args).items() if k not in ("out", "doc")},
+                      "threads_comparison": threads_cmp}
+            atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+            print(f"wrote {args.out}")
+            return
     on = Server(args.checkpoint, args.threads, [*common, "--max-batch", str(args.max_batch)], Path(f"{logs}.on.log"))
     off = Server(args.checkpoint, args.threads, [*common, "--max-batch", "1"], Path(f"{logs}.off.log"))
     try:

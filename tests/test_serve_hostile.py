@@ -21,54 +21,19 @@ from fastapi.testclient import TestClient
 from itemgen.api import Predictor
 from itemgen.core.config import from_dict
 from itemgen.data.dataset import training_sequences
-from itemgen.data.synthetic import make_dataset
 from itemgen.models.registry import build_model
 from itemgen.serving.engine import Engine, ModelOutputError, Query
 from itemgen.serving.server import MAX_JSON_DEPTH, ServeSettings, create_app, json_body_problem, read_api_key
 from itemgen.topk import l2d
-from itemgen.training.loop import train
-
-RULE = dict(n_users=300, n_items=30, min_len=4, max_len=8, noise=0.0, seed=2)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return make_dataset(**RULE)
-
-
-@pytest.fixture(scope="module")
-def ckpt(data, tmp_path_factory):
-    """A tiny ItemLM checkpoint from the real training loop (a few steps)."""
-    out = tmp_path_factory.mktemp("itemlm")
-    cfg = from_dict({"model": "itemlm", "data": {"path": "synthetic-inline", "max_history": 10},
-                     "itemlm": {"backbone": "tiny", "prompt": "compact", "item_dim": 32},
-                     "train": {"out": str(out), "lr": 1e-2, "batch_size": 32, "max_steps": 6, "eval_every": 6,
-                               "eval_users": 30, "warmup_steps": 1, "progress": False, "patience": 100}})
-    return train(cfg, dataset=data).best
-
-
-@pytest.fixture(scope="module")
-def predictor(ckpt):
-    return Predictor.load(ckpt)
-
+# the tiny trained ItemLM checkpoint and the helpers of the server's main tests (fixtures are
+# module-scoped: this module gets its own instances)
+from test_serve import ckpt, data, error_of, ids, live_server, predictor  # noqa: F401
 
 @pytest.fixture(scope="module")
 def client(predictor, ckpt):
     app = create_app(ServeSettings(checkpoint=str(ckpt), max_body_bytes=2 << 20), predictor=predictor, api_key="")
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
-
-
-def ids(data, hist):
-    return [data.items.ids[i] for i in hist]
-
-
-def error_of(r, status):
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert isinstance(body["error"], str) and body["error"]
-    assert "Traceback" not in r.text and 'File "' not in r.text
-    return body
 
 
 def best_time(fn, repeat: int = 3) -> float:
@@ -371,8 +336,8 @@ def test_a_two_line_key_file_serves_its_first_line(predictor, ckpt, data, tmp_pa
         error_of(c.get("/readyz", headers={"X-API-Key": "k3y\nrotated-later"}), 401)
 
 
-# ---- defect 13, 16: metric labels, HEAD /healthz ----------------------------------------
-def test_head_healthz_is_200_and_aborts_keep_their_route(client):
+# ---- defect 16: HEAD /healthz (load balancers) ------------------------------------------
+def test_head_healthz_is_200(client):
     r = client.head("/healthz")
     assert r.status_code == 200 and r.content == b""
     assert client.get("/healthz").json() == {"status": "ok"}
@@ -380,35 +345,6 @@ def test_head_healthz_is_200_and_aborts_keep_their_route(client):
 
 
 # ---- the real server: bodies that trickle, heads over the limit -------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture()
-def live_server(predictor, ckpt):
-    """The app on a real uvicorn server with the protocol `itemgen serve` uses (1 s client
-    timeout), in a thread of this process, on 127.0.0.1."""
-    import uvicorn
-
-    from itemgen.serving.http import protocol
-
-    app = create_app(ServeSettings(checkpoint=str(ckpt), max_body_bytes=4096), predictor=predictor, api_key="")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           http=protocol(1.0), lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(30)
-
-
 def test_a_body_trickled_byte_by_byte_is_closed_at_the_deadline(live_server, data):
     body = json.dumps({"history": ids(data, [1, 2])}).encode()
     with socket.create_connection(("127.0.0.1", live_server), timeout=5) as s:

@@ -67,9 +67,9 @@ class ServeSettings:
     prefix_cache: bool = True  # reuse the prompt prefix's keys/values (ItemLM)
     sessions_enabled: bool = True  # off with several worker processes (each would hold its own)
     api_key_file: str | None = None
-    # torch CPU threads of this process; 0: torch's default (one per core). One worker thread runs
-    # every forward pass, and on a loaded CPU extra OpenMP threads spin against other processes:
-    # 1 held up best at 1, 8 and 32 clients (docs/serve.md, "Threads")
+    # torch CPU threads of this process; 0: torch's default (one per core). 1 cannot oversubscribe
+    # the cores whatever else runs: torch's default collapsed 16x under load (issue 22), while 1
+    # costs at most 1.4-1.8x when a core is free (measured: docs/serve.md, Load benchmark)
     threads: int = 1
 
     def check(self) -> None:
