@@ -72,13 +72,26 @@ def test_sasrec_judged_against_recbole_on_history_kept(quality, results, tmp_pat
     quality.write_table(results, out)
     text = out.read_text()
     office = cells(text, "office", "0.0474")  # the RecBole bar table: dataset, published NDCG@10, ...
-    assert office[2:5] == ["0.3", "0.0445", f"{0.0445 / 0.0474:.3f}x"]
-    assert office[5:8] == ["0.5", "0.0470", f"{0.0470 / 0.0474:.3f}x"]
-    assert office[8] == "met (`sasrec-kept`)"  # 0.99x: judged on the row validated under the reported protocol
+    assert office[2:5] == ["dropout 0.3", "0.0445", f"{0.0445 / 0.0474:.3f}x"]
+    assert office[5:9] == ["`sasrec-kept`: dropout 0.5", "0.0700", "0.0470", f"{0.0470 / 0.0474:.3f}x"]
+    assert office[9] == "met (`sasrec-kept`)"  # 0.99x: judged on the row validated under the reported protocol
     results["rows"] = [r for r in results["rows"] if r["variant"] != "sasrec-kept"]
     quality.write_table(results, out)
     office = cells(out.read_text(), "office", "0.0474")
-    assert office[6] == "not run" and office[8] == "NOT met (`sasrec`)"
+    assert office[5] == "not run" and office[9] == "NOT met (`sasrec`)"
+
+
+def test_kept_validation_chooses_among_grids_by_validation_not_test(quality, results, tmp_path):
+    # a second grid (batch 64) with the better validation but the worse test: validation decides
+    results["rows"].append(row("office", "sasrec-kept-batch64", (0.0440, 0.0900), (0.0540, 0.0970),
+                               valid_masked=False, dropout=0.2, best_valid={"ndcg@10": 0.0710}))
+    out = tmp_path / "q.md"
+    quality.write_table(results, out)
+    text = out.read_text()
+    office = cells(text, "office", "0.0474")
+    assert office[5:8] == ["`sasrec-kept-batch64`: dropout 0.2", "0.0710", "0.0440"]
+    assert office[9] == "NOT met (`sasrec-kept-batch64`)"
+    assert "| office | sasrec-kept-batch64 |" in text  # its full row beside the other kept-validation rows
 
 
 def test_published_field_beside_our_history_kept_rows(quality, results, tmp_path):
