@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 
 from itemgen.api import evaluate_checkpoint, run_info, user_ndcg  # noqa: E402
-from itemgen.core.config import from_dict  # noqa: E402
+from itemgen.core.config import from_dict, load_yaml  # noqa: E402
 from itemgen.core.io import atomic_write_text  # noqa: E402
 from itemgen.core.recipes import ITEMLM_CPU, ITEMLM_GPU, SASREC, SASREC_DROPOUTS, itemlm_from_sasrec, merge  # noqa: E402
 from itemgen.data.dataset import SequenceDataset  # noqa: E402
@@ -127,8 +127,6 @@ def prepare(name: str, data_root: Path, cache: Path) -> Path:
 
 
 def set_path(tree: dict, dotted: str, raw: str) -> None:
-    from itemgen.core.config import load_yaml
-
     *parents, leaf = dotted.split(".")
     for p in parents:
         tree = tree.setdefault(p, {})
@@ -150,6 +148,9 @@ def main() -> None:
                     help="training seed; other than 0, rows are VARIANT-seedN: SASRec trains at the dropout "
                          "seed 0 chose and ItemLM starts from that seed's SASRec")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    ap.add_argument("--grid", default=None, metavar="V1,V2,...",
+                    help="the values a tuned variant (sasrec, sasrec-kept) tries instead of its default grid, e.g. "
+                         "the value another grid chose, to move one more axis by validation (coordinate descent)")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "datasets")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -195,8 +196,10 @@ def main() -> None:
                 res = interrupted_result(cfg)
             elif vname in GRIDS:  # SASRec: its dropout chosen by validation (training/tune.py)
                 key, grid_values = GRIDS[vname]
+                if args.grid:
+                    grid_values = [load_yaml(v) for v in args.grid.split(",")]
                 if args.seed != 0:  # the other seeds train once, at the value seed 0 chose
-                    grid_values = [selected_sasrec(args.work / dname / vname, dname, row_name)["value"]]
+                    grid_values = [selected_sasrec(args.work / dname / SEED_ROW.sub("", row_name), dname, row_name)["value"]]
                 tuned = grid_search(cfg, key, list(grid_values), dataset=ds)
                 res, grid = tuned.best, {"key": key, "chosen": tuned.value, "runs": tuned.runs}
             else:
