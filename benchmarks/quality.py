@@ -7,6 +7,13 @@ runs can be split over several invocations) and the table in docs/quality.md.
     python benchmarks/quality.py --variants itemlm --set itemlm.head=two_level ...   # extra overrides
 
     python benchmarks/quality.py --datasets office --variants sasrec,abl-init-random,abl-untied  # ablation rows
+    python benchmarks/quality.py --datasets office --variants sasrec-kept    # dropout by history-kept validation
+    # one more axis, at the dropout sasrec-kept chose:
+    python benchmarks/quality.py --datasets office --variants sasrec-kept --name sasrec-kept-batch64 --grid 0.5 --set train.batch_size=64
+    python benchmarks/quality.py --render-only      # docs/quality.md from the results file, no training
+
+Every row is tested twice: `test` with the user's history items kept in the ranking (the published
+protocol: RecBole's for sequential models, MACRec's), `test_history_masked` without them (as served).
 
 Every model trains by epochs with early stopping on all validation users. Profiles: ``cpu``
 (default; 2 cores: SmolLM2-135M cut to its first 2 layers, compact ID-only prompt) and ``gpu``
@@ -199,7 +206,8 @@ def main() -> None:
                 if args.grid:
                     grid_values = [load_yaml(v) for v in args.grid.split(",")]
                 if args.seed != 0:  # the other seeds train once, at the value seed 0 chose
-                    grid_values = [selected_sasrec(args.work / dname / SEED_ROW.sub("", row_name), dname, row_name)["value"]]
+                    seed0 = args.work / dname / SEED_ROW.sub("", row_name)
+                    grid_values = [selected_sasrec(seed0, dname, row_name)["value"]]
                 tuned = grid_search(cfg, key, list(grid_values), dataset=ds)
                 res, grid = tuned.best, {"key": key, "chosen": tuned.value, "runs": tuned.runs}
             else:
