@@ -528,8 +528,9 @@ def published_field(by: dict, ours: list[dict]) -> list[str]:
             entries.append((f"`{v}`", f"ours, mean of {m[0]} seeds", m[1], m[2]))
     best = PUBLISHED_FIELD["MACRec"][0]
     lines = ["", f"## Published field ({d}, history kept)", "",
-             f"Source: {PUBLISHED_FIELD_SOURCE}. Its Instruments split is byte-identical to",
-             "`../shared/datasets/amazon2018-instruments` (17,112 users, 6,250 items, 136,226 interactions).",
+             f"Source: {PUBLISHED_FIELD_SOURCE}.", "",
+             "Its Instruments split is byte-identical to `../shared/datasets/amazon2018-instruments` (17,112",
+             "users, 6,250 items, 136,226 interactions).",
              "Its protocol is ours with the history kept: leave-one-out, full ranking, history NOT masked; its",
              "figures are means of 5 seeds. Its generative models (P5-CID, VIP5, TIGER, MQL4GRec, MACRec) decode",
              "multi-token item IDs built from text (and images) with a constrained beam search of 20 beams;",
