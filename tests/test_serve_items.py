@@ -234,3 +234,24 @@ def test_itemlm_in_memory_add_equals_the_saved_and_reloaded_checkpoint(families,
     want = offline.recommend([["F0M0", "NEW-stapler"]], k=6)[0]
     assert [x["id"] for x in served] == [x["id"] for x in want]
     np.testing.assert_allclose([x["score"] for x in served], [x["score"] for x in want], atol=1e-4)
+
+
+def test_l2d_decoders_are_refused_after_an_add_saying_why(sasrec_text, families, tmp_path):
+    """An L2D memory holds hidden states of training prefixes: it can never rank an added item,
+    so after an add decode=l2d_* is a 422 saying so (before it, it served)."""
+    from itemgen.topk import l2d
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(sasrec_text, ckpt)
+    pred = Predictor.load(ckpt)
+    mem = l2d.build_memory(pred.model, families.sequences[:50], max_history=pred.cfg.data.max_history,
+                           per_sequence=1, meta={"weights": l2d.weights_digest(ckpt)})
+    mem.save(ckpt / l2d.MEMORY_DIR)
+    client, pred = serve(ckpt)
+    with client as c:
+        assert len(top(c, ["F0M0", "F0M1"], decode="l2d_global")) == 3
+        assert c.post("/v1/items", json={"items": NEW}).status_code == 201
+        for name in ("l2d_global", "l2d_local"):
+            body = error_of(c.post("/v1/recommend", json={"history": ["F0M0"], "decode": name}), 422)
+            assert "items were added" in body["error"] and "can never rank them" in body["error"]
+        assert "NEW-stapler" in [x["id"] for x in top(c, ["F0M0", "F0M1", "F0M2"])]  # exact still serves
