@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -196,9 +197,9 @@ class Engine:
                 self.text_encoder = load_text_encoder(cfg.items.text_encoder)
             except Exception as e:
                 logger.exception("text encoder %r could not be loaded", cfg.items.text_encoder)
-                raise TextEncoderUnavailable(f"the checkpoint's text encoder {cfg.items.text_encoder!r} could not "
-                                             f"be loaded on this server ({type(e).__name__}; see the server log)") \
-                    from None
+                name = Path(cfg.items.text_encoder).name  # a local folder's path is the server's business
+                raise TextEncoderUnavailable(f"the checkpoint's text encoder {name!r} could not be loaded on this "
+                                             f"server ({type(e).__name__}; see the server log)") from None
             logger.info("text encoder %r loaded in %.2f s", cfg.items.text_encoder, time.perf_counter() - t0)
         view = encode_new_items(new, self.text_encoder, fields)  # (N, F)
         if not torch.isfinite(view).all():
