@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -99,6 +100,11 @@ class Server:
         for name in ("itemgen_batch_size_sum", "itemgen_batch_size_count", "itemgen_forward_seconds_sum"):
             m = re.search(rf"^{name} (\S+)$", text, re.M)
             out[name] = float(m.group(1)) if m else float("nan")
+        # the server's own latency histogram of /v1/recommend (Guard: app entry to response)
+        for line in text.splitlines():
+            if line.startswith("itemgen_request_seconds_bucket{") and 'route="/v1/recommend"' in line:
+                le = re.search(r'le="([^"]+)"', line).group(1)
+                out[f"le:{le}"] = float(line.rsplit(" ", 1)[1])
         return out
 
     def stop(self) -> int:
@@ -109,19 +115,21 @@ class Server:
             self.log.close()
 
 
-async def load(base: str, clients: int, duration: float, histories: list[list[str]], k: int) -> dict:
-    """``clients`` closed-loop clients for ``duration`` seconds; requests started before the
-    deadline are finished and counted, then every client stops."""
+async def _clients(base: str, first: int, clients: int, start_at: float, duration: float,
+                   histories: list[list[str]], k: int) -> tuple[list[float], dict[str, int], float]:
+    """Clients ``first`` .. ``first + clients - 1`` of a load, in this process: closed loops from
+    ``start_at`` (time.monotonic, the same clock in every process) for ``duration`` seconds;
+    requests started before the deadline are finished and counted. -> (latencies s, errors, elapsed s)."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
-        t0 = time.perf_counter()
-        deadline = t0 + duration
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        deadline = start_at + duration
 
         async def one(c: int):
             rng = random.Random(c)
-            while time.perf_counter() < deadline:
+            while time.monotonic() < deadline:
                 h = histories[rng.randrange(len(histories))]
                 s = time.perf_counter()
                 try:
@@ -135,11 +143,43 @@ async def load(base: str, clients: int, duration: float, histories: list[list[st
                 else:
                     errors[key] = errors.get(key, 0) + 1
 
-        await asyncio.gather(*[one(c) for c in range(clients)])
-        elapsed = time.perf_counter() - t0
+        await asyncio.gather(*[one(c) for c in range(first, first + clients)])
+        elapsed = time.monotonic() - start_at
+    return latencies, errors, elapsed
+
+
+def _client_proc(base: str, first: int, clients: int, start_at: float, duration: float, k: int):
+    return asyncio.run(_clients(base, first, clients, start_at, duration, _HISTORIES, k))
+
+
+_HISTORIES: list[list[str]] = []  # set before the client processes fork (not pickled per call)
+
+
+def load(base: str, clients: int, duration: float, histories: list[list[str]], k: int, procs: int = 1) -> dict:
+    """``clients`` closed-loop clients for ``duration`` seconds, spread over ``procs`` client
+    processes (each its own asyncio loop and httpx pool), all starting at the same moment: one
+    process's event loop serialises every client's request and response handling, which can
+    itself make the tail that is measured."""
+    procs = max(1, min(procs, clients))
+    if procs == 1:
+        latencies, errors, elapsed = asyncio.run(_clients(base, 0, clients, time.monotonic(), duration, histories, k))
+    else:
+        global _HISTORIES
+        _HISTORIES = histories
+        share = [clients // procs + (i < clients % procs) for i in range(procs)]
+        firsts = [sum(share[:i]) for i in range(procs)]
+        start_at = time.monotonic() + 1.0  # every process is up and connected by then
+        with multiprocessing.get_context("fork").Pool(procs) as pool:
+            parts = pool.starmap(_client_proc, [(base, f, n, start_at, duration, k) for f, n in zip(firsts, share)])
+        latencies = [x for lat, _, _ in parts for x in lat]
+        errors = {}
+        for _, errs, _ in parts:
+            for key, n in errs.items():
+                errors[key] = errors.get(key, 0) + n
+        elapsed = max(e for _, _, e in parts)
     lat = np.asarray(latencies) * 1e3
     q = (lambda p: float(np.percentile(lat, p))) if len(lat) else (lambda p: float("nan"))
-    return {"clients": clients, "seconds": round(elapsed, 2), "requests": len(latencies),
+    return {"clients": clients, "client_procs": procs, "seconds": round(elapsed, 2), "requests": len(latencies),
             "errors": sum(errors.values()), "error_kinds": errors,
             "throughput_rps": len(latencies) / elapsed, "p50_ms": q(50), "p95_ms": q(95), "p99_ms": q(99),
             "mean_ms": float(lat.mean()) if len(lat) else float("nan")}
@@ -152,12 +192,26 @@ def with_batches(server: Server, before: dict, result: dict) -> dict:
     fwd = after["itemgen_forward_seconds_sum"] - before["itemgen_forward_seconds_sum"]
     result["mean_batch_size"] = rows / n if n else float("nan")
     result["mean_forward_ms"] = fwd / n * 1e3 if n else float("nan")
+    result["server_histogram"] = server_histogram(before, after)
     return result
 
 
-def run_level(server: Server, clients: int, duration: float, histories, k: int) -> dict:
+def server_histogram(before: dict, after: dict) -> dict:
+    """What the server's own histogram (itemgen_request_seconds, /v1/recommend) counted between
+    two scrapes: per bucket bound the requests at or under it, and the bucket bounds that hold
+    the median and the 99th percentile (upper bounds: the histogram has no finer resolution)."""
+    bounds = sorted((k[3:] for k in after if k.startswith("le:")), key=lambda b: float(b))
+    cum = {b: after[f"le:{b}"] - before.get(f"le:{b}", 0.0) for b in bounds}
+    total = cum.get("+Inf", 0.0)
+    quant = lambda q: next((b for b in bounds if total and cum[b] >= q * total), None)
+    return {"requests": total, "p50_le_s": quant(0.5), "p99_le_s": quant(0.99),
+            "share_le_0.25s": cum.get("0.25", 0.0) / total if total else None,
+            "share_le_0.5s": cum.get("0.5", 0.0) / total if total else None, "cumulative": cum}
+
+
+def run_level(server: Server, clients: int, duration: float, histories, k: int, procs: int = 1) -> dict:
     before = server.metrics()
-    r = asyncio.run(load(server.base, clients, duration, histories, k))
+    r = load(server.base, clients, duration, histories, k, procs)
     return with_batches(server, before, r)
 
 
@@ -198,13 +252,13 @@ def compare_threads(args, candidates: list[int], levels: list[int], histories, l
         for srv in servers.values():
             srv.wait_ready()
         for srv in servers.values():
-            asyncio.run(load(srv.base, 8, args.warmup, histories, args.k))
+            load(srv.base, 8, args.warmup, histories, args.k)
         for c in levels:
             runs: dict[int, list[dict]] = {t: [] for t in candidates}
             for i in range(args.compare_rounds):
                 order = candidates[i % len(candidates):] + candidates[:i % len(candidates)]
                 for t in order:
-                    runs[t].append(run_level(servers[t], c, args.compare_duration, histories, args.k))
+                    runs[t].append(run_level(servers[t], c, args.compare_duration, histories, args.k, args.client_procs))
             for t in candidates:
                 rs = runs[t]
                 row = {"threads": t, "clients": c, "errors": sum(r["errors"] for r in rs),
@@ -238,6 +292,15 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--session-users", type=int, default=100)
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="load-client processes the clients of a level are spread over (each its own event loop)")
+    ap.add_argument("--levels-only", action="store_true",
+                    help="one server at its defaults, the levels only (--repeats each; with --compare-procs, "
+                         "1 client process against --client-procs at the top level); the run is APPENDED to "
+                         "--out under client_procs_runs, the file's other keys kept")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds per level with --levels-only (medians)")
+    ap.add_argument("--compare-procs", action="store_true",
+                    help="with --levels-only: at the top level, alternate 1 client process and --client-procs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serve.json"))
     ap.add_argument("--doc", default=str(ROOT / "docs/serve.md"))
     args = ap.parse_args()
@@ -249,6 +312,8 @@ def main() -> None:
     random.Random(0).shuffle(histories)
     levels = [int(x) for x in args.levels.split(",")]
     logs = Path(tempfile.mkdtemp(prefix="itemgen-serve-load-")) / "server"  # server logs stay out of the repo
+    if args.levels_only:
+        return levels_only(args, cfg, ds, histories, levels, logs)
     common = ["--batch-window-ms", str(args.batch_window_ms)]
     threads_cmp = None
     if args.compare_threads:
@@ -269,19 +334,19 @@ def main() -> None:
         ready = on.wait_ready()
         off.wait_ready()
         print(f"serving {ready['model']}: {ready['items']} items; {len(histories)} test histories", flush=True)
-        asyncio.run(load(on.base, 8, args.warmup, histories, args.k))
-        asyncio.run(load(off.base, 8, args.warmup / 2, histories, args.k))
+        load(on.base, 8, args.warmup, histories, args.k)
+        load(off.base, 8, args.warmup / 2, histories, args.k)
         rss_before = rss_mb(on.proc.pid)
         results = []
         for c in levels:
-            r = run_level(on, c, args.duration, histories, args.k)
+            r = run_level(on, c, args.duration, histories, args.k, args.client_procs)
             results.append(r)
             print(json.dumps(r), flush=True)
         rss_after = rss_mb(on.proc.pid)
         rounds = []
         for i in range(args.ratio_rounds):
-            b = run_level(on, args.ratio_clients, args.ratio_duration, histories, args.k)
-            u = run_level(off, args.ratio_clients, args.ratio_duration, histories, args.k)
+            b = run_level(on, args.ratio_clients, args.ratio_duration, histories, args.k, args.client_procs)
+            u = run_level(off, args.ratio_clients, args.ratio_duration, histories, args.k, args.client_procs)
             rounds.append({"batched": b, "unbatched": u, "ratio": b["throughput_rps"] / u["throughput_rps"]})
             print(f"round {i}: batched {b['throughput_rps']:.1f} rps, unbatched {u['throughput_rps']:.1f} rps",
                   flush=True)
@@ -319,6 +384,100 @@ def main() -> None:
     atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     write_doc(Path(args.doc), report)
     print(f"wrote {args.out} and {args.doc}")
+
+
+SUMMARY_KEYS = ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "mean_batch_size", "mean_forward_ms")
+
+
+def median_row(rs: list[dict]) -> dict:
+    """Medians over rounds of one level (errors summed), each round's figures kept."""
+    return {"clients": rs[0]["clients"], "client_procs": rs[0]["client_procs"],
+            "requests": sum(r["requests"] for r in rs), "errors": sum(r["errors"] for r in rs),
+            **{key: statistics.median(r[key] for r in rs) for key in SUMMARY_KEYS},
+            "p99_over_p50": statistics.median(r["p99_ms"] / r["p50_ms"] for r in rs),
+            "server_p99_le_s": [r["server_histogram"]["p99_le_s"] for r in rs],
+            "server_share_le_0.5s": [r["server_histogram"]["share_le_0.5s"] for r in rs], "rounds": rs}
+
+
+def levels_only(args, cfg, ds, histories, levels: list[int], logs: Path) -> None:
+    """The levels on one server at its defaults, ``--repeats`` rounds each (medians), clients in
+    ``--client-procs`` processes; appended to --out (client_procs_runs) and docs (PROCS block)."""
+    srv = Server(args.checkpoint, args.threads, [], Path(f"{logs}.levels.log"))
+    try:
+        ready = srv.wait_ready()
+        print(f"serving {ready['model']}: {ready['items']} items; {len(histories)} test histories", flush=True)
+        load(srv.base, 8, args.warmup, histories, args.k, args.client_procs)
+        rss_before = rss_mb(srv.proc.pid)
+        rows = []
+        for c in levels:
+            rs = [run_level(srv, c, args.duration, histories, args.k, args.client_procs) for _ in range(args.repeats)]
+            rows.append(median_row(rs))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "rounds"}), flush=True)
+        rss_after = rss_mb(srv.proc.pid)
+        procs_cmp = None
+        if args.compare_procs and args.client_procs > 1:
+            top, by = max(levels), {1: [], args.client_procs: []}
+            for i in range(args.repeats):
+                for p in ((1, args.client_procs) if i % 2 == 0 else (args.client_procs, 1)):
+                    by[p].append(run_level(srv, top, args.duration, histories, args.k, p))
+            procs_cmp = [median_row(rs) for rs in by.values()]
+            for r in procs_cmp:
+                print("procs", json.dumps({k: v for k, v in r.items() if k != "rounds"}), flush=True)
+    finally:
+        code = srv.stop()
+    by_c = {r["clients"]: r for r in rows}
+    top = max(levels)
+    growth = rss_after / rss_before - 1
+    errors = sum(r["errors"] for r in rows)
+    run = {**run_info(), "mode": "levels_only", "server": ready, "server_args": "defaults (none given)",
+           "settings": {k: v for k, v in vars(args).items() if k not in ("out", "doc")},
+           "levels": rows, "procs_comparison": procs_cmp,
+           "rss_mb": {"before_levels": rss_before, "after_levels": rss_after, "growth": growth},
+           "targets": {"zero_errors": {"value": errors, "met": errors == 0},
+                       f"p99_over_p50_at_{top}": {"value": by_c[top]["p99_over_p50"], "target": 4.0,
+                                                  "met": by_c[top]["p99_over_p50"] <= 4.0},
+                       "memory_growth": {"value": growth, "target": 0.10, "met": growth < 0.10}},
+           "server_exit_code": code}
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.exists() else {"benchmark": "serve_load"}
+    report.setdefault("client_procs_runs", []).append(run)
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    write_procs_doc(Path(args.doc), run, cfg, ds)
+    print(f"wrote {out} (client_procs_runs) and {args.doc}")
+
+
+PROCS_BEGIN, PROCS_END = "<!-- serve_load_procs:begin -->", "<!-- serve_load_procs:end -->"
+
+
+def write_procs_doc(path: Path, run: dict, cfg, ds) -> None:
+    st = run["settings"]
+    fmt = lambda r: (f"| {r['clients']} | {r['client_procs']} | {r['requests']} | {r['errors']} | "
+                     f"{r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p99_over_p50']:.2f} | "
+                     f"{r['mean_batch_size']:.1f} | {', '.join(str(x) for x in r['server_p99_le_s'])} | "
+                     f"{', '.join(f'{x:.3f}' for x in r['server_share_le_0.5s'])} |")
+    head = ("| clients | client procs | requests | errors | req/s | p50 ms | p99 ms | p99/p50 | mean batch | "
+            "server p99 bucket (s), per round | server share <= 0.5 s, per round |")
+    rule = "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    lines = [f"Measured {run['date']} on {run['hardware']['cores']} shared CPU cores, commit "
+             f"{str(run['git_commit'])[:10]}: {cfg.model}, {run['server']['items']} items ({ds.name}), the server's "
+             f"default settings, clients in {st['client_procs']} processes, medians of {st['repeats']} rounds of "
+             f"{st['duration']:.0f} s per level. Command: `{run['command']}`", "", head, rule]
+    lines += [fmt(r) for r in run["levels"]]
+    if run["procs_comparison"]:
+        lines += ["", f"Client processes at {max(r['clients'] for r in run['levels'])} clients, alternating rounds "
+                      "on the same server:", "", head, rule]
+        lines += [fmt(r) for r in run["procs_comparison"]]
+    t, m = run["targets"], run["rss_mb"]
+    key = next(k for k in t if k.startswith("p99_over_p50"))
+    lines += ["", f"Server RSS {m['before_levels']:.0f} MB before the levels, {m['after_levels']:.0f} MB after "
+                  f"({m['growth'] * 100:+.1f}%). Errors: {t['zero_errors']['value']}. "
+                  f"p99 <= 4x p50 at {key.rsplit('_', 1)[1]} clients: {t[key]['value']:.2f}x, "
+                  f"{'met' if t[key]['met'] else '**not met**'}."]
+    text = path.read_text()
+    if PROCS_BEGIN not in text:
+        text = text.replace(END, f"{END}\n\n{PROCS_BEGIN}\n{PROCS_END}", 1)
+    head_, rest = text.split(PROCS_BEGIN, 1)
+    atomic_write_text(path, f"{head_}{PROCS_BEGIN}\n" + "\n".join(lines) + f"\n{PROCS_END}" + rest.split(PROCS_END, 1)[1])
 
 
 def threads_text(threads: int | None) -> str:

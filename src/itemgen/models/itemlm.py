@@ -106,7 +106,9 @@ class ItemLM(Recommender):
 
     def append_items(self, view: torch.Tensor) -> None:
         """Grow the catalog by len(view) items vectorised from their text view (N, F) alone
-        (models/new_items.py). Save and reload the model to use it: prompts still hold the old table."""
+        (models/new_items.py, and the server's POST /v1/items in memory). The prompt builder keeps
+        the old table, which only training prompts with text fields read (inference prompts are
+        ID slots): the grown model serves at once; save and reload it before training on."""
         if self.items.output_view == "untied":
             raise ValueError("items.output=untied: new items have no output vectors (the head's are per item)")
         self.items.append_items(view)

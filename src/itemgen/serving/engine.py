@@ -16,13 +16,19 @@ by row, so one request's failure never fails its batch-mates; a row whose scores
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from itemgen.api import Predictor
+from itemgen.data.dataset import ItemTable
+from itemgen.models.new_items import addable_problem, check_new_items, encode_new_items, merge_catalog
+from itemgen.models.text_view import TextEncoder, load_text_encoder
 from itemgen.serving.sessions import Session, session_query, supports_incremental
+from itemgen.topk.ann import AnnTopK
 from itemgen.topk.factory import DECODERS
 from itemgen.topk.l2d import L2DTopK, load_memory
 
@@ -56,6 +62,8 @@ class Engine:
         if use_prefix_cache and hasattr(self.model, "prefix_cache"):
             self.prefix = self.model.prefix_cache()
         self.incremental = self.prefix is not None and supports_incremental(self.model)
+        self.text_encoder: TextEncoder | None = None  # loaded on the first add_items
+        self.added = 0  # items added since the server started (in memory only)
         self.decoders: dict = {}  # name -> decoder, every one this server can use
         self.unavailable: dict[str, DecoderUnavailable] = {}  # name -> why not
         for name in DECODERS:
@@ -165,6 +173,62 @@ class Engine:
         if isinstance(r, Exception):
             raise r
 
+    @property
+    def add_problem(self) -> str | None:
+        """Why this model cannot take new items (None: it can; models/new_items.py)."""
+        return addable_problem(self.predictor.cfg)
+
+    @torch.no_grad()  # not inference_mode: the grown tensors must stay ordinary (versioned) tensors
+    def add_items(self, new: ItemTable) -> dict:
+        """Append ``new`` to the served catalog (exclusive worker call: no batch runs meanwhile,
+        so no request sees a half-updated catalog). Checked against the catalog as it is NOW (an
+        add queued before this one may have taken an id), then encoded by the checkpoint's frozen
+        text encoder (loaded on the first add), appended to the model with no ID part as
+        ``itemgen items add`` does, the ANN index extended (or rebuilt), and L2D decoders refused
+        (their memory holds training prefixes only: they could never rank an added item). The
+        catalog's ids change last, so an id is known only once the model can score it; anything
+        that fails before the model grows leaves everything as it was."""
+        cfg = self.predictor.cfg
+        fields = tuple(cfg.items.text_fields)
+        check_new_items(self.predictor.items, new, fields, "request")
+        t0 = time.perf_counter()
+        if self.text_encoder is None:
+            try:
+                self.text_encoder = load_text_encoder(cfg.items.text_encoder)
+            except Exception as e:
+                logger.exception("text encoder %r could not be loaded", cfg.items.text_encoder)
+                name = Path(cfg.items.text_encoder).name  # a local folder's path is the server's business
+                raise TextEncoderUnavailable(f"the checkpoint's text encoder {name!r} could not be loaded on this "
+                                             f"server ({type(e).__name__}; see the server log)") from None
+            logger.info("text encoder %r loaded in %.2f s", cfg.items.text_encoder, time.perf_counter() - t0)
+        view = encode_new_items(new, self.text_encoder, fields)  # (N, F)
+        if not torch.isfinite(view).all():
+            raise ModelOutputError("the text encoder produced non-finite vectors for the new items")
+        n_old = self.model.n_items
+        self.model.append_items(view)
+        ann = None
+        for name, decoder in list(self.decoders.items()):
+            if isinstance(decoder, AnnTopK):
+                try:
+                    ann = decoder.index.extend(self.model)
+                except Exception as e:  # the index is then unusable: refused with the reason, never stale
+                    logger.exception("the ANN index could not follow the added items")
+                    self._refuse(name, RuntimeError(f"its index could not follow the items added to the catalog "
+                                                    f"({type(e).__name__}); restart the server"))
+            elif isinstance(decoder, L2DTopK):
+                self._refuse(name, ValueError("items were added to this server's catalog, and an L2D memory (hidden "
+                                              "states of training prefixes) can never rank them; use decode=exact "
+                                              "or ann"))
+        self.predictor.items = merge_catalog(self.predictor.items, new)
+        self.added += len(new)
+        logger.info("added %d items (%d -> %d) in %.3f s, ann index %s", len(new), n_old, self.model.n_items,
+                    time.perf_counter() - t0, ann or "none")
+        return {"added": list(new.ids), "items": self.model.n_items, "ann_index": ann}
+
+    def _refuse(self, name: str, why: Exception) -> None:
+        self.decoders.pop(name, None)
+        self.unavailable[name] = DecoderUnavailable(name, why)
+
     @torch.inference_mode()
     def run_session(self, session: Session, items: list[int], dropped: int, k: int, exclude_history: bool,
                     decode: str) -> Ranked:
@@ -184,6 +248,10 @@ class DecoderUnavailable(ValueError):
             for p in sorted({str(hide), str(hide.resolve())}, key=len, reverse=True):
                 msg = msg.replace(p, "<checkpoint>")
         super().__init__(f"decode={name!r} is not available for this model: {msg}")
+
+
+class TextEncoderUnavailable(RuntimeError):
+    """The checkpoint's text encoder cannot be loaded here: items cannot be added (503)."""
 
 
 class ModelOutputError(RuntimeError):

@@ -3,6 +3,7 @@
     POST /v1/recommend                   one history -> top-k items
     POST /v1/recommend/batch             many histories
     GET  /v1/items/{id}                  one catalog item
+    POST /v1/items                       add new items, vectorised from their text (in memory)
     POST /v1/sessions/{sid}/events       append an item to a server-side session
     GET  /v1/sessions/{sid}/recommend    top-k for a session (incremental keys/values)
     DELETE /v1/sessions/{sid}
@@ -39,7 +40,9 @@ from starlette.routing import Match
 from itemgen import __version__
 from itemgen.api import Predictor
 from itemgen.serving.batching import MicroBatcher
-from itemgen.serving.engine import DecoderUnavailable, Engine, ModelOutputError, Query, Ranked
+from itemgen.data.dataset import DataError
+from itemgen.data.item_file import items_from_records
+from itemgen.serving.engine import DecoderUnavailable, Engine, ModelOutputError, Query, Ranked, TextEncoderUnavailable
 from itemgen.serving.sessions import SessionStore
 
 logger = logging.getLogger("itemgen.serve")
@@ -65,7 +68,13 @@ class ServeSettings:
     max_sessions: int = 10_000
     session_ttl_s: float = 1800.0
     prefix_cache: bool = True  # reuse the prompt prefix's keys/values (ItemLM)
-    sessions_enabled: bool = True  # off with several worker processes (each would hold its own)
+    # off with several worker processes (each would hold its own): sessions, and POST /v1/items
+    # (an add would reach one process's model)
+    sessions_enabled: bool = True
+    # POST /v1/items: items per request. Encoding runs in the model worker and every recommendation
+    # waits meanwhile: MiniLM took 9 ms an item on the shared 2 cores with one thread (1000 items:
+    # 9.1 s), so 100 keeps the stall near 1 s; 0 turns adding off (docs/serve.md, Adding items)
+    max_new_items: int = 100
     api_key_file: str | None = None
     # torch CPU threads of this process; 0: torch's default (one per core). 1 cannot oversubscribe
     # the cores whatever else runs: torch's default collapsed 16x under load (issue 22), while 1
@@ -78,6 +87,7 @@ class ServeSettings:
                          ("max_batch_request", self.max_batch_request >= 1),
                          ("max_body_bytes", self.max_body_bytes >= 1024), ("max_sessions", self.max_sessions >= 1),
                          ("session_ttl_s", self.session_ttl_s > 0), ("max_queue", self.max_queue >= 1),
+                         ("max_new_items", self.max_new_items >= 0),
                          ("threads", self.threads is None or self.threads >= 0)):
             if not ok:
                 raise ValueError(f"serve setting {name}={getattr(self, name)!r} is out of range")
@@ -147,6 +157,30 @@ class EventRequest(_Strict):
     item: ItemId
 
 
+ItemText = Annotated[str, Field(max_length=10_000)]
+
+
+class NewItem(_Strict):
+    id: ItemId
+    title: Optional[ItemText] = None
+    brand: Optional[ItemText] = None
+    category: Optional[ItemText] = None
+    description: Optional[ItemText] = None
+    price: Optional[ItemText] = None
+
+
+class AddItemsRequest(_Strict):
+    items: list[NewItem] = Field(..., min_length=1, description="new items: an id and text fields (those of the "
+                                                                "checkpoint's items.text_fields count)")
+
+
+class AddItemsResponse(BaseModel):
+    added: list[str]
+    items: int  # catalog size after
+    ann_index: Optional[str] = None  # "extended" | "rebuilt" | None (no ANN index served)
+    latency_ms: float
+
+
 class ItemOut(BaseModel):
     id: str
     score: float
@@ -186,6 +220,7 @@ class ErrorResponse(BaseModel):
 
 
 ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422, 500, 503)}
+ADD_ERRORS = {s: {"model": ErrorResponse} for s in (401, 409, 413, 422, 500, 501, 503)}
 
 
 class ApiError(Exception):
@@ -644,6 +679,38 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None, api_
             raise ApiError(404, f"unknown item id: {_clip(item_id)}")
         return {"id": item_id, "title": state.predictor.items.title(i)}
 
+    @app.post("/v1/items", status_code=201, response_model=AddItemsResponse, responses=ADD_ERRORS)
+    async def add_items(req: AddItemsRequest):
+        """Add new items to the served catalog, vectorised from their text by the checkpoint's frozen
+        text encoder (no retraining): recommendable from the next request on. In memory only: a
+        restart serves the checkpoint's catalog again (persist with `itemgen items add`)."""
+        t0 = time.perf_counter()
+        engine = state.require_ready()
+        if not settings.sessions_enabled:
+            raise ApiError(501, "adding items needs a single server process (--workers 1): each worker process "
+                                "holds its own model, and an add would reach only one of them")
+        problem = engine.add_problem
+        if problem:
+            raise ApiError(409, f"this model cannot take new items: {problem}")
+        limit = settings.max_new_items
+        if limit == 0:
+            raise ApiError(409, "adding items is turned off on this server (--max-new-items 0)")
+        if len(req.items) > limit:
+            raise ApiError(422, f"{len(req.items)} items in one request; this server adds at most {limit} per "
+                                "request (--max-new-items); nothing was added")
+        try:
+            new = items_from_records([i.model_dump(exclude_none=True) for i in req.items], "request")
+            state.check_queue()
+            done = await state.batcher.call(engine.add_items, new)
+        except DataError as e:
+            raise ApiError(422, f"{e}; nothing was added") from None
+        except TextEncoderUnavailable as e:
+            raise ApiError(503, f"{e}; nothing was added") from None
+        except ModelOutputError as e:
+            logger.error("%s", e)
+            raise ApiError(500, f"{e}; nothing was added") from None
+        return {**done, "latency_ms": (time.perf_counter() - t0) * 1e3}
+
     def sessions_on():
         if not settings.sessions_enabled:
             raise ApiError(501, "sessions need a single server process (--workers 1): each worker process "
@@ -704,7 +771,8 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None, api_
         e = state.engine
         return {"status": "ready", "model": state.model_name, "items": state.n_items,
                 "prefix_cache": e.prefix is not None, "sessions": "incremental" if e.incremental else "recompute",
-                "batch_window_ms": settings.batch_window_ms, "max_batch": settings.max_batch}
+                "batch_window_ms": settings.batch_window_ms, "max_batch": settings.max_batch,
+                "added_items": e.added}
 
     @app.get("/metrics")
     async def metrics():
