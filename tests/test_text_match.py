@@ -38,8 +38,8 @@ def data():
 
 def cfg_for(model="itemlm", out="unused", items=None, itemlm=None, **train):
     return from_dict({"model": model, "data": {"path": "x", "max_history": 6},
-                      "itemlm": {"backbone": "tiny", "prompt": "compact", "item_dim": 16, "supervise": "all", "id_only_share": 1.0,
-                                 "text_vocab_in_softmax": False, **(itemlm or {})},
+                      "itemlm": {"backbone": "tiny", "prompt": "compact", "item_dim": 16, "supervise": "all",
+                                 "id_only_share": 1.0, "text_vocab_in_softmax": False, **(itemlm or {})},
                       "items": {"text_encoder": "tiny", "text_match": N, "text_match_scale": SCALE, **(items or {})},
                       "sasrec": {"hidden": 16, "n_heads": 2, "dropout": 0.0},
                       "train": {"out": str(out), "max_steps": 1, "eval_every": 1, "eval_users": 10,
