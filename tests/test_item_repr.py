@@ -14,6 +14,7 @@ from torch import nn
 from itemgen.core.config import ConfigError, ItemsConfig, from_dict, load_config
 from itemgen.data.dataset import ItemTable, SequenceDataset
 from itemgen.data.synthetic import make_dataset
+from itemgen.heads.clusters import Clusters, random_clusters
 from itemgen.models.checkpoint import load_checkpoint, save_checkpoint
 from itemgen.models.registry import build_model
 from itemgen.models.text_view import encode_items
@@ -76,6 +77,15 @@ def test_every_view_builds_trains_and_round_trips(data, tmp_path, model, inp, ou
     assert torch.equal(again.scores(hist), scores)
 
 
+def test_the_two_level_head_keeps_its_own_vectors_with_text_inputs(data, tmp_path):
+    path = Clusters(random_clusters(data.n_items, 4), "random").save(tmp_path / "clusters.json")
+    cfg = cfg_for(tmp_path, items={"input": "text+id", "id_dropout": 0.2}, head="two_level", clusters=str(path))
+    res = train(cfg, dataset=data)
+    loaded, _, _ = load_checkpoint(res.out / "last")
+    assert loaded.items.output_view == "untied" and "items.text_view" in loaded.state_dict()
+    assert torch.isfinite(loaded.scores([s[:-1] for s in data.split.train[:2]])).all()
+
+
 @pytest.mark.parametrize("model,inp,out", [("itemlm", "text+id", "text+id"), ("itemlm", "dual", "tied"),
                                            ("itemlm", "nullspace", "text+id"), ("sasrec", "text+id", "tied")])
 def test_items_without_training_interactions_get_exactly_no_id_part(data, model, inp, out):
@@ -87,7 +97,7 @@ def test_items_without_training_interactions_get_exactly_no_id_part(data, model,
     assert not rep.id_known[new].any() and rep.id_known[:N_OLD].all()
     with torch.no_grad():
         rep.id_emb.weight.normal_()  # every ID row nonzero, so a leak would show
-        for p in (rep.id_out, rep.text_proj, rep.out_text):  # (the text parts start at zero)
+        for p in (rep.id_out, rep.text_proj, rep.out_text, rep.dual_map):  # (the text parts start at zero)
             if isinstance(p, torch.nn.Linear):
                 p.weight.normal_()
             elif p is not None:
@@ -235,10 +245,12 @@ def test_item_config_errors():
         build_model(cfg_for("x", items={"input": "nullspace", "null_dim": 16}), ItemTable(["a", "b"], {"title": ["x", "y"]}))
 
 
-def test_fused_views_start_from_their_id_part(data):
-    """text+id input and output start with a zero text part: a model whose ID vectors come from a
-    trained SASRec (items.init=sasrec) starts where that SASRec left off, and training adds text."""
-    cfg = cfg_for("unused", items={"input": "text+id", "output": "text+id", "init": "ials"})
+@pytest.mark.parametrize("inp", ["text+id", "dual"])
+def test_fused_views_start_from_their_id_part(data, inp):
+    """text+id and dual inputs and the text+id output start as their ID part: a model whose ID
+    vectors come from a trained SASRec (items.init=sasrec) starts where that SASRec left off, and
+    training adds text."""
+    cfg = cfg_for("unused", items={"input": inp, "output": "text+id", "init": "ials"})
     m = build_model(cfg, data.items)
     init_items(m, cfg, data)
     rep = m.items.eval()

@@ -15,7 +15,7 @@ import typer
 from itemgen.cli.common import LogFormat, Quiet, _guard, console, example, fail, reporting, show_result
 from itemgen.models.new_items import MAX_ITEMS, add_items
 
-ADD_EXAMPLE = "itemgen items add runs/itemlm-text/best new_items.jsonl --out runs/itemlm-text/with-new"
+ADD_EXAMPLE = "itemgen items add runs/text/best new.jsonl --out runs/text/new"
 app = typer.Typer(help="Add items to a trained checkpoint's catalog.", no_args_is_help=True,
                   add_completion=False, epilog=example(ADD_EXAMPLE))
 

@@ -80,7 +80,7 @@ class ItemsConfig:
     text_fields: tuple[str, ...] = ("title", "brand", "category")  # an item's text, those present
     null_dim: int = 16  # input nullspace: ID width, the lowest-variance directions of the text view
     tie_projection: str = "input"  # output tied (itemlm): input = scale * the input projection | linear: a linear map
-    dropout: float = 0.0  # itemlm: dropout on projected item input vectors (training only)
+    dropout: float = 0.0  # dropout on (projected) item input vectors, training only (sasrec adds its own)
     id_dropout: float = 0.0  # training: share of items per step whose ID part is zeroed on input and output
     freeze_id: bool = False  # the ID table stays as initialised (E4SRec freezes its SASRec embeddings)
     # the text-match path (models/text_match.py): score(i) = h . v_i + (M q) . t_i, q = the mean text

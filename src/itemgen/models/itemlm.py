@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from itemgen.core.config import Config, ItemLMConfig, ItemsConfig
@@ -101,8 +100,7 @@ class ItemLM(Recommender):
         if not uses_text(cfg.items):
             return cls(backbone, tokenizer, items, cfg.itemlm, cfg.items, clusters)
         if checkpoint_dir is not None:  # the text view is in the checkpoint: only its width is needed
-            with safe_open(str(Path(checkpoint_dir) / "model.safetensors"), "pt") as f:
-                text_dim = text_dim_of({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            text_dim = text_dim_of(checkpoint_dir)
             return cls(backbone, tokenizer, items, cfg.itemlm, cfg.items, clusters, text_dim)
         view = compute_text_view(cfg.items, items, text_encoder(cfg.items, backbone, tokenizer))  # (I, F)
         model = cls(backbone, tokenizer, items, cfg.itemlm, cfg.items, clusters, view.shape[1])

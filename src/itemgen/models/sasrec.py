@@ -9,10 +9,8 @@ vectors [v_i ; t_i]."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from itemgen.core.config import Config, ItemsConfig, SASRecConfig
@@ -49,8 +47,7 @@ class SASRec(NextItemRecommender):
         if not uses_text(cfg.items):
             return cls(len(items), cfg.sasrec, cfg.data.max_history, cfg.items)
         if checkpoint_dir is not None:  # the text view is in the checkpoint: only its width is needed
-            with safe_open(str(Path(checkpoint_dir) / "model.safetensors"), "pt") as f:
-                text_dim = text_dim_of({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            text_dim = text_dim_of(checkpoint_dir)
             return cls(len(items), cfg.sasrec, cfg.data.max_history, cfg.items, text_dim)
         view = compute_text_view(cfg.items, items, text_encoder(cfg.items))  # (I, F)
         model = cls(len(items), cfg.sasrec, cfg.data.max_history, cfg.items, view.shape[1])

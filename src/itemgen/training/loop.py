@@ -188,7 +188,7 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
                 clear_stale_temps(d)
         if not (last_dir / "trainer" / "state.json").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint to resume in {last_dir}")
-        load_weights(model, last_dir, f"{cfg.model} model")  # checksum, shapes, finite values
+        load_weights(model, last_dir, f"{cfg.model} model")  # checksum, shapes, finite values; an older layout renamed
         state = load_trainer_state(last_dir, optimizer)
         step, best_score, bad_evals = state["step"], state["best_score"], state["bad_evals"]
         best_valid, elapsed = state.get("best_valid", {}), state.get("train_seconds", 0.0)
