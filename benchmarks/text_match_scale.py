@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from itemgen.api import run_info
+from itemgen.core.config import ItemsConfig
 from itemgen.core.io import atomic_write_text
 from itemgen.data.dataset import SequenceDataset
 from itemgen.models.checkpoint import load_checkpoint
@@ -56,6 +57,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--last-n", type=int, default=3)
     ap.add_argument("--encoder", default="minilm")
+    ap.add_argument("--fields", default=",".join(ItemsConfig().text_fields),
+                    help="item text fields (default: items.text_fields' default, what a text_match model encodes)")
     ap.add_argument("--scales", default="3,5,8,10,15,20,30,50")
     ap.add_argument("--out", default="benchmarks/results/text_match_scale.json")
     args = ap.parse_args(argv)
@@ -75,7 +78,8 @@ def main(argv=None) -> dict:
     tail = torch.from_numpy(counts[targets.numpy()] <= TAIL)
     ids = torch.cat([model.scores(hist[a:a + 50]) for a in range(0, len(hist), 50)])  # (B, I)
     ids = ids - ids.mean(1, keepdim=True)  # log-probabilities: a constant per user is moot
-    view, _ = encode_items(ds.items, args.encoder, tuple(cfg.items.text_fields))  # (I, F) unit rows
+    fields = tuple(args.fields.split(","))
+    view, _ = encode_items(ds.items, args.encoder, fields)  # (I, F) unit rows
     q = torch.stack([view[torch.as_tensor(h[-args.last_n:])].mean(0) for h in hist])  # (B, F)
     text = q @ view.T  # (B, I) text-kNN's mean cosine
     masked = torch.zeros_like(text, dtype=torch.bool)
@@ -86,7 +90,7 @@ def main(argv=None) -> dict:
         "benchmark": "text_match_scale", **run_info(),
         "profile": {"checkpoint": args.checkpoint, "model": cfg.model, "data": args.data, "split": "valid",
                     "protocol": "masked", "users": len(valid), "seed": args.seed, "last_n": args.last_n,
-                    "encoder": args.encoder, "text_fields": list(cfg.items.text_fields), "tail": f"<= {TAIL}"},
+                    "encoder": args.encoder, "text_fields": list(fields), "tail": f"<= {TAIL}"},
         "spread": {"id_scores": spread(ids, masked), "text_cosine": spread(text, masked)},
         "id_alone": ndcg_by_segment(ids, targets, masked, tail),
         "text_alone": ndcg_by_segment(text, targets, masked, tail),
