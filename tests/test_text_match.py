@@ -233,6 +233,18 @@ def test_checkpoint_round_trip_keeps_m_and_the_text_view(data, tmp_path):
     assert loaded.item_vectors().shape == (data.n_items, 64 + sd["items.text_view"].shape[1])
 
 
+def test_an_itemlm_starts_from_a_text_match_sasrec_s_id_vectors(data, tmp_path):
+    """items.init=sasrec reads the SASRec's ID side (I, d), not its [v ; t] scoring vectors."""
+    sas = train(cfg_for("sasrec", tmp_path / "sas", items={"input": "id"}), dataset=data).out / "last"
+    sas_model, _, _ = load_checkpoint(sas)
+    cfg = cfg_for(items={"init": "sasrec", "init_from": str(sas)}, itemlm={"item_dim": 16})
+    m = build_model(cfg, data.items)
+    init_items(m, cfg, data)
+    v = sas_model.items.output_vectors().detach()
+    want = (v - v.mean(0)) / (v - v.mean(0)).std()  # centred, at the random table's std 1
+    torch.testing.assert_close(m.items.id_emb.weight.detach(), want, atol=1e-5, rtol=1e-5)
+
+
 _FAMILIES = [("red", "stapler", "Acme"), ("blue", "lamp", "Globex"), ("green", "notebook", "Initech"),
              ("steel", "chair", "Umbrella"), ("paper", "folder", "Hooli"), ("smart", "cable", "Stark")]
 

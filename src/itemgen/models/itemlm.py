@@ -190,7 +190,8 @@ class ItemLM(Recommender):
         self.items.begin_step()  # items.id_dropout: this step's ID-less items, on both sides
         h = self.hidden(batch)  # (B, L, H)
         sel = batch["labels"] >= 0  # (B, L)
-        hs = self.with_text_match(self.hidden_drop(h[sel]), batch, sel)  # (N, D): only N label positions reach the head
+        # (N, D): only N label positions reach the head; the text-match part undropped
+        hs = self.with_text_match(self.hidden_drop(h[sel]), batch, sel)
         if self.sampled_loss is not None:  # loss.kind != full: sampled items only, text tokens left out
             return self.sampled_loss(hs, batch["labels"][sel], self.head.item_vectors())
         if self.distillation is not None:  # full head: the teacher is matched over items only
