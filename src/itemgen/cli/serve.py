@@ -31,12 +31,13 @@ def serve(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
           session_ttl_s: float = typer.Option(1800.0, min=1.0, help="idle seconds before a session expires"),
           max_body_bytes: int = typer.Option(1 << 20, min=1024, help="largest request body"),
           max_queue: int = typer.Option(1024, min=1, help="histories waiting for the model before requests get 503"),
-          threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads per process"),
+          threads: int = typer.Option(1, min=0, help="torch CPU threads per process (0: torch's default, one "
+                                      "per core; 1 holds up best under concurrency, docs/serve.md)"),
           prefix_cache: bool = typer.Option(True, help="reuse the prompt prefix's keys/values (ItemLM)"),
           graceful_timeout_s: float = typer.Option(30.0, min=0.0,
                                                    help="how long shutdown waits for requests in flight"),
           client_timeout_s: float = typer.Option(10.0, min=0.1, help="seconds a client may take to send a "
-                                                 "request head, or pause within a body, before it is closed"),
+                                                 "request head, and again its body, before it is closed"),
           access_log: bool = typer.Option(False, help="log every request"),
           log_level: str = typer.Option("info")):
     """Serve recommendations over HTTP (FastAPI on uvicorn); see docs/serve.md."""

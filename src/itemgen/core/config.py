@@ -232,7 +232,8 @@ class TrainConfig:
     eval_users: int | None = 2000  # validation users per evaluation (None: all), fixed subset
     patience: int = 5  # evaluations without NDCG@10 improvement before stopping
     eval_batch_size: int = 128
-    eval_exclude_history: bool = False  # validation ranks without the user's history items (RecBole's protocol)
+    eval_exclude_history: bool = False  # validation ranks without the user's history items (as `itemgen serve`;
+    # RecBole and the published tables keep them for sequential models: false is their protocol)
     mixed_precision: str = "auto"  # auto: bf16 on GPU, none on CPU
     progress: bool = True  # false: no bar and no progress lines (errors and the result only)
     log_every: int = 50  # steps between progress lines (when the output is not a terminal) and history.jsonl rows
