@@ -69,6 +69,13 @@ VARIANTS = {
                                                    "id_dropout": 0.2}}, "itemlm"),
     # text initialisation alone: the ID table from a projection of the text view, no text afterwards
     "itemlm-text-init": ("itemlm", {"items": {**TEXT, "init": "text", "init_from": ""}}, "itemlm"),
+    # the text-match path (models/text_match.py): the ID recipe plus a learned text-kNN over the
+    # last 3 items, scored beside the ID part by concatenation (M starts at text_match_scale * I)
+    "itemlm-match": ("itemlm", {"items": {**TEXT, "text_match": 3}}, "itemlm"),
+    "sasrec-match": ("sasrec", {"items": {**TEXT, "text_match": 3}}, "sasrec"),
+    # the same with a random 20% of items' ID part hidden each step (DropoutNet): the text-match
+    # path alone has to rank them, as it must rank a new item
+    "itemlm-match-drop": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2}}, "itemlm"),
     # SASRec with the same text view (tied: the fused input vectors are its output vectors too)
     "sasrec-text": ("sasrec", {"items": {**TEXT, "input": "text+id", "id_dropout": 0.2}}, "sasrec"),
     # the same-size ID-only control: SASRec at ItemLM's width and depth (hidden 576, 2 layers)
@@ -119,7 +126,8 @@ def comparable(cfg_dict: dict) -> dict:
     for section, key in PATH_KEYS:
         d.get(section, {}).pop(key, None)
     items = d.get("items", {})
-    if items.get("input") == "id" and items.get("output") != "text+id" and items.get("init") != "text":
+    if items.get("input") == "id" and items.get("output") != "text+id" and items.get("init") != "text" \
+            and not items.get("text_match"):
         items.pop("text_encoder", None)  # no text view: which encoder would have made one is moot
         items.pop("text_fields", None)
     return d

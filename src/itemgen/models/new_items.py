@@ -2,7 +2,9 @@
 encoded by the checkpoint's own text encoder (items.text_encoder over items.text_fields, as the
 training catalog was) and appended to the catalog and to every item-indexed tensor of the item
 representation (item_repr.py) with NO ID part, exactly as an item without training interactions:
-its input and output vectors come from its text alone. Trained weights are unchanged.
+its input and output vectors come from its text alone. Trained weights are unchanged. With the
+text-match path (items.text_match, models/text_match.py) any input and output view will do: a new
+item's ID part is zero and its score is the text-match part (M q) . t_i alone.
 
 Every check runs before anything is written, and the new checkpoint is written to a temporary
 folder and renamed: bad input leaves every catalog as it was.
@@ -39,13 +41,15 @@ def addable_problem(cfg: Config) -> str | None:
     if cfg.model not in ("itemlm", "sasrec") or not uses_text(it):
         return (f"the model has no item text view ({cfg.model}, items.input={it.input}, items.output={it.output}): "
                 "new items can only be vectorised from text by a model trained with one "
-                "(items.input=text|text+id|dual|nullspace or items.output=text+id)")
-    if output_view(it, cfg.model) == "untied":
+                "(items.input=text|text+id|dual|nullspace, items.output=text+id or items.text_match)")
+    # with the text-match path any views will do: a new item is scored by its text (its output
+    # ID part is zero) and, in a history, reads a zero ID row (input=id) as an untrained item would
+    if it.text_match == 0 and output_view(it, cfg.model) == "untied":
         return ("the model scores items with per-item output vectors (items.output=untied): a new item's "
-                "cannot come from its text; train with items.output=tied or text+id")
-    if it.input == "id":
+                "cannot come from its text; train with items.output=tied or text+id, or with items.text_match")
+    if it.text_match == 0 and it.input == "id":
         return ("the model reads items by ID alone (items.input=id): a new item would have no input vector; "
-                "train with items.input=text|text+id|dual|nullspace")
+                "train with items.input=text|text+id|dual|nullspace or items.text_match")
     if not it.text_encoder:
         return ("the model encoded item text with its own backbone as built (items.text_encoder=''), which "
                 "training has changed since: new items cannot be encoded the same way; train with a named "
