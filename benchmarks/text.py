@@ -25,6 +25,7 @@ evaluates a finished training run found there, with the same config, instead of 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
@@ -194,12 +195,15 @@ def rows_of(result: dict, work: Path, masks: dict[str, np.ndarray]) -> list[dict
 
 
 def save(rows: list[dict], runs: list[dict], path: Path) -> dict:
-    """Merge new rows and runs into the results file (keyed by dataset, variant, split)."""
-    results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "runs": []}
-    keys = {(r["dataset"], r["variant"], r["split"]) for r in runs}
-    results["rows"] = [r for r in results["rows"] if (r["dataset"], r["variant"], r["split"]) not in keys] + rows
-    results["runs"] = [r for r in results["runs"] if (r["dataset"], r["variant"], r["split"]) not in keys] + runs
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    """Merge new rows and runs into the results file (keyed by dataset, variant, split); several
+    invocations may run side by side (the lock keeps each read-merge-write whole)."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "runs": []}
+        keys = {(r["dataset"], r["variant"], r["split"]) for r in runs}
+        results["rows"] = [r for r in results["rows"] if (r["dataset"], r["variant"], r["split"]) not in keys] + rows
+        results["runs"] = [r for r in results["runs"] if (r["dataset"], r["variant"], r["split"]) not in keys] + runs
+        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     return results
 
 
