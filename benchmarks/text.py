@@ -25,6 +25,7 @@ evaluates a finished training run found there, with the same config, instead of 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
@@ -69,6 +70,13 @@ VARIANTS = {
                                                    "id_dropout": 0.2}}, "itemlm"),
     # text initialisation alone: the ID table from a projection of the text view, no text afterwards
     "itemlm-text-init": ("itemlm", {"items": {**TEXT, "init": "text", "init_from": ""}}, "itemlm"),
+    # the text-match path (models/text_match.py): the ID recipe plus a learned text-kNN over the
+    # last 3 items, scored beside the ID part by concatenation (M starts at text_match_scale * I)
+    "itemlm-match": ("itemlm", {"items": {**TEXT, "text_match": 3}}, "itemlm"),
+    "sasrec-match": ("sasrec", {"items": {**TEXT, "text_match": 3}}, "sasrec"),
+    # the same with a random 20% of items' ID part hidden each step (DropoutNet): the text-match
+    # path alone has to rank them, as it must rank a new item
+    "itemlm-match-drop": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2}}, "itemlm"),
     # SASRec with the same text view (tied: the fused input vectors are its output vectors too)
     "sasrec-text": ("sasrec", {"items": {**TEXT, "input": "text+id", "id_dropout": 0.2}}, "sasrec"),
     # the same-size ID-only control: SASRec at ItemLM's width and depth (hidden 576, 2 layers)
@@ -119,7 +127,8 @@ def comparable(cfg_dict: dict) -> dict:
     for section, key in PATH_KEYS:
         d.get(section, {}).pop(key, None)
     items = d.get("items", {})
-    if items.get("input") == "id" and items.get("output") != "text+id" and items.get("init") != "text":
+    if items.get("input") == "id" and items.get("output") != "text+id" and items.get("init") != "text" \
+            and not items.get("text_match"):
         items.pop("text_encoder", None)  # no text view: which encoder would have made one is moot
         items.pop("text_fields", None)
     return d
@@ -186,12 +195,15 @@ def rows_of(result: dict, work: Path, masks: dict[str, np.ndarray]) -> list[dict
 
 
 def save(rows: list[dict], runs: list[dict], path: Path) -> dict:
-    """Merge new rows and runs into the results file (keyed by dataset, variant, split)."""
-    results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "runs": []}
-    keys = {(r["dataset"], r["variant"], r["split"]) for r in runs}
-    results["rows"] = [r for r in results["rows"] if (r["dataset"], r["variant"], r["split"]) not in keys] + rows
-    results["runs"] = [r for r in results["runs"] if (r["dataset"], r["variant"], r["split"]) not in keys] + runs
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    """Merge new rows and runs into the results file (keyed by dataset, variant, split); several
+    invocations may run side by side (the lock keeps each read-merge-write whole)."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.is_file() else {"rows": [], "runs": []}
+        keys = {(r["dataset"], r["variant"], r["split"]) for r in runs}
+        results["rows"] = [r for r in results["rows"] if (r["dataset"], r["variant"], r["split"]) not in keys] + rows
+        results["runs"] = [r for r in results["runs"] if (r["dataset"], r["variant"], r["split"]) not in keys] + runs
+        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -76,7 +76,9 @@ def test_text_view_is_standardised_from_the_items_with_text():
     assert torch.equal(rep.text_view, view)  # stored as the encoder gave it
     kept = rep.text_features()[[0, 2, 3, 4]]
     assert torch.allclose(kept.mean(0), torch.zeros(12), atol=1e-4)
-    assert torch.allclose(kept.std(0, unbiased=False), torch.ones(12), atol=1e-3)
+    # every dimension at the same scale, and rows at norm ~1 (variance 1 / F per dimension)
+    assert torch.allclose(kept.std(0, unbiased=False), torch.full((12,), 12 ** -0.5), atol=1e-3)
+    assert torch.allclose(kept.norm(dim=1).pow(2).mean(), torch.tensor(1.0), atol=1e-3)
     assert torch.equal(rep.text_features()[1], torch.zeros(12))
     with pytest.raises(ValueError, match="expected"):
         rep.set_text(torch.zeros(2, 12))

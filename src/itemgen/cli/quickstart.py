@@ -86,7 +86,7 @@ def run(*, data: Path | None, out: Path, backbone: str, n_layers: int | None, mi
         cfg = from_dict(values)  # ItemLM starts from SASRec's items
         note(f"[bold]training {label}[/bold] (by epochs with early stopping, at most {minutes:g} min)")
         res = train(cfg, dataset=ds)
-        # ranked without the user's history, as validation, RecBole and `itemgen serve` do
+        # ranked without the user's history, as validation and `itemgen serve` do (RecBole keeps it)
         report = evaluate_checkpoint(res.best, split="test", exclude_history=True)
         reports[name] = report["path"]
         results[name] = {**report["metrics"], "steps": res.step, "epochs": res.epochs,

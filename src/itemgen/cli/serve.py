@@ -31,12 +31,15 @@ def serve(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
           session_ttl_s: float = typer.Option(1800.0, min=1.0, help="idle seconds before a session expires"),
           max_body_bytes: int = typer.Option(1 << 20, min=1024, help="largest request body"),
           max_queue: int = typer.Option(1024, min=1, help="histories waiting for the model before requests get 503"),
-          threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads per process"),
+          max_new_items: int = typer.Option(100, min=0, help="items one POST /v1/items may add (0: adding off); "
+                                            "added items live in memory until restart"),
+          threads: int = typer.Option(1, min=0, help="torch CPU threads per process (0: torch's default, one "
+                                      "per core; 1 holds up best under concurrency, docs/serve.md)"),
           prefix_cache: bool = typer.Option(True, help="reuse the prompt prefix's keys/values (ItemLM)"),
           graceful_timeout_s: float = typer.Option(30.0, min=0.0,
                                                    help="how long shutdown waits for requests in flight"),
           client_timeout_s: float = typer.Option(10.0, min=0.1, help="seconds a client may take to send a "
-                                                 "request head, or pause within a body, before it is closed"),
+                                                 "request head, and again its body, before it is closed"),
           access_log: bool = typer.Option(False, help="log every request"),
           log_level: str = typer.Option("info")):
     """Serve recommendations over HTTP (FastAPI on uvicorn); see docs/serve.md."""
@@ -54,7 +57,8 @@ def serve(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
             checkpoint=str(checkpoint), batch_window_ms=batch_window_ms, max_batch=max_batch,
             max_history=max_history, max_k=max_k, max_body_bytes=max_body_bytes, max_queue=max_queue, max_sessions=max_sessions,
             session_ttl_s=session_ttl_s, prefix_cache=prefix_cache, sessions_enabled=workers == 1,
-            api_key_file=str(api_key_file) if api_key_file else None, threads=threads)
+            api_key_file=str(api_key_file) if api_key_file else None, threads=threads,
+            max_new_items=max_new_items)
         settings.check()
         key = read_api_key(settings.api_key_file)
         # one process: load the model here (the app gets it) so that whatever else cannot load fails now

@@ -83,6 +83,11 @@ class ItemsConfig:
     dropout: float = 0.0  # dropout on (projected) item input vectors, training only (sasrec adds its own)
     id_dropout: float = 0.0  # training: share of items per step whose ID part is zeroed on input and output
     freeze_id: bool = False  # the ID table stays as initialised (E4SRec freezes its SASRec embeddings)
+    # the text-match path (models/text_match.py): score(i) = h . v_i + (M q) . t_i, q = the mean text
+    # view of the last text_match history items, M (F, F) starts at text_match_scale * Identity,
+    # so the model starts as text-kNN's ranking on top of its ID scores; 0 = off
+    text_match: int = 0
+    text_match_scale: float = 8.0
 
 
 # ItemLMConfig's item fields before the `items` section existed, translated when a config is read
@@ -227,7 +232,8 @@ class TrainConfig:
     eval_users: int | None = 2000  # validation users per evaluation (None: all), fixed subset
     patience: int = 5  # evaluations without NDCG@10 improvement before stopping
     eval_batch_size: int = 128
-    eval_exclude_history: bool = False  # validation ranks without the user's history items (RecBole's protocol)
+    eval_exclude_history: bool = False  # validation ranks without the user's history items (as `itemgen serve`;
+    # RecBole and the published tables keep them for sequential models: false is their protocol)
     mixed_precision: str = "auto"  # auto: bf16 on GPU, none on CPU
     progress: bool = True  # false: no bar and no progress lines (errors and the result only)
     log_every: int = 50  # steps between progress lines (when the output is not a terminal) and history.jsonl rows
@@ -466,8 +472,17 @@ def validate(cfg: Config) -> None:
         (it.init == "random" or it.input != "text", f"items.init={it.init} needs an ID table (items.input=text has none)"),
         (it.tie_projection in ("input", "linear"), "items.tie_projection: input|linear"),
         (0.0 <= it.dropout < 1.0 and 0.0 <= it.id_dropout < 1.0, "items.dropout and items.id_dropout must be in [0, 1)"),
-        (it.id_dropout == 0 or it.input not in ("id", "text"),
-         "items.id_dropout needs an input view with both parts (text+id, dual or nullspace)"),
+        (it.id_dropout == 0 or it.input not in ("id", "text") or it.text_match > 0,
+         "items.id_dropout needs an input view with both parts (text+id, dual or nullspace) or items.text_match"),
+        (it.text_match >= 0, "items.text_match must be >= 0 (0 = off)"),
+        (it.text_match_scale > 0, "items.text_match_scale must be > 0"),
+        (it.text_match == 0 or cfg.model in ("itemlm", "sasrec"), "items.text_match: itemlm or sasrec"),
+        (it.text_match == 0 or bool(it.text_encoder.strip()),
+         "items.text_match needs a named items.text_encoder (e.g. minilm): it matches a history's text with "
+         "each item's as text-kNN does, and new items must be encoded the same way"),
+        (it.text_match == 0 or cfg.model != "itemlm" or (m.head == "full" and not m.text_vocab_in_softmax),
+         "items.text_match needs itemlm.head=full and itemlm.text_vocab_in_softmax=false (its text part is "
+         "scored against items only: text tokens have no text view)"),
         (it.null_dim >= 1, "items.null_dim must be >= 1"),
         (it.input == "id" and it.output in ("auto", "untied", "tied") or cfg.model in ("itemlm", "sasrec"),
          "items.input and items.output=text+id: itemlm or sasrec"),

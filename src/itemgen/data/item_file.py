@@ -25,6 +25,18 @@ def read_item_file(path: str | Path, max_items: int) -> ItemTable:
     if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (no items to add)")
     rows = _json_rows(path, max_items) if path.name.lower().endswith(JSON_SUFFIXES) else _table_rows(path, max_items)
+    return _item_table(rows, path)
+
+
+def items_from_records(records: list[dict], source: str) -> ItemTable:
+    """The same for records already parsed (the server's ``POST /v1/items``, which bounds their
+    number): one dict per item with the keys of a JSON-lines row, read and checked exactly as
+    :func:`read_item_file` reads a file, so that an item added over HTTP and one added from a
+    file get the same text. ``source`` names them in messages (e.g. "request")."""
+    return _item_table([_record(r, source, row) for row, r in enumerate(records, 1)], source)
+
+
+def _item_table(rows: list[tuple[str, dict]], path) -> ItemTable:
     if not rows:
         raise DataError(f"{path}: no items to add")
     ids: list[str] = []
@@ -47,7 +59,7 @@ def _too_many(path: Path, count: str, max_items: int) -> DataError:
     return DataError(f"{path}: {count} items, over the limit of {max_items} per file (--max-items)")
 
 
-def _record(obj: dict, path: Path, row: int) -> tuple[str, dict[str, str | None]]:
+def _record(obj: dict, path, row: int) -> tuple[str, dict[str, str | None]]:
     """(id, {field: cleaned text}) of one row; an empty id is an error naming the row."""
     raw = obj.get("id")
     item_id = None if raw is None else str(raw).strip()

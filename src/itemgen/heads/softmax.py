@@ -24,14 +24,20 @@ def exclude_pairs(logits: torch.Tensor, pairs: torch.Tensor | None, offset: int 
 
 class FullSoftmaxHead(nn.Module):
     """P(t | h) = softmax over V u I of h . w_t. Items have their own output vectors (I, H);
-    text tokens use the backbone's output embedding (V, H)."""
+    text tokens use the backbone's output embedding (V, H).
+
+    ``extend`` maps those (I, H) item vectors to the ones scored, (I, D): ItemLM's text-match path
+    (models/text_match.py) appends each item's text view, and its hidden states come with the
+    matching query columns, (N, D)."""
 
     def __init__(self, n_items: int, hidden: int, text_weight: Callable[[], torch.Tensor] | None,
-                 item_weight: Callable[[], torch.Tensor] | None = None):
+                 item_weight: Callable[[], torch.Tensor] | None = None,
+                 extend: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self._n_items = n_items
         # item_weight: output vectors computed elsewhere (tied to the input side), else our own (I, H)
         self._item_weight = item_weight
+        self._extend = extend
         self.item_out = nn.Parameter(torch.randn(n_items, hidden) * 0.02) if item_weight is None else None
         self._text_weight = text_weight  # None: normalise over items only
 
@@ -40,7 +46,8 @@ class FullSoftmaxHead(nn.Module):
         return self._n_items
 
     def item_vectors(self) -> torch.Tensor:
-        return self.item_out if self._item_weight is None else self._item_weight()  # (I, H)
+        v = self.item_out if self._item_weight is None else self._item_weight()  # (I, H)
+        return v if self._extend is None else self._extend(v)  # (I, D)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (N, H) -> (N, V + I) logits, text tokens first."""

@@ -23,6 +23,13 @@ The text view (I, F) is computed ONCE at build by a frozen encoder (models/text_
 as a buffer with the per-dimension centre and scale it is standardised with: loading never
 recomputes it, and a new item is encoded and standardised the same way (``append_items``).
 
+The text-match path (``items.text_match``, models/text_match.py): the model's query gains M q
+(the mapped mean text view of the last n history items) and every item vector its text view t_i,
+by concatenation, so scores are h . v_i + (M q) . t_i: a learned text-kNN beside the ID scores.
+It works with every input and output view (the component keeps the text view for it even when
+both are ID-only); an output with no text part of its own (untied, or tied to ID inputs) gets
+the ID gate below on v_i, so an item without an ID part is scored by its text alone.
+
 The ID gate: items with no training interaction (``id_known`` False, set from the training
 split before the first step) get NO ID part on either side, only text, exactly as a new item
 will. ``items.id_dropout`` also closes the gate for a random share of items each training step
@@ -41,6 +48,7 @@ from torch import nn
 
 from itemgen.core.config import ItemsConfig
 from itemgen.data.dataset import DataError, ItemTable
+from itemgen.models.text_match import TextMatch
 from itemgen.models.text_view import TextEncoder, encode_items, load_text_encoder
 
 TEXT_INPUTS = ("text", "text+id", "dual", "nullspace")
@@ -48,7 +56,7 @@ TEXT_INPUTS = ("text", "text+id", "dual", "nullspace")
 
 def uses_text(cfg: ItemsConfig) -> bool:
     """Whether the component keeps a text view (init=text alone only reads one once)."""
-    return cfg.input in TEXT_INPUTS or cfg.output == "text+id"
+    return cfg.input in TEXT_INPUTS or cfg.output == "text+id" or cfg.text_match > 0
 
 
 def output_view(cfg: ItemsConfig, model: str) -> str:
@@ -73,7 +81,8 @@ def compute_text_view(cfg: ItemsConfig, items: ItemTable, encoder: TextEncoder) 
     text at all is an error naming the fields."""
     view, missing = encode_items(items, encoder, cfg.text_fields)
     if missing == len(items):
-        raise DataError(f"items.input={cfg.input} / items.output={cfg.output} / items.init={cfg.init} need item "
+        raise DataError(f"items.input={cfg.input} / items.output={cfg.output} / items.init={cfg.init} / "
+                        f"items.text_match={cfg.text_match} need item "
                         f"text, and no item has any of items.text_fields ({', '.join(cfg.text_fields)}): "
                         "use items.input=id")
     return view
@@ -141,6 +150,11 @@ class ItemRepr(nn.Module):
                     self.dual_map.bias.zero_()
             if cfg.input == "nullspace":  # (F, d) principal directions / sqrt(variance), set by set_text
                 self.register_buffer("null_basis", torch.zeros(text_dim, dim))
+        # the text-match path: M (F, F) on the query side, the text view beside every item vector
+        self.match = TextMatch(text_dim, cfg.text_match, cfg.text_match_scale) if cfg.text_match > 0 else None
+        # an output view without a text part of its own: the ID gate applies to v_i in match_items
+        self._gate_matched = self.output_view == "untied" or self.output_view == "tied" and self.input_view == "id"
+        self._match_cache = None
         self.proj = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, width)) \
             if project == "mlp" else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
@@ -296,8 +310,41 @@ class ItemRepr(nn.Module):
             return self.proj(x) * self.tied_scale
         return self.proj(x)  # SASRec: the input table itself (identity projection)
 
+    # ---- the text-match path (models/text_match.py) ---------------------------------------------
+    def match_items(self, v: torch.Tensor) -> torch.Tensor:
+        """(I, H) the model's item vectors -> (I, H + F) [v_i ; t_i], v_i zero where the ID gate is
+        closed for an output without a text part (an output with one gates its ID part itself).
+        Scoring keeps the result until v, the text view or the gate changes (output_vectors' rule)."""
+        training = torch.is_grad_enabled() or self._step_gate is not None
+        key = None
+        if not training:
+            # v is the head's own table (untied) or derives from this component's tensors (an
+            # inference-mode result of output_vectors carries no version: its sources do)
+            deps = [*self.parameters(), *self.buffers()] + ([] if v.is_inference() else [v])
+            key = tuple((t._version, t.data_ptr()) for t in deps)
+            if self._match_cache is not None and self._match_cache[0] == key:
+                return self._match_cache[1]
+        gate = self.id_gate() if self._gate_matched else None
+        if gate is not None and not bool(gate.all()):
+            v = v * gate[:, None].to(v.dtype)
+        out = torch.cat([v, self.text_view.to(v.dtype)], 1)  # (I, H + F)
+        if key is not None:
+            self._match_cache = (key, out)
+        return out
+
+    def match_at(self, h: torch.Tensor, items: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """h (N, H) query states at the positions ``at`` (B, L) of a batch whose item slots are
+        ``items`` (B, L) (-1 elsewhere) -> (N, H + F) [h ; M q], q over the slots up to each position."""
+        q = self.match.slot_means(self.text_view, items, at)  # (N, F)
+        return torch.cat([h, self.match(q).to(h.dtype)], 1)
+
+    def match_histories(self, h: torch.Tensor, histories) -> torch.Tensor:
+        """h (B, H) query states at the end of ``histories`` -> (B, H + F) [h ; M q]."""
+        q = self.match.history_means(self.text_view, histories)  # (B, F)
+        return torch.cat([h, self.match(q).to(h.dtype)], 1)
+
     def train(self, mode: bool = True):
-        self._cache = None  # see output_vectors
+        self._cache = self._match_cache = None  # see output_vectors
         self._step_gate = None
         return super().train(mode)
 
@@ -324,7 +371,7 @@ class ItemRepr(nn.Module):
         if self.id_out is not None:
             self.id_out = nn.Parameter(torch.cat([self.id_out, self.id_out.new_zeros(n, self.width)]))
         self.n_items += n
-        self._cache = None
+        self._cache = self._match_cache = None
 
 
 def upgrade_state_dict(state: dict[str, torch.Tensor], renames: dict[str, str], prefix: str = "items.",

@@ -4,7 +4,10 @@ Input side: item index -> item input vector (I, d_item) -> feed-forward projecti
 spliced into ``inputs_embeds`` at item slots. Output side: the hidden state before a slot scores
 text tokens and items together through a head (heads/softmax.py). One forward pass gives the top-k.
 Both sides' item vectors come from the item representation (item_repr.py, the ``items`` section):
-ID, text or fused inputs; the head's own (untied), tied or text+id outputs.
+ID, text or fused inputs; the head's own (untied), tied or text+id outputs. With
+``items.text_match`` every query also carries the text-match part (models/text_match.py): the
+hidden state h (H,) becomes [h ; M q] (H + F,) wherever a query is made (training, label_scores,
+encode, encode_cached, sessions through finish_query), and the head's item vectors [v_i ; t_i].
 """
 
 from __future__ import annotations
@@ -47,13 +50,18 @@ class ItemLM(Recommender):
         self.hidden_drop = nn.Dropout(cfg.hidden_dropout)
         text_weight = (lambda: self.backbone.get_output_embeddings().weight) if cfg.text_vocab_in_softmax else None
         self.clusters = clusters  # clusters.Clusters, two_level only (saved as CKPT/clusters.json)
+        match = self.items.match is not None
+        if match and (cfg.head != "full" or cfg.text_vocab_in_softmax):
+            raise ValueError("items.text_match needs itemlm.head=full and itemlm.text_vocab_in_softmax=false "
+                             "(its text part is scored against items only)")
         if cfg.head == "two_level":
             if clusters is None:
                 raise ValueError("itemlm.head=two_level needs item clusters (clusters.py)")
             self.head = TwoLevelHead(self.n_items, H, text_weight, clusters.check(self.n_items).assign)
         elif cfg.head == "full":
             self.head = FullSoftmaxHead(self.n_items, H, text_weight, item_weight=None
-                                        if self.items.output_view == "untied" else self.items.output_vectors)
+                                        if self.items.output_view == "untied" else self.items.output_vectors,
+                                        extend=self.items.match_items if match else None)
         else:
             raise ValueError(f"itemlm.head={cfg.head!r} is not available (available: full, two_level)")
         self.prompts = PromptBuilder(tokenizer, items, cfg.fields, cfg.max_field_tokens, cfg.prompt)
@@ -106,10 +114,18 @@ class ItemLM(Recommender):
 
     def append_items(self, view: torch.Tensor) -> None:
         """Grow the catalog by len(view) items vectorised from their text view (N, F) alone
-        (models/new_items.py). Save and reload the model to use it: prompts still hold the old table."""
-        if self.items.output_view == "untied":
+        (models/new_items.py, and the server's POST /v1/items in memory). The prompt builder keeps
+        the old table, which only training prompts with text fields read (inference prompts are
+        ID slots): the grown model serves at once; save and reload it before training on. The
+        head's own output vectors (untied) can only grow with the text-match path: a new item's
+        row is zero (and its ID gate closed), so it is scored by its text alone."""
+        untied = self.items.output_view == "untied"
+        if untied and self.items.match is None:
             raise ValueError("items.output=untied: new items have no output vectors (the head's are per item)")
         self.items.append_items(view)
+        if untied:
+            w = self.head.item_out
+            self.head.item_out = nn.Parameter(torch.cat([w, w.new_zeros(len(view), w.shape[1])]))
         self.n_items = self.head._n_items = self.items.n_items
 
     def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -176,7 +192,8 @@ class ItemLM(Recommender):
         self.items.begin_step()  # items.id_dropout: this step's ID-less items, on both sides
         h = self.hidden(batch)  # (B, L, H)
         sel = batch["labels"] >= 0  # (B, L)
-        hs = self.hidden_drop(h[sel])  # (N, H): only N label positions reach the head
+        # (N, D): only N label positions reach the head; the text-match part undropped
+        hs = self.with_text_match(self.hidden_drop(h[sel]), batch, sel)
         if self.sampled_loss is not None:  # loss.kind != full: sampled items only, text tokens left out
             return self.sampled_loss(hs, batch["labels"][sel], self.head.item_vectors())
         if self.distillation is not None:  # full head: the teacher is matched over items only
@@ -191,14 +208,27 @@ class ItemLM(Recommender):
 
     def label_scores(self, batch):
         h = self.hidden(batch)  # (B, L, H)
-        return self.head.item_log_probs(h[batch["labels"] >= 0])  # (N, I)
+        sel = batch["labels"] >= 0
+        return self.head.item_log_probs(self.with_text_match(h[sel], batch, sel))  # (N, I)
+
+    def with_text_match(self, h: torch.Tensor, batch: dict[str, torch.Tensor], at: torch.Tensor) -> torch.Tensor:
+        """h (N, H) hidden states at the positions ``at`` (B, L) of ``batch`` -> (N, D) queries:
+        [h ; M q] with the text-match path (q over the item slots up to each position), else h."""
+        return h if self.items.match is None else self.items.match_at(h, batch["items"], at)
+
+    def finish_query(self, h: torch.Tensor, histories: list[np.ndarray]) -> torch.Tensor:
+        """h (B, H) hidden states at the end of the prompts of ``histories`` (as the prompts hold
+        them: truncated) -> (B, D) the queries encode() gives (sessions.py, encode_cached)."""
+        return h if self.items.match is None else self.items.match_histories(h, histories)
 
     # ---- inference ---------------------------------------------------------------------
     def query_batch(self, histories):
         return collate([self.prompts.inference_prompt(h) for h in histories], self.pad_token)
 
     def encode(self, batch):
-        return self.hidden(batch)[:, -1]  # (B, H): left padding puts every query last
+        last = torch.zeros_like(batch["items"], dtype=torch.bool)
+        last[:, -1] = True  # left padding puts every query last
+        return self.with_text_match(self.hidden(batch)[:, -1], batch, last)  # (B, D)
 
     # ---- serving: reuse keys/values instead of recomputing them (serving/server.py, sessions.py) ----
     def new_cache(self, like=None):
@@ -241,7 +271,7 @@ class ItemLM(Recommender):
         """= encode(query_batch(histories)), but the prompt prefix comes from ``prefix``
         (prefix_cache()) instead of being recomputed for every row, and rows are packed into one
         sequence without padding (up to ``pack_tokens`` tokens per forward pass): a row's tokens
-        see the prefix and their own row only, at the positions they would have alone -> (B, H)."""
+        see the prefix and their own row only, at the positions they would have alone -> (B, D)."""
         P = prefix.get_seq_length()
         if P == 0:
             return self.encode(self.to_device(self.query_batch(histories)))
@@ -252,7 +282,7 @@ class ItemLM(Recommender):
             if b + 1 == len(enc) or total + len(enc[b + 1]) - P > pack_tokens:
                 out.append(self._encode_pack(enc[start:b + 1], prefix))
                 start, total = b + 1, 0
-        return torch.cat(out)  # (B, H)
+        return self.finish_query(torch.cat(out), histories)  # (B, D)
 
     def _encode_pack(self, enc, prefix) -> torch.Tensor:
         P = prefix.get_seq_length()
@@ -275,5 +305,5 @@ class ItemLM(Recommender):
         return self.head.item_log_probs(query)
 
     def item_vectors(self) -> torch.Tensor:
-        """(I, H) output vectors, for exact and ANN top-k."""
+        """(I, D) output vectors, for exact and ANN top-k (D = H, or H + F with the text-match path)."""
         return self.head.item_vectors()

@@ -46,28 +46,34 @@ class NextItemRecommender(Recommender):
     def n_labels(self, seqs) -> int:
         return sum(min(len(s), self.max_len + 1) - 1 for s in seqs)
 
+    def queries(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """x (B, L) shifted ids, at (B, L) bool -> (N, D) query states at ``at``, row-major
+        (SASRec adds its text-match part here)."""
+        return self.hidden(x)[at]
+
     def loss(self, batch):
-        h = self.hidden(batch["x"])  # (B, L, d)
         sel = batch["y"] >= 0
+        h = self.queries(batch["x"], sel)  # (N, D) label positions only
         if self.sampled_loss is not None:  # loss.kind != full (losses.py)
-            return self.sampled_loss(h[sel], batch["y"][sel], self.item_vectors())
-        logits = (h[sel] @ self.item_vectors().T).float()  # (N, I), label positions only
+            return self.sampled_loss(h, batch["y"][sel], self.item_vectors())
+        logits = (h @ self.item_vectors().T).float()  # (N, I)
         ce = F.cross_entropy(exclude_pairs(logits, batch.get("exclude")), batch["y"][sel], reduction="sum")
         if self.distillation is not None:
             return self.distillation(ce, logits, batch["teacher_scores"])
         return ce
 
     def label_scores(self, batch):
-        h = self.hidden(batch["x"])  # (B, L, d)
-        return h[batch["y"] >= 0] @ self.item_vectors().T  # (N, I)
+        return self.queries(batch["x"], batch["y"] >= 0) @ self.item_vectors().T  # (N, I)
 
     def query_batch(self, histories):
         x, lengths = self._pad([np.asarray(h)[-self.max_len:] for h in histories])
         return {"x": x, "lengths": lengths}
 
     def encode(self, batch):
-        h = self.hidden(batch["x"])  # (B, L, d)
-        return h[torch.arange(h.shape[0], device=h.device), batch["lengths"] - 1]  # (B, d)
+        x = batch["x"]
+        pos = (batch["lengths"].to(x.device) - 1) % x.shape[1]  # (B,) the last item's position
+        last = torch.arange(x.shape[1], device=x.device)[None] == pos[:, None]  # (B, L)
+        return self.queries(x, last)  # (B, D): one position per row, the last item's
 
     def score_items(self, query):
         return query @ self.item_vectors().T  # (B, I)

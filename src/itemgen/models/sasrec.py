@@ -3,7 +3,9 @@ the next item, cross-entropy over the full catalog (the strong variant, not samp
 
 Its item vectors come from the item representation (item_repr.py, the ``items`` section) at the
 model's width, tied on both sides as SASRec does: ``items.input=text+id`` makes "SASRec + text"
-(a projected text view plus the ID table), ``items.output=text+id`` a separate text+id output."""
+(a projected text view plus the ID table), ``items.output=text+id`` a separate text+id output.
+``items.text_match`` adds the text-match path (models/text_match.py): queries [h ; M q], item
+vectors [v_i ; t_i]."""
 
 from __future__ import annotations
 
@@ -86,5 +88,11 @@ class SASRec(NextItemRecommender):
         self.items.begin_step()  # items.id_dropout: this step's ID-less items, on both sides
         return super().loss(batch)
 
+    def queries(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """-> (N, d) states at ``at``, or (N, d + F) [h ; M q] with the text-match path."""
+        h = super().queries(x, at)
+        return h if self.items.match is None else self.items.match_at(h, x - 1, at)  # x - 1: padding -1
+
     def item_vectors(self) -> torch.Tensor:
-        return self.items.output_vectors()  # (I, d)
+        v = self.items.output_vectors()  # (I, d)
+        return v if self.items.match is None else self.items.match_items(v)  # (I, d [+ F])

@@ -54,6 +54,7 @@ class MicroBatcher:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._started = self._stopped = False
+        self._waiting = 0  # jobs whose request still waits (not answered, not cancelled); event-loop side
 
     def start(self) -> None:
         if not self._started:
@@ -72,7 +73,9 @@ class MicroBatcher:
         return self._thread.is_alive()
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        """Jobs still wanted: queued or running, less those whose client left (their request was
+        cancelled; the worker skips them), so clients that leave do not shed others' load."""
+        return self._waiting
 
     async def submit(self, payload: Any) -> Any:
         """Queue one batchable payload; resolves to its result (or raises its exception)."""
@@ -87,8 +90,13 @@ class MicroBatcher:
             raise RuntimeError("the model worker is not running")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        self._waiting += 1
+        fut.add_done_callback(self._done)
         self._queue.put(_Job(payload, fut, loop, exclusive))
         return await fut
+
+    def _done(self, _fut) -> None:
+        self._waiting -= 1
 
     # ---- worker thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -116,12 +124,14 @@ class MicroBatcher:
             self._run(batch)
 
     def _run_exclusive(self, job: _Job) -> None:
+        if job.future.done():  # its request was cancelled while queued (the client left)
+            return
         fn, args = job.payload
         try:
             result = fn(*args)
         except Exception as e:  # delivered to the waiting request, never kills the worker
             result = e
-        job.loop.call_soon_threadsafe(_settle, job.future, result)
+        _deliver(job, result)
 
     def _run(self, batch: list[_Job]) -> None:
         live = [j for j in batch if not j.future.done()]  # skip requests cancelled while queued
@@ -138,4 +148,11 @@ class MicroBatcher:
         if self.on_batch is not None:
             self.on_batch(len(live), time.perf_counter() - t0)
         for j, r in zip(live, results):
-            j.loop.call_soon_threadsafe(_settle, j.future, r)
+            _deliver(j, r)
+
+
+def _deliver(job: _Job, result: Any) -> None:
+    try:
+        job.loop.call_soon_threadsafe(_settle, job.future, result)
+    except RuntimeError:  # its event loop has closed: nobody waits for it, and the worker goes on
+        pass

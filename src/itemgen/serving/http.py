@@ -5,14 +5,18 @@
   nothing at all between requests: one byte of a request head cancels it, and a client that then
   stalls (slowloris) holds the connection forever. Here a request head must be complete within
   ``client_timeout_s`` of the moment the server starts waiting for it (the connection opened, or
-  the previous response ended), however slowly its bytes trickle in; a request body may not pause
-  longer than ``client_timeout_s`` between chunks. A client past its deadline gets a JSON 408
-  (when no request head had arrived yet) and its connection is closed; the server keeps serving
-  the others all along (one event loop, no thread per connection).
+  the previous response ended), however slowly its bytes trickle in; likewise a request body
+  must be complete within ``client_timeout_s`` of the end of its head (a deadline per chunk let
+  a byte every few seconds hold a connection forever). A client past its deadline gets a JSON
+  408 (when part of a head had arrived) or just has its connection closed (mid-body); the server
+  keeps serving the others all along (one event loop, no thread per connection).
+* **A head limit that holds.** h11 bounds only a head still incomplete in its buffer: a 100 KB
+  head arriving in one read was accepted. Here every head over ``MAX_HEAD_BYTES`` (16 KiB) is a
+  431, however it arrives.
 * **JSON for malformed HTTP.** Framing errors (a bad request line, an illegal header, a head
-  over h11's 16 KiB limit) are answered before the app sees a request; uvicorn answers them in
-  plain text, here they are ``{"error": "malformed HTTP request: <h11's reason>"}`` with h11's
-  status (400, or 431 for an oversized head).
+  over 16 KiB) are answered before the app sees a request; uvicorn answers them in plain text,
+  here they are ``{"error": "malformed HTTP request: <reason>"}`` with h11's status (400, or 431
+  for an oversized head).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
 DEFAULT_CLIENT_TIMEOUT_S = 10.0
+MAX_HEAD_BYTES = DEFAULT_MAX_INCOMPLETE_EVENT_SIZE  # 16 KiB: request line + headers (docs/serve.md)
 
 
 class _Connection(h11.Connection):
@@ -36,10 +41,21 @@ class _Connection(h11.Connection):
 
     def next_event(self):
         try:
-            return super().next_event()
+            event = super().next_event()
+            if isinstance(event, h11.Request) and head_bytes(event) > MAX_HEAD_BYTES:
+                raise h11.RemoteProtocolError(f"request head of {head_bytes(event)} bytes is over the limit "
+                                              f"of {MAX_HEAD_BYTES} bytes", error_status_hint=431)
+            return event
         except h11.RemoteProtocolError as e:
             self.last_error = e
             raise
+
+
+def head_bytes(request: h11.Request) -> int:
+    """The size of a parsed request head: request line and header lines with their CRLFs (less
+    the optional whitespace h11 strips around values)."""
+    line = len(request.method) + len(request.target) + len(b"HTTP/") + len(request.http_version) + 4
+    return line + sum(len(k) + len(v) + 4 for k, v in request.headers.raw_items()) + 2
 
 
 def _raw_response(status: int, body: dict) -> bytes:
@@ -56,6 +72,7 @@ class GuardedH11Protocol(H11Protocol):
         self.conn = _Connection(h11.SERVER, DEFAULT_MAX_INCOMPLETE_EVENT_SIZE if size is None else size)
         self.client_timeout_s = client_timeout_s
         self._deadline: asyncio.TimerHandle | None = None
+        self._body_deadline = False  # the deadline armed is the current body's
 
     # ---- the client's deadline ----------------------------------------------------------------
     def _arm(self) -> None:
@@ -68,16 +85,21 @@ class GuardedH11Protocol(H11Protocol):
             self._deadline = None
 
     def _follow_client(self) -> None:
-        """After each change: waiting for a head keeps the deadline it started with; a body in
-        flight gets a fresh one per chunk; otherwise it is the server's turn (no deadline)."""
+        """After each change: waiting for a head keeps the deadline it started with; a body
+        gets one deadline from the end of its head (not one per chunk: a byte every few seconds
+        would hold the connection forever); otherwise it is the server's turn (no deadline)."""
         state = self.conn.their_state
         if state is h11.IDLE:
             if self._deadline is None:
                 self._arm()
+            self._body_deadline = False
         elif state is h11.SEND_BODY:
-            self._arm()
+            if not self._body_deadline:
+                self._arm()
+                self._body_deadline = True
         else:
             self._disarm()
+            self._body_deadline = False
 
     def _timed_out(self) -> None:
         self._deadline = None

@@ -3,6 +3,7 @@
     POST /v1/recommend                   one history -> top-k items
     POST /v1/recommend/batch             many histories
     GET  /v1/items/{id}                  one catalog item
+    POST /v1/items                       add new items, vectorised from their text (in memory)
     POST /v1/sessions/{sid}/events       append an item to a server-side session
     GET  /v1/sessions/{sid}/recommend    top-k for a session (incremental keys/values)
     DELETE /v1/sessions/{sid}
@@ -21,7 +22,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -35,11 +35,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from itemgen import __version__
 from itemgen.api import Predictor
 from itemgen.serving.batching import MicroBatcher
-from itemgen.serving.engine import DecoderUnavailable, Engine, Query, Ranked
+from itemgen.data.dataset import DataError
+from itemgen.data.item_file import items_from_records
+from itemgen.serving.engine import DecoderUnavailable, Engine, ModelOutputError, Query, Ranked, TextEncoderUnavailable
 from itemgen.serving.sessions import SessionStore
 
 logger = logging.getLogger("itemgen.serve")
@@ -65,32 +68,64 @@ class ServeSettings:
     max_sessions: int = 10_000
     session_ttl_s: float = 1800.0
     prefix_cache: bool = True  # reuse the prompt prefix's keys/values (ItemLM)
-    sessions_enabled: bool = True  # off with several worker processes (each would hold its own)
+    # off with several worker processes (each would hold its own): sessions, and POST /v1/items
+    # (an add would reach one process's model)
+    sessions_enabled: bool = True
+    # POST /v1/items: items per request. Encoding runs in the model worker and every recommendation
+    # waits meanwhile: MiniLM took 9 ms an item on the shared 2 cores with one thread (1000 items:
+    # 9.1 s), so 100 keeps the stall near 1 s; 0 turns adding off (docs/serve.md, Adding items)
+    max_new_items: int = 100
     api_key_file: str | None = None
-    threads: int | None = None  # torch CPU threads of this process (None: torch's default)
+    # torch CPU threads of this process; 0: torch's default (one per core). 1 cannot oversubscribe
+    # the cores whatever else runs: torch's default collapsed 16x under load (issue 22), while 1
+    # costs at most 1.4-1.8x when a core is free (measured: docs/serve.md, Load benchmark)
+    threads: int = 1
 
     def check(self) -> None:
         for name, ok in (("batch_window_ms", self.batch_window_ms >= 0), ("max_batch", self.max_batch >= 1),
                          ("max_history", self.max_history >= 1), ("max_k", self.max_k >= 1),
                          ("max_batch_request", self.max_batch_request >= 1),
                          ("max_body_bytes", self.max_body_bytes >= 1024), ("max_sessions", self.max_sessions >= 1),
-                         ("session_ttl_s", self.session_ttl_s > 0), ("max_queue", self.max_queue >= 1)):
+                         ("session_ttl_s", self.session_ttl_s > 0), ("max_queue", self.max_queue >= 1),
+                         ("max_new_items", self.max_new_items >= 0),
+                         ("threads", self.threads is None or self.threads >= 0)):
             if not ok:
                 raise ValueError(f"serve setting {name}={getattr(self, name)!r} is out of range")
 
 
 def read_api_key(path: str | None) -> str | None:
-    """The key from ``path`` (first line) or else $ITEMGEN_API_KEY; None: no auth."""
+    """The key from ``path`` (its first line) or else $ITEMGEN_API_KEY; None: no auth.
+
+    Refused (ValueError), never silently turned into "no auth" or a key nobody can send: a blank
+    first line, a variable set to blanks, and a key with characters outside visible ASCII
+    (HTTP header values are bytes; a non-ASCII key would only match its latin-1 bytes)."""
     if path:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"API key file {path} does not exist")
-        key = p.read_text().strip()
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"API key file {path} is not UTF-8 text") from None
+        key = lines[0].strip() if lines else ""
         if not key:
-            raise ValueError(f"API key file {path} is empty")
-        return key
-    key = os.environ.get(API_KEY_ENV, "").strip()
-    return key or None
+            raise ValueError(f"API key file {path}: the first line (the key) is empty")
+        return _check_key(key, f"API key file {path}")
+    raw = os.environ.get(API_KEY_ENV)
+    if raw is None:
+        return None
+    if not raw.strip():
+        raise ValueError(f"${API_KEY_ENV} is set but blank: give it a key, or unset it to serve without "
+                         "authentication")
+    return _check_key(raw.strip(), f"${API_KEY_ENV}")
+
+
+def _check_key(key: str, where: str) -> str:
+    bad = next((c for c in key if not 33 <= ord(c) <= 126), None)
+    if bad is not None:
+        raise ValueError(f"{where}: the key holds {bad!r}; keys are visible ASCII characters only "
+                         "(no spaces or control characters)")
+    return key
 
 
 # ---- request and response models (the OpenAPI schema) --------------------------------------
@@ -120,6 +155,30 @@ class BatchRequest(_Strict):
 
 class EventRequest(_Strict):
     item: ItemId
+
+
+ItemText = Annotated[str, Field(max_length=10_000)]
+
+
+class NewItem(_Strict):
+    id: ItemId
+    title: Optional[ItemText] = None
+    brand: Optional[ItemText] = None
+    category: Optional[ItemText] = None
+    description: Optional[ItemText] = None
+    price: Optional[ItemText] = None
+
+
+class AddItemsRequest(_Strict):
+    items: list[NewItem] = Field(..., min_length=1, description="new items: an id and text fields (those of the "
+                                                                "checkpoint's items.text_fields count)")
+
+
+class AddItemsResponse(BaseModel):
+    added: list[str]
+    items: int  # catalog size after
+    ann_index: Optional[str] = None  # "extended" | "rebuilt" | None (no ANN index served)
+    latency_ms: float
 
 
 class ItemOut(BaseModel):
@@ -160,7 +219,8 @@ class ErrorResponse(BaseModel):
     detail: Optional[list[dict]] = None
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422, 500, 503)}
+ADD_ERRORS = {s: {"model": ErrorResponse} for s in (401, 409, 413, 422, 500, 501, 503)}
 
 
 class ApiError(Exception):
@@ -189,13 +249,15 @@ class Metrics:
         self.forward.observe(seconds)
 
 
-# ---- the ASGI guard: metrics, API key, body size -------------------------------------------
+# ---- the ASGI guard: metrics, API key, body size, clients that leave ---------------------
 class Guard:
     """Outermost ASGI layer: counts every response (labels from fixed sets: route templates,
     known methods, statuses, ``client_abort`` for a client gone before its response), rejects
     missing/wrong API keys before any work, and buffers request bodies up to ``max_body_bytes``
     (413 beyond that, whatever Content-Length claims; 422 for bodies that are not UTF-8 or nest
-    too deep, which FastAPI would answer with an unnamed 400)."""
+    too deep, which FastAPI would answer with an unnamed 400). While the app works on a request
+    it listens for the client's disconnect: a client that leaves cancels its request, so its
+    histories still queued for the model are dropped instead of computed for nobody."""
 
     def __init__(self, app, state: "ServerState"):
         self.app, self.state = app, state
@@ -206,24 +268,27 @@ class Guard:
         t0 = time.perf_counter()
         status_box: list = [None]
         gone = [False]  # the client disconnected before the response
+        done = [False]  # the response was sent in full
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                done[0] = True
             await send(message)
 
         async def receive_watched():
             message = await receive()
-            if message["type"] == "http.disconnect":
+            if message["type"] == "http.disconnect" and not done[0]:
                 gone[0] = True
             return message
 
         try:
-            await self._guarded(scope, receive_watched, send_counted)
+            await self._guarded(scope, receive_watched, send_counted, answered=lambda: done[0])
         finally:
             # every label from a fixed set, whatever the client sends: route templates (never raw
             # paths or ids), known methods, and "other" for the rest
-            route = getattr(scope.get("route"), "path", None) or "other"
+            route = getattr(scope.get("route"), "path", None) or self.state.route_of(scope)
             method = scope.get("method", "")
             status = status_box[0]
             if status is None:  # no response: the client left mid-request, or the app failed (a 500 follows)
@@ -232,7 +297,7 @@ class Guard:
             m.requests.labels(route, method if method in METHODS else "other", str(status)).inc()
             m.latency.labels(route).observe(time.perf_counter() - t0)
 
-    async def _guarded(self, scope, receive, send):
+    async def _guarded(self, scope, receive, send, answered):
         key = self.state.api_key
         if key is not None and scope["path"] != "/healthz" and not _authorized(scope, key):
             return await _reply(send, 401, {"error": "missing or invalid API key: send 'Authorization: "
@@ -247,34 +312,68 @@ class Guard:
                                                              f"limit of {limit} bytes"})
             except ValueError:
                 return await _reply(send, 400, {"error": "Content-Length is not a number"})
-        if scope.get("method") in ("POST", "PUT", "PATCH"):
-            chunks, size = [], 0
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    return await _reply(send, 413, {"error": f"request body is over the limit of {limit} bytes"})
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-            body = b"".join(chunks)
-            problem = json_body_problem(body) if _is_json(scope) else None
+        chunks, size = [], 0
+        while True:  # every method's body (a GET's is empty): the app gets it whole
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _reply(send, 413, {"error": f"request body is over the limit of {limit} bytes"})
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if scope.get("method") in ("POST", "PUT", "PATCH") and _is_json(scope):
+            problem = json_body_problem(body)
             if problem:
                 return await _reply(send, 422, {"error": problem})
-            sent = False
+        await _until_disconnect(self.app(scope, _replay(body), send), receive, answered)
 
-            async def replay():
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
 
-            return await self.app(scope, replay, send)
-        return await self.app(scope, receive, send)
+def _replay(body: bytes):
+    """The app's ``receive``: the buffered body once; after that only the Guard listens to the
+    client (the app waits forever, as it would for a client that sends nothing more)."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # cancelled with the app's task
+    return receive
+
+
+async def _until_disconnect(app_call, receive, answered) -> None:
+    """Run ``app_call`` while listening for the client leaving; if it leaves before the app
+    has answered, cancel the app (its queued model work with it: batching.py skips cancelled
+    jobs). ``receive`` also reports a disconnect once the response is complete (uvicorn, test
+    clients): ``answered()`` tells the two apart, and an answered app is left to finish."""
+    app_task = asyncio.ensure_future(app_call)
+
+    async def listen():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    listener = asyncio.ensure_future(listen())
+    try:
+        await asyncio.wait({app_task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request was cancelled (shutdown): so is its app
+        app_task.cancel()
+        listener.cancel()
+        raise
+    left = listener.done() and not listener.cancelled() and listener.exception() is None
+    if left and not app_task.done() and not answered():
+        app_task.cancel()
+    listener.cancel()
+    await asyncio.gather(listener, return_exceptions=True)
+    try:
+        await app_task
+    except asyncio.CancelledError:
+        if not app_task.cancelled() or asyncio.current_task().cancelling():
+            raise  # not the cancel above: ours to pass on
 
 
 def _is_json(scope) -> bool:
@@ -283,27 +382,41 @@ def _is_json(scope) -> bool:
     return not ctype or ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))
 
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
-
-
 def json_body_problem(body: bytes) -> str | None:
     """What FastAPI would only call "an error parsing the body" (400), named: a body that is not
     UTF-8, or nests arrays/objects deeper than MAX_JSON_DEPTH (json would hit Python's recursion
-    limit). Runs at C speed (bytes decoding and regexes); None when neither applies."""
+    limit). Linear in the body (a few vectorised passes: 1 MiB of any shape in tens of ms); a
+    regex over strings backtracked quadratically on an unclosed string of escaped quotes (issue
+    22). None when neither applies."""
     try:
         body.decode("utf-8")
     except UnicodeDecodeError as e:
         return f"request body is not valid UTF-8 (byte {e.start}): send JSON encoded as UTF-8"
     if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
         return None
-    brackets = np.frombuffer(_NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", body)), dtype=np.uint8)
-    if len(brackets) == 0:
-        return None
-    depth = np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)).max()
+    depth = json_depth(body)
     if depth > MAX_JSON_DEPTH:
         return f"request body nests arrays/objects {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted"
     return None
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of [ and { outside JSON strings, as json's parser would meet it up to the
+    first error (what follows an error is never parsed, so miscounting it is harmless)."""
+    a = np.frombuffer(body, dtype=np.uint8)  # (n,)
+    if len(a) == 0:
+        return 0
+    pos = np.arange(len(a))
+    backslash = a == ord("\\")
+    last_other = np.maximum.accumulate(np.where(backslash, -1, pos))  # (n,) last non-backslash at or before i
+    run_before = np.zeros(len(a), dtype=np.int64)  # (n,) backslashes right before i
+    run_before[1:] = pos[:-1] - last_other[:-1]
+    quote = (a == ord('"')) & (run_before % 2 == 0)  # an odd run of backslashes escapes the quote
+    outside = np.cumsum(quote) % 2 == 0  # (n,) not inside a string (a quote itself flips the parity)
+    step = (((a == ord("[")) | (a == ord("{"))) & outside).astype(np.int8) \
+        - (((a == ord("]")) | (a == ord("}"))) & outside).astype(np.int8)
+    step = step[step != 0]
+    return int(np.cumsum(step, dtype=np.int64).max(initial=0))
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -342,6 +455,16 @@ class ServerState:
         self.batcher: MicroBatcher | None = None
         self.sessions: SessionStore | None = None
         self.model_name = "unloaded"
+        self.broken: str | None = None  # why a loaded model cannot serve (its scores are not finite)
+        self.routes: list = []  # the app's routes: metric labels for requests that never reached them
+
+    def route_of(self, scope) -> str:
+        """The route template a request's path matches ("other": none), for requests that ended
+        before the router saw them (a client gone mid-body, a 401, a 413)."""
+        for r in self.routes:
+            if getattr(r, "path", None) and r.matches(scope)[0] is not Match.NONE:
+                return r.path
+        return "other"
 
     # called in the worker thread: torch only ever runs there
     def _load(self) -> None:
@@ -351,7 +474,13 @@ class ServerState:
             torch.set_num_threads(self.settings.threads)
         if self.predictor is None:
             self.predictor = Predictor.load(self.settings.checkpoint)
-        self.engine = Engine(self.predictor, use_prefix_cache=self.settings.prefix_cache)
+        engine = Engine(self.predictor, use_prefix_cache=self.settings.prefix_cache)
+        try:
+            engine.self_check()
+        except ModelOutputError as e:
+            self.broken = str(e)
+            logger.error("not ready: %s", e)
+        self.engine = engine
         cfg = self.predictor.cfg
         desc = cfg.model
         if cfg.model == "itemlm":
@@ -380,9 +509,11 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.batcher is not None and self.batcher.alive
+        return self.engine is not None and self.batcher is not None and self.batcher.alive and not self.broken
 
     def require_ready(self) -> Engine:
+        if self.broken:
+            raise ApiError(503, f"the model cannot serve: {self.broken}")
         if not self.ready:
             raise ApiError(503, "the model is not loaded (yet)")
         return self.engine
@@ -439,15 +570,15 @@ class ServerState:
         return await self.answer(self.batcher.submit(q))
 
     async def answer(self, pending) -> Ranked:
-        """Await a worker result; an unavailable decoder is the client's 422 (with the server's
-        paths taken out of the message), anything else a bare 500."""
+        """Await a worker result; an unavailable decoder is the client's 422 (its message holds
+        no server path: engine.py), non-finite scores a 500 saying so, anything else a bare 500."""
         try:
             return await pending
         except DecoderUnavailable as e:
-            msg = str(e)
-            for p in {str(self.predictor.directory), str(self.predictor.directory.resolve())}:
-                msg = msg.replace(p, "<checkpoint>")
-            raise ApiError(422, msg) from None
+            raise ApiError(422, str(e)) from None
+        except ModelOutputError as e:
+            logger.error("%s", e)
+            raise ApiError(500, str(e)) from None
 
 
 def _clip(x: str, n: int = 64) -> str:
@@ -548,6 +679,38 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None, api_
             raise ApiError(404, f"unknown item id: {_clip(item_id)}")
         return {"id": item_id, "title": state.predictor.items.title(i)}
 
+    @app.post("/v1/items", status_code=201, response_model=AddItemsResponse, responses=ADD_ERRORS)
+    async def add_items(req: AddItemsRequest):
+        """Add new items to the served catalog, vectorised from their text by the checkpoint's frozen
+        text encoder (no retraining): recommendable from the next request on. In memory only: a
+        restart serves the checkpoint's catalog again (persist with `itemgen items add`)."""
+        t0 = time.perf_counter()
+        engine = state.require_ready()
+        if not settings.sessions_enabled:
+            raise ApiError(501, "adding items needs a single server process (--workers 1): each worker process "
+                                "holds its own model, and an add would reach only one of them")
+        problem = engine.add_problem
+        if problem:
+            raise ApiError(409, f"this model cannot take new items: {problem}")
+        limit = settings.max_new_items
+        if limit == 0:
+            raise ApiError(409, "adding items is turned off on this server (--max-new-items 0)")
+        if len(req.items) > limit:
+            raise ApiError(422, f"{len(req.items)} items in one request; this server adds at most {limit} per "
+                                "request (--max-new-items); nothing was added")
+        try:
+            new = items_from_records([i.model_dump(exclude_none=True) for i in req.items], "request")
+            state.check_queue()
+            done = await state.batcher.call(engine.add_items, new)
+        except DataError as e:
+            raise ApiError(422, f"{e}; nothing was added") from None
+        except TextEncoderUnavailable as e:
+            raise ApiError(503, f"{e}; nothing was added") from None
+        except ModelOutputError as e:
+            logger.error("%s", e)
+            raise ApiError(500, f"{e}; nothing was added") from None
+        return {**done, "latency_ms": (time.perf_counter() - t0) * 1e3}
+
     def sessions_on():
         if not settings.sessions_enabled:
             raise ApiError(501, "sessions need a single server process (--workers 1): each worker process "
@@ -592,6 +755,7 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None, api_
             raise ApiError(404, f"no session {sid}")
         return Response(status_code=204)
 
+    @app.head("/healthz", include_in_schema=False)  # load balancers probe with HEAD
     @app.get("/healthz")
     async def healthz():
         """The process is alive (no API key needed)."""
@@ -600,18 +764,22 @@ def create_app(settings: ServeSettings, predictor: Predictor | None = None, api_
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz():
         """The model is loaded and its worker is running."""
+        if state.broken:
+            raise ApiError(503, f"not ready: {state.broken}")
         if not state.ready:
             raise ApiError(503, "not ready: the model is not loaded or its worker stopped")
         e = state.engine
         return {"status": "ready", "model": state.model_name, "items": state.n_items,
                 "prefix_cache": e.prefix is not None, "sessions": "incremental" if e.incremental else "recompute",
-                "batch_window_ms": settings.batch_window_ms, "max_batch": settings.max_batch}
+                "batch_window_ms": settings.batch_window_ms, "max_batch": settings.max_batch,
+                "added_items": e.added}
 
     @app.get("/metrics")
     async def metrics():
         """Prometheus metrics (text format)."""
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    state.routes = app.router.routes
     app.add_middleware(Guard, state=state)  # inside Starlette's error middleware: crashes are counted too
     return app
 

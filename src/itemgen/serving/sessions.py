@@ -121,7 +121,7 @@ def supports_incremental(model) -> bool:
 
 @torch.inference_mode()
 def session_query(model, prefix, s: Session, items: list[int], dropped: int, max_history: int) -> torch.Tensor:
-    """The query state (1, H) for ``items`` (the session's events, the first being event number
+    """The query (1, D) for ``items`` (the session's events, the first being event number
     ``dropped``), computing only what ``s.cache`` lacks. Call from the model worker only."""
     P = model.prompts
     total = dropped + len(items)  # absolute number of events
@@ -142,4 +142,5 @@ def session_query(model, prefix, s: Session, items: list[int], dropped: int, max
     h = model.extend(s.cache, torch.where(t >= 0, t, model.pad_token), it)  # (1, S, H)
     s.cache.crop(-len(P.question))  # keep prefix + items only; the question is re-run next time
     s.cached = total - start
-    return h[:, -1]  # (1, H)
+    # the parts of the query that are no hidden state (items.text_match) come from the prompt's items
+    return model.finish_query(h[:, -1], [np.asarray(items[start - dropped:], dtype=np.int64)])  # (1, D)

@@ -45,9 +45,12 @@ def _head(model):
 def fingerprint(model) -> str:
     """A hash of the output weights an index is built from (two-level: item vectors, centroids and
     cluster assignment; otherwise item_vectors())."""
-    h = hashlib.blake2b(digest_size=16)
     head = _head(model)
-    tensors = [head.item_out, head.centroids, head.assign] if head is not None else [model.item_vectors()]
+    return _digest([head.item_out, head.centroids, head.assign] if head is not None else [model.item_vectors()])
+
+
+def _digest(tensors) -> str:
+    h = hashlib.blake2b(digest_size=16)
     for t in tensors:
         a = t.detach().cpu().contiguous().numpy()
         h.update(str((a.dtype, a.shape)).encode())
@@ -182,6 +185,38 @@ class AnnIndex:
             index.add(x)
         params["build_seconds"] = round(time.perf_counter() - t0, 3)
         return cls(index, kind, fingerprint(model), params, log_norm)
+
+    def extend(self, model) -> str:
+        """Follow a catalog that grew at its end (``model.append_items``: the server's
+        ``POST /v1/items``): the items past ``self.n_items`` are added to the index. Exact when the
+        old items' vectors are unchanged, which is checked (their fingerprint is the index's); else,
+        and for an HNSW index whose MIPS-to-L2 radius a new vector exceeds, the index is rebuilt
+        with its parameters. -> "extended" or "rebuilt" (two-level heads never grow: untied)."""
+        n_old = self.n_items
+        if _head(model) is not None:
+            raise AnnIndexError("a two-level index cannot follow a grown catalog (per-item output vectors)")
+        with torch.inference_mode():
+            vectors = model.item_vectors()  # (I', H)
+        x = np.ascontiguousarray(vectors[n_old:].detach().float().cpu().numpy())  # (N, H) the new items
+        same = len(vectors) >= n_old and _digest([vectors[:n_old]]) == self.fingerprint
+        radius = self.params.get("l2_radius")
+        fits = radius is None or float(np.linalg.norm(x, axis=1).max(initial=0.0)) <= radius
+        if not (same and fits):
+            keep = {k: self.params[k] for k in ("nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction")
+                    if k in self.params}
+            if self.kind == "ivf":
+                keep.pop("nlist", None)  # sqrt(I) of the grown catalog, as a fresh build
+            fresh = AnnIndex.build(model, self.kind, **keep)
+            self.index, self.fingerprint, self.params = fresh.index, fresh.fingerprint, fresh.params
+            self.set_search(**{k: self.params[k] for k in ("nprobe", "ef_search") if k in self.params})
+            return "rebuilt"
+        if radius is not None:  # [x, sqrt(R^2 - |x|^2)] as at build
+            x = np.ascontiguousarray(np.concatenate(
+                [x, np.sqrt(np.maximum(radius ** 2 - (x ** 2).sum(1), 0))[:, None]], axis=1), dtype=np.float32)
+        self.index.add(x)
+        self.fingerprint = _digest([vectors])
+        self.params["n_items"] = self.n_items
+        return "extended"
 
     def search(self, model, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """query (B, H) -> scores (B, k) float32, ids (B, k) int64 (-1 where the index ran dry)."""

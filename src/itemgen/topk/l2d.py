@@ -169,23 +169,43 @@ def weights_digest(checkpoint_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def memory_path(checkpoint_dir: str | Path) -> Path:
+    return Path(checkpoint_dir) / MEMORY_DIR / MEMORY_FILE
+
+
+def load_memory(model: Recommender, checkpoint_dir: str | Path) -> Memory | None:
+    """CKPT/l2d/memory.safetensors if it was built from this checkpoint's weights; None when no
+    memory was built (ValueError when it was built from other weights). Never builds: what a
+    server calls at start (building takes minutes and writes into the checkpoint)."""
+    path = memory_path(checkpoint_dir)
+    if not path.is_file():
+        return None
+    mem = Memory.load(path)
+    if mem.meta.get("weights") != weights_digest(checkpoint_dir) or mem.n_items != model.n_items:
+        raise ValueError("the L2D memory was built from other weights: build it again with "
+                         "`itemgen evaluate CKPT --decode l2d_global`")
+    return mem
+
+
 def memory_for_checkpoint(model: Recommender, checkpoint_dir: str | Path, *, per_sequence: int | None = None,
                           rebuild: bool = False) -> Memory:
     """CKPT/l2d/memory.safetensors, built from the checkpoint's training split when missing or
-    when it was built from other weights."""
+    when it was built from other weights (offline: evaluation and the CLI, never the server)."""
     checkpoint_dir = Path(checkpoint_dir)
-    path = checkpoint_dir / MEMORY_DIR / MEMORY_FILE
-    digest = weights_digest(checkpoint_dir)
-    if path.is_file() and not rebuild:
-        mem = Memory.load(path)
-        if mem.meta.get("weights") == digest and mem.n_items == model.n_items:
+    if not rebuild:
+        try:
+            mem = load_memory(model, checkpoint_dir)
+        except ValueError:  # built from other weights: rebuilt below
+            mem = None
+        if mem is not None:
             return mem
     cfg = read_config(checkpoint_dir)
     ds = load_dataset(cfg)
     if ds.n_items != model.n_items:
         raise ValueError(f"L2D memory: dataset {cfg.data.path} has {ds.n_items} items, the model {model.n_items}")
     mem = build_memory(model, training_sequences(ds, cfg.data.max_history), max_history=cfg.data.max_history,
-                       per_sequence=per_sequence, meta={"weights": digest, "dataset": ds.name})
+                       per_sequence=per_sequence,
+                       meta={"weights": weights_digest(checkpoint_dir), "dataset": ds.name})
     mem.save(checkpoint_dir / MEMORY_DIR)
     return mem
 

@@ -60,7 +60,7 @@ def sasrec_vectors(path: str, ds: SequenceDataset) -> torch.Tensor:
     if list(items.ids) != list(ds.items.ids):
         raise CheckpointError(f"items.init_from={path} was trained on another catalog "
                               f"({len(items)} items) than data.path ({len(ds.items)} items)")
-    return sas.item_vectors().detach().float()  # (I, d)
+    return sas.items.output_vectors().detach().float()  # (I, d): the ID side (no text-match columns)
 
 
 def init_items(model, cfg: Config, ds: SequenceDataset) -> None:

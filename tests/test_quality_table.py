@@ -1,0 +1,119 @@
+"""docs/quality.md's generator (benchmarks/quality.py): both protocols labelled side by side, the
+published comparisons on the history-kept figures (RecBole and MACRec rank with the history
+kept), and a render-only path that rewrites the table from the results file without training."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def metrics(ndcg: float, recall: float) -> dict:
+    return {"ndcg@10": ndcg, "ndcg@10_se": 0.002, "recall@10": recall, "mrr": ndcg * 0.9, "top1_share": 0.03}
+
+
+def row(dataset, variant, kept, masked, *, valid_masked=True, dropout=0.3, **extra):
+    return {"dataset": dataset, "variant": variant, "model": variant.split("-")[0], "profile": "cpu",
+            "test": metrics(*kept), "test_history_masked": metrics(*masked), "test_by_decoder": {},
+            "best_valid": {"ndcg@10": 0.07}, "valid_history_masked": valid_masked, "epochs": 20.0,
+            "train_seconds": 10.0, "grid": {"key": "sasrec.dropout", "chosen": dropout,
+                                            "runs": [{"value": dropout, "train_seconds": 10.0}]},
+            "config": {"sasrec": {"dropout": dropout}}, **extra}
+
+
+@pytest.fixture
+def results():
+    return {"rows": [
+        # office: the masked-validation SASRec is under the bar (0.0445 / 0.0474 = 0.94x), the
+        # kept-validation one above it; kept and masked figures differ so a swap shows
+        row("office", "sasrec", (0.0445, 0.0905), (0.0561, 0.0991)),
+        row("office", "sasrec-kept", (0.0470, 0.0930), (0.0550, 0.0980), valid_masked=False, dropout=0.5),
+        row("office", "itemlm", (0.0474, 0.0938), (0.0578, 0.1015),
+            vs_sasrec_paired={"diff": 0.0017, "se": 0.0015}),
+        row("instruments", "sasrec", (0.0829, 0.1224), (0.1003, 0.1315)),
+        row("instruments", "itemlm", (0.0906, 0.1244), (0.1024, 0.1322)),
+    ]}
+
+
+def cells(text: str, first: str, second: str) -> list[str]:
+    line = next(x for x in text.splitlines() if x.startswith(f"| {first} | {second} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_both_protocols_labelled_in_their_own_columns(quality, results, tmp_path):
+    out = tmp_path / "q.md"
+    quality.write_table(results, out)
+    text = out.read_text()
+    header = [c.strip() for c in text.splitlines()[text.splitlines().index("## Headline") + 2].strip("|").split("|")]
+    c = cells(text, "office", "itemlm")
+    kept, masked = header.index("NDCG@10, published protocol (history kept) (± s.e.)"), \
+        header.index("NDCG@10, as served (history masked) (± s.e.)")
+    assert c[kept].startswith("0.0474") and c[masked].startswith("0.0578")
+    assert c[header.index("Recall@10 (kept)")] == "0.0938" and c[header.index("Recall@10 (masked)")] == "0.1015"
+    assert c[header.index("vs SASRec (kept)")] == f"{0.0474 / 0.0445:.2f}x"
+    assert c[header.index("valid NDCG@10 (ranked)")] == "0.0700 (masked)"
+    assert "RecBole masks" not in text and "is_sequential" in text
+
+
+def test_sasrec_judged_against_recbole_on_history_kept(quality, results, tmp_path):
+    out = tmp_path / "q.md"
+    quality.write_table(results, out)
+    text = out.read_text()
+    office = cells(text, "office", "0.0474")  # the RecBole bar table: dataset, published NDCG@10, ...
+    assert office[2:5] == ["dropout 0.3", "0.0445", f"{0.0445 / 0.0474:.3f}x"]
+    assert office[5:9] == ["`sasrec-kept`: dropout 0.5", "0.0700", "0.0470", f"{0.0470 / 0.0474:.3f}x"]
+    assert office[9] == "met (`sasrec-kept`)"  # 0.99x: judged on the row validated under the reported protocol
+    results["rows"] = [r for r in results["rows"] if r["variant"] != "sasrec-kept"]
+    quality.write_table(results, out)
+    office = cells(out.read_text(), "office", "0.0474")
+    assert office[5] == "not run" and office[9] == "NOT met (`sasrec`)"
+
+
+def test_kept_validation_chooses_among_grids_by_validation_not_test(quality, results, tmp_path):
+    # a second grid (batch 64) with the better validation but the worse test: validation decides
+    results["rows"].append(row("office", "sasrec-kept-batch64", (0.0440, 0.0900), (0.0540, 0.0970),
+                               valid_masked=False, dropout=0.2, best_valid={"ndcg@10": 0.0710}))
+    out = tmp_path / "q.md"
+    quality.write_table(results, out)
+    text = out.read_text()
+    office = cells(text, "office", "0.0474")
+    assert office[5:8] == ["`sasrec-kept-batch64`: dropout 0.2", "0.0710", "0.0440"]
+    assert office[9] == "NOT met (`sasrec-kept-batch64`)"
+    assert "| office | sasrec-kept-batch64 |" in text  # its full row beside the other kept-validation rows
+
+
+def test_published_field_beside_our_history_kept_rows(quality, results, tmp_path):
+    out = tmp_path / "q.md"
+    quality.write_table(results, out)
+    text = out.read_text()
+    assert "arXiv 2511.15122" in text and "zhangfw123/MACRec" in text
+    assert cells(text, "MACRec", "published (MACRec, Table 2)")[2:5] == ["0.1046", "0.1363", "1.000x"]
+    assert cells(text, "TIGER", "published (MACRec, Table 2)")[2:4] == ["0.0950", "0.1221"]
+    ours = cells(text, "`itemlm`", "ours, seed 0")
+    assert ours[2:5] == ["0.0906", "0.1244", f"{0.0906 / 0.1046:.3f}x"]  # history kept, not the masked 0.1024
+    section = text[text.index("## Published field"):]
+    assert "office" not in section.split("| method |")[1]  # instruments rows only
+
+
+def test_render_only_rewrites_the_table_without_training(quality, results, tmp_path, monkeypatch):
+    res = tmp_path / "quality.json"
+    res.write_text(json.dumps(results))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--render-only", "--results", str(res),
+                                      "--data-root", str(tmp_path / "no-datasets-needed")])
+    quality.main()
+    assert "| office | sasrec-kept |" in (tmp_path / "quality.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--render-only", "--results", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="no results file"):
+        quality.main()

@@ -1,0 +1,309 @@
+"""The text-match path (items.text_match, models/text_match.py): score(i) = h . v_i + (M q) . t_i.
+
+Known answer: with M = s * I and the ID part zeroed, a model's scores are s times text-kNN's.
+Parity: the training-time query at a label equals encode's, encode_cached's and the session
+path's for the same history. MIPS: exact top-k equals the ANN flat index's. A checkpoint round
+trip keeps M and the text view; `items add` on a text_match model (even ID-only views) scores a
+new item by its text at once. Config errors are one clear message."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from itemgen.api import Predictor
+from itemgen.core.config import Config, ConfigError, TextKNNConfig, from_dict
+from itemgen.data.dataset import ItemTable, SequenceDataset
+from itemgen.data.synthetic import make_dataset
+from itemgen.models.checkpoint import load_checkpoint
+from itemgen.models.new_items import add_items
+from itemgen.models.registry import build_model
+from itemgen.models.text_knn import TextKNN
+from itemgen.models.text_match import TextMatch
+from itemgen.serving.sessions import Session, session_query
+from itemgen.topk.ann import AnnIndex, AnnTopK
+from itemgen.topk.exact import ExactTopK
+from itemgen.training.item_init import init_items
+from itemgen.training.loop import train
+
+N = 3  # items.text_match: the last 3 history items
+SCALE = 6.0
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset(n_users=40, n_items=30, min_len=4, max_len=9, seed=5)
+
+
+def cfg_for(model="itemlm", out="unused", items=None, itemlm=None, **train):
+    return from_dict({"model": model, "data": {"path": "x", "max_history": 6},
+                      "itemlm": {"backbone": "tiny", "prompt": "compact", "item_dim": 16, "supervise": "all",
+                                 "id_only_share": 1.0, "text_vocab_in_softmax": False, **(itemlm or {})},
+                      "items": {"text_encoder": "tiny", "text_match": N, "text_match_scale": SCALE, **(items or {})},
+                      "sasrec": {"hidden": 16, "n_heads": 2, "dropout": 0.0},
+                      "train": {"out": str(out), "max_steps": 1, "eval_every": 1, "eval_users": 10,
+                                "progress": False, "batch_size": 16, "warmup_steps": 0, **train}})
+
+
+def built(data, model="itemlm", **kw):
+    cfg = cfg_for(model, **kw)
+    torch.manual_seed(0)
+    m = build_model(cfg, data.items)
+    init_items(m, cfg, data)
+    return m.eval(), cfg
+
+
+def knn_scores(m, hist) -> torch.Tensor:
+    """text-kNN (models/text_knn.py) over the model's own text view: the mean cosine with the last N items."""
+    knn = TextKNN(m.n_items, TextKNNConfig(last_n=N), dense=m.items.text_view.clone())
+    return knn.scores(hist)
+
+
+def histories(data, n=8):
+    return [np.asarray(s[:-1][-6:]) for s in data.split.train[:n]]
+
+
+# ---- known answer: M = s I, no ID part -> s * text-kNN --------------------------------------
+@pytest.mark.parametrize("model,inp,out", [("itemlm", "id", "untied"), ("itemlm", "text+id", "text+id"),
+                                           ("sasrec", "id", "tied")])
+def test_with_the_id_part_zeroed_scores_are_scale_times_text_knn(data, model, inp, out):
+    m, _ = built(data, model, items={"input": inp, "output": out})
+    with torch.no_grad():  # zero every item's ID part on the output side
+        if out == "untied":
+            m.head.item_out.zero_()
+        elif out == "text+id":
+            m.items.id_out.zero_(), m.items.out_text.weight.zero_(), m.items.out_text.bias.zero_()
+        else:
+            m.items.id_emb.weight.zero_()
+    hist = histories(data)
+    with torch.inference_mode():
+        query = m.encode(m.to_device(m.query_batch(hist)))  # (B, H + F)
+        dot = query @ m.item_vectors().T  # (B, I)
+        scores = m.score_items(query)
+    assert query.shape[1] == m.item_vectors().shape[1] == (16 if model == "sasrec" else 64) + m.items.text_view.shape[1]
+    want = SCALE * knn_scores(m, hist)
+    torch.testing.assert_close(dot, want, atol=1e-4, rtol=1e-4)
+    # ItemLM's scores are log-probabilities: the same up to one constant per row
+    torch.testing.assert_close(scores - scores.mean(1, keepdim=True), want - want.mean(1, keepdim=True),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_the_text_part_is_m_q_for_a_learned_m(data):
+    """Not only the identity: a trained M maps the history mean before the dot product."""
+    m, _ = built(data, "sasrec")
+    with torch.no_grad():
+        m.items.id_emb.weight.zero_()
+        m.items.match.delta.normal_(std=0.1)
+    hist = histories(data, 4)
+    with torch.inference_mode():
+        got = m.scores(hist)
+    view = m.items.text_view
+    q = torch.stack([view[torch.as_tensor(h[-N:])].mean(0) for h in hist])  # (B, F)
+    torch.testing.assert_close(got, q @ m.items.match.matrix().T @ view.T, atol=1e-4, rtol=1e-4)
+
+
+def test_slot_means_at_every_position_are_the_last_n_slots_before_it():
+    view = torch.randn(10, 4)
+    tm = TextMatch(4, last_n=2, scale=1.0)
+    items = torch.tensor([[-1, 3, -1, 5, 7, -1, 2], [4, -1, -1, -1, -1, -1, -1]])  # (2, 7), -1: text
+    at = torch.ones_like(items, dtype=torch.bool)
+    got = tm.slot_means(view, items, at).view(2, 7, 4)
+    for b in range(2):
+        for p in range(7):
+            seen = [int(i) for i in items[b, :p + 1] if i >= 0][-2:]
+            want = view[seen].mean(0) if seen else torch.zeros(4)
+            torch.testing.assert_close(got[b, p], want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(tm.history_means(view, [np.array([3, 5, 7]), np.array([], dtype=np.int64)]),
+                               torch.stack([view[[5, 7]].mean(0), torch.zeros(4)]))
+
+
+# ---- parity: every path that makes a query makes the same one --------------------------------
+@pytest.mark.parametrize("prompt", ["compact", "ids"])
+def test_itemlm_training_query_encode_encode_cached_and_sessions_agree(data, prompt):
+    m, _ = built(data, itemlm={"prompt": prompt})
+    with torch.no_grad():
+        m.items.match.delta.normal_(std=0.05)  # a non-identity M, so each path must apply it
+    seqs = [np.asarray(s[-7:]) for s in data.split.train if len(s) >= 3][:6]  # >= 2 labels each
+    hist = [s[:-1] for s in seqs]
+    with torch.inference_mode():
+        batch = m.train_batch(seqs, np.random.default_rng(0))  # supervise=all: every slot predicts
+        sel = batch["labels"] >= 0
+        train_q = m.with_text_match(m.hidden(batch)[sel], batch, sel)  # (N, D) the loss's queries
+        # each row's last label is its target's: the query for the whole history
+        last = torch.cumsum(sel.sum(1), 0) - 1
+        enc = m.encode(m.query_batch(hist))
+        cached = m.encode_cached(hist, m.prefix_cache())
+        # every other label's text part is the query of that prefix of the sequence
+        firsts = m.encode(m.query_batch([s[:2] for s in seqs]))
+    H = m.backbone.config.hidden_size
+    torch.testing.assert_close(train_q[last], enc, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached, enc, atol=1e-4, rtol=1e-4)
+    first = torch.cumsum(sel.sum(1), 0) - sel.sum(1) + 1  # each row's second label: history s[:2]
+    torch.testing.assert_close(train_q[first][:, H:], firsts[:, H:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(enc[:, H:], torch.zeros_like(enc[:, H:]))
+    if prompt == "compact":  # sessions need a question after the history
+        with torch.inference_mode():
+            for h, e in zip(hist[:3], enc[:3]):
+                s = Session()
+                for n in range(1, len(h) + 1):  # one event at a time, extending the cache
+                    got = session_query(m, m.prefix_cache(), s, list(h[:n]), 0, 6)
+                torch.testing.assert_close(got[0], e, atol=1e-4, rtol=1e-4)
+
+
+def test_itemlm_label_scores_and_loss_use_the_text_part(data):
+    m, _ = built(data)
+    seqs = [np.asarray(s[-7:]) for s in data.split.train[:4]]
+    batch = m.train_batch(seqs, np.random.default_rng(0))
+    with torch.no_grad():
+        m.head.item_out.zero_()  # no ID part: log-probabilities are s * text-kNN's softmax
+        ls = m.label_scores(batch)
+        loss = m.loss(batch)
+    prefixes = [s[:j] for s in seqs for j in range(1, len(s))]  # every label's history, in label order
+    want = torch.log_softmax(SCALE * knn_scores(m, prefixes), 1)
+    torch.testing.assert_close(ls, want, atol=1e-4, rtol=1e-4)
+    labels = torch.as_tensor(np.concatenate([s[1:] for s in seqs]))
+    torch.testing.assert_close(loss, -want[torch.arange(len(labels)), labels].sum(), atol=1e-3, rtol=1e-4)
+
+
+def test_sasrec_training_query_equals_encode(data):
+    m, _ = built(data, "sasrec", items={"input": "text+id"})
+    seqs = [np.asarray(s[-7:]) for s in data.split.train[:6]]
+    with torch.inference_mode():
+        batch = m.train_batch(seqs, np.random.default_rng(0))
+        sel = batch["y"] >= 0
+        q = m.queries(batch["x"], sel)
+        enc = m.encode(m.query_batch([s[:-1] for s in seqs]))
+        ls = m.label_scores(batch)
+        scores = enc @ m.item_vectors().T
+    last = torch.cumsum(sel.sum(1), 0) - 1
+    torch.testing.assert_close(q[last], enc, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ls[last], scores, atol=1e-4, rtol=1e-4)
+
+
+# ---- MIPS: one dot product -----------------------------------------------------------------
+@pytest.mark.parametrize("model", ["itemlm", "sasrec"])
+def test_exact_top_k_equals_ann_flat_top_k(data, model):
+    pytest.importorskip("faiss")
+    m, _ = built(data, model)
+    with torch.no_grad():
+        m.items.match.delta.normal_(std=0.05)
+    hist = histories(data)
+    with torch.inference_mode():
+        query = m.encode(m.query_batch(hist))
+        exact_s, exact_i = ExactTopK(m).topk(query, 10, exclude=hist)
+        ann_s, ann_i = AnnTopK(m, index=AnnIndex.build(m, "flat")).topk(query, 10, exclude=hist)
+    assert torch.equal(exact_i, ann_i)
+    if model == "sasrec":  # ItemLM's exact scores are log-probabilities, the index's dot products
+        torch.testing.assert_close(exact_s, ann_s, atol=1e-4, rtol=1e-4)
+
+
+# ---- the ID gate -----------------------------------------------------------------------------
+def test_items_without_an_id_part_are_scored_by_text_alone(data):
+    """An untied head keeps a vector per item; with the text-match path an item with no training
+    interaction (or dropped by items.id_dropout in a training step) gets none of it."""
+    m, _ = built(data, items={"id_dropout": 0.5})
+    with torch.no_grad():
+        m.head.item_out.normal_()
+        m.items.id_known[:5] = False
+    F_ = m.items.text_view.shape[1]
+    v = m.item_vectors()
+    assert torch.equal(v[:5, :-F_], torch.zeros_like(v[:5, :-F_])) and (v[5:, :-F_] != 0).any(1).all()
+    assert torch.equal(v[:, -F_:], m.items.text_view)
+    m.train()
+    m.items.begin_step()
+    gate = m.items.id_gate()
+    assert not gate[:5].any() and 0 < int(gate[5:].sum()) < 25  # dropped this step, at about half
+    v = m.item_vectors()
+    assert torch.equal((v[:, :-F_] != 0).any(1), gate)
+
+
+# ---- checkpoints and new items ---------------------------------------------------------------
+def test_checkpoint_round_trip_keeps_m_and_the_text_view(data, tmp_path):
+    cfg = cfg_for(out=tmp_path / "run", items={"input": "id", "output": "untied"})
+    res = train(cfg, dataset=data)
+    loaded, lcfg, _ = load_checkpoint(res.out / "last")
+    sd = loaded.state_dict()
+    assert lcfg.items.text_match == N and sd["items.text_view"].shape[0] == data.n_items
+    assert sd["items.match.delta"].abs().sum() > 0  # one training step moved M off s * I
+    assert sd["items.match.scale"].item() != SCALE
+    hist = histories(data)
+    again, _, _ = load_checkpoint(res.out / "last")
+    assert torch.equal(loaded.scores(hist), again.scores(hist))
+    assert loaded.item_vectors().shape == (data.n_items, 64 + sd["items.text_view"].shape[1])
+
+
+def test_an_itemlm_starts_from_a_text_match_sasrec_s_id_vectors(data, tmp_path):
+    """items.init=sasrec reads the SASRec's ID side (I, d), not its [v ; t] scoring vectors."""
+    sas = train(cfg_for("sasrec", tmp_path / "sas", items={"input": "id"}), dataset=data).out / "last"
+    sas_model, _, _ = load_checkpoint(sas)
+    cfg = cfg_for(items={"init": "sasrec", "init_from": str(sas)}, itemlm={"item_dim": 16})
+    m = build_model(cfg, data.items)
+    init_items(m, cfg, data)
+    v = sas_model.items.output_vectors().detach()
+    want = (v - v.mean(0)) / (v - v.mean(0)).std()  # centred, at the random table's std 1
+    torch.testing.assert_close(m.items.id_emb.weight.detach(), want, atol=1e-5, rtol=1e-5)
+
+
+_FAMILIES = [("red", "stapler", "Acme"), ("blue", "lamp", "Globex"), ("green", "notebook", "Initech"),
+             ("steel", "chair", "Umbrella"), ("paper", "folder", "Hooli"), ("smart", "cable", "Stark")]
+
+
+@pytest.fixture(scope="module")
+def families():
+    """6 families of 4 near-duplicate items; every user buys within one family."""
+    ids, title, brand, category = [], [], [], []
+    for f, (adj, noun, b) in enumerate(_FAMILIES):
+        for k in range(4):
+            ids.append(f"F{f}M{k}")
+            title.append(f"{adj} {noun} model {k + 1}")
+            brand.append(b)
+            category.append(f"office {noun}s")
+    rng = np.random.default_rng(0)
+    seqs = [f * 4 + rng.permutation(4) for f in rng.integers(0, len(_FAMILIES), 200)]
+    return SequenceDataset("families", ItemTable(ids, {"title": title, "brand": brand, "category": category}),
+                           [f"U{u}" for u in range(len(seqs))], [np.asarray(s, dtype=np.int64) for s in seqs])
+
+
+@pytest.mark.parametrize("model,inp,out", [("itemlm", "id", "untied"), ("sasrec", "id", "tied")])
+def test_items_add_on_a_text_match_model_ranks_a_near_duplicate_new_item_first(families, tmp_path, model, inp, out):
+    """ID-only views, which `items add` refuses without the text-match path: the new item has no
+    ID part and ranks first, by its text, for a history of its whole family (excluded)."""
+    cfg = cfg_for(model, tmp_path / "run", items={"input": inp, "output": out}, max_steps=30, eval_every=30,
+                  lr=1e-2, batch_size=32, eval_users=50)
+    ckpt = train(cfg, dataset=families).out / "last"
+    new = tmp_path / "new.jsonl"
+    new.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "NEW-stapler", "title": "red stapler model 5", "brand": "Acme", "category": "office staplers"},
+        {"id": "NEW-lamp", "title": "blue lamp model 5", "brand": "Globex", "category": "office lamps"}]))
+    result = add_items(ckpt, new, tmp_path / "with-new")
+    m, _, items = load_checkpoint(result.out)
+    assert items.ids[-2:] == ["NEW-stapler", "NEW-lamp"] and not m.items.id_known[-2:].any()
+    F_ = m.items.text_view.shape[1]
+    assert torch.equal(m.item_vectors()[-2:, :-F_], torch.zeros(2, m.item_vectors().shape[1] - F_))
+    pred = Predictor.load(result.out)
+    for fam, new_id in ((0, "NEW-stapler"), (1, "NEW-lamp")):
+        top = [r["id"] for r in pred.recommend([[f"F{fam}M{k}" for k in range(4)]], k=3)[0]]
+        assert top[0] == new_id, top
+
+
+# ---- configuration ---------------------------------------------------------------------------
+@pytest.mark.parametrize("change,match", [
+    ({"itemlm": {"text_vocab_in_softmax": True}}, "text_vocab_in_softmax=false"),
+    ({"itemlm": {"head": "two_level"}}, "itemlm.head=full"),
+    ({"items": {"text_encoder": ""}}, "named items.text_encoder"),
+    ({"model": "gru4rec"}, "items.text_match: itemlm or sasrec"),
+    ({"items": {"text_match": -1}}, "items.text_match must be >= 0"),
+    ({"items": {"text_match_scale": 0}}, "text_match_scale must be > 0"),
+])
+def test_config_errors_name_what_is_wrong(change, match):
+    base = {"model": "itemlm", "itemlm": {"text_vocab_in_softmax": False},
+            "items": {"text_match": 3}}
+    for key, value in change.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(ConfigError, match=match):
+        from_dict(base)
+
+
+def test_text_match_off_changes_nothing():
+    assert Config().items.text_match == 0
