@@ -259,3 +259,31 @@ def test_fused_views_start_from_their_id_part(data, inp):
         assert torch.equal(rep.raw_input(known), rep.id_emb(known))
         assert torch.equal(rep.output_vectors()[:N_OLD], rep.id_out[:N_OLD])
         assert rep.id_out.std().item() == pytest.approx(0.02, rel=1e-3)  # the ID residual was initialised
+
+
+@pytest.mark.parametrize("model,items", [("itemlm", {"input": "text+id", "output": "text+id"}),
+                                         ("itemlm", {"input": "id", "output": "untied", "text_match": 2}),
+                                         ("sasrec", {"input": "text+id"})])
+def test_items_no_training_example_shows_are_left_out_of_the_training_softmax(data, model, items):
+    """They do not exist yet when the model trains (as a new item will not): the training loss
+    must not depend on them, else the text path learns that their text is never a target."""
+    cfg = cfg_for("unused", model=model, items=items, text_vocab_in_softmax=False)
+    m = build_model(cfg, data.items)
+    init_items(m, cfg, data)
+    rep = m.items
+    with torch.no_grad():  # nonzero text maps, so the new items' text would reach their scores
+        for p in (rep.text_proj, rep.out_text):
+            if p is not None:
+                p.weight.normal_()
+    m.train()
+    batch = m.train_batch([np.asarray(s) for s in data.split.train[:8]], np.random.default_rng(0))
+    torch.manual_seed(0)  # the same dropout masks in both passes
+    before = m.loss(batch)
+    with torch.no_grad():
+        rep.text_view[N_OLD:] = torch.randn(N_NEW, rep.text_view.shape[1])  # other text for the new items
+    torch.manual_seed(0)
+    assert torch.allclose(m.loss(batch), before)
+    assert rep.unseen_in_training().tolist() == [False] * N_OLD + [True] * N_NEW
+    m.eval()  # ranking still scores them (from their text)
+    scores = m.scores([data.split.train[0][:3]])
+    assert torch.isfinite(scores[0, N_OLD:]).all()

@@ -22,6 +22,15 @@ def exclude_pairs(logits: torch.Tensor, pairs: torch.Tensor | None, offset: int 
                             torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
+def exclude_items(logits: torch.Tensor, items: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+    """logits (N, V + I) with -inf in the columns of ``items`` (I,) bool. Not in place."""
+    if items is None:
+        return logits
+    mask = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    mask[offset:] = items.to(logits.device)
+    return logits.masked_fill(mask, float("-inf"))
+
+
 class FullSoftmaxHead(nn.Module):
     """P(t | h) = softmax over V u I of h . w_t. Items have their own output vectors (I, H);
     text tokens use the backbone's output embedding (V, H).
@@ -57,11 +66,14 @@ class FullSoftmaxHead(nn.Module):
         text = h @ self._text_weight().T  # (N, V)
         return torch.cat([text, item], dim=1)
 
-    def loss(self, h: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None,
+             unseen: torch.Tensor | None = None) -> torch.Tensor:
         """h (N, H), targets (N,) item indices -> summed cross-entropy; ``exclude`` (P, 2)
-        (label, item) pairs left out of the softmax (exclude_pairs)."""
+        (label, item) pairs left out of the softmax (exclude_pairs); ``unseen`` (I,) bool items
+        left out of every label's softmax (never targets: items the training split does not show)."""
         logits = self.logits(h).float()
         offset = logits.shape[1] - self.n_items  # = |V| or 0
+        logits = exclude_items(logits, unseen, offset)
         return F.cross_entropy(exclude_pairs(logits, exclude, offset), targets + offset, reduction="sum")
 
     def item_log_probs(self, h: torch.Tensor) -> torch.Tensor:

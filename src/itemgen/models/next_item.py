@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itemgen.data.dataset import earlier_items
-from itemgen.heads.softmax import exclude_pairs
+from itemgen.heads.softmax import exclude_items, exclude_pairs
 from itemgen.models.recommender import Recommender
 
 
@@ -56,11 +56,16 @@ class NextItemRecommender(Recommender):
         h = self.queries(batch["x"], sel)  # (N, D) label positions only
         if self.sampled_loss is not None:  # loss.kind != full (losses.py)
             return self.sampled_loss(h, batch["y"][sel], self.item_vectors())
-        logits = (h @ self.item_vectors().T).float()  # (N, I)
+        logits = exclude_items((h @ self.item_vectors().T).float(), self.unseen_in_training())  # (N, I)
         ce = F.cross_entropy(exclude_pairs(logits, batch.get("exclude")), batch["y"][sel], reduction="sum")
         if self.distillation is not None:
             return self.distillation(ce, logits, batch["teacher_scores"])
         return ce
+
+    def unseen_in_training(self) -> torch.Tensor | None:
+        """(I,) bool items left out of the training softmax (none here; SASRec with a text view:
+        the items the training split never shows, item_repr.py)."""
+        return None
 
     def label_scores(self, batch):
         return self.queries(batch["x"], batch["y"] >= 0) @ self.item_vectors().T  # (N, I)

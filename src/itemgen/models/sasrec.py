@@ -88,6 +88,9 @@ class SASRec(NextItemRecommender):
         self.items.begin_step()  # items.id_dropout: this step's ID-less items, on both sides
         return super().loss(batch)
 
+    def unseen_in_training(self) -> torch.Tensor | None:
+        return self.items.unseen_in_training()
+
     def queries(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """-> (N, d) states at ``at``, or (N, d + F) [h ; M q] with the text-match path."""
         h = super().queries(x, at)
