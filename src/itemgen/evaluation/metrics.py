@@ -50,7 +50,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         raise ValueError(f"paired scores need two equal-length 1-d arrays, got {a.shape} and {b.shape}")
     d = a - b
     return {"diff": float(d.mean()), "se": float(d.std() / np.sqrt(d.size)),
-            "ratio": float(a.mean() / b.mean()) if b.mean() > 0 else float("inf")}
+            "ratio": float(a.mean() / b.mean()) if b.mean() > 0 else None}  # None, not inf: strict JSON has no Infinity
 
 
 COLLAPSE_SHARE = 0.2  # a model giving one item as top-1 to more users than this is collapsed
