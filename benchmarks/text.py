@@ -77,6 +77,9 @@ VARIANTS = {
     # the same with a random 20% of items' ID part hidden each step (DropoutNet): the text-match
     # path alone has to rank them, as it must rank a new item
     "itemlm-match-drop": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2}}, "itemlm"),
+    # a larger start for the text term (validation before training: better tail, worse head)
+    "itemlm-match-drop-s20": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2,
+                                                  "text_match_scale": 20.0}}, "itemlm"),
     # SASRec with the same text view (tied: the fused input vectors are its output vectors too)
     "sasrec-text": ("sasrec", {"items": {**TEXT, "input": "text+id", "id_dropout": 0.2}}, "sasrec"),
     # the same-size ID-only control: SASRec at ItemLM's width and depth (hidden 576, 2 layers)
