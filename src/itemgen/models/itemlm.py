@@ -202,9 +202,9 @@ class ItemLM(Recommender):
             ce = F.cross_entropy(exclude_pairs(logits, batch.get("exclude"), offset), batch["labels"][sel] + offset,
                                  reduction="sum")
             return self.distillation(ce, logits[:, offset:], batch["teacher_scores"])
-        unseen = self.items.unseen_in_training() if isinstance(self.head, FullSoftmaxHead) else None
-        return self.head.loss(hs, batch["labels"][sel], batch.get("exclude"),
-                              **({"unseen": unseen} if unseen is not None else {}))
+        if not isinstance(self.head, FullSoftmaxHead):  # two-level: neither exclusion applies
+            return self.head.loss(hs, batch["labels"][sel])
+        return self.head.loss(hs, batch["labels"][sel], batch.get("exclude"), self.items.unseen_in_training())
 
     def label_scores(self, batch):
         h = self.hidden(batch)  # (B, L, H)
