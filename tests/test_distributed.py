@@ -47,8 +47,11 @@ def test_two_processes_match_one(tmp_path):
     set_seed(cfg.train.seed)
     init = build_model(cfg, make_dataset(n_users=400, n_items=30, noise=0.1, seed=3).items).state_dict()
     for k in a:
+        if not a[k].is_floating_point():  # e.g. the item representation's id_known gate: exactly equal
+            assert torch.equal(a[k], b[k]) and torch.equal(a[k], init[k]), k
+            continue
         moved = (a[k] - init[k]).abs().max().item()
         diff = (a[k] - b[k]).abs().max().item()
         # float summation order differs between 1 and 2 processes; Adam amplifies it a little
         assert diff <= max(0.02 * moved, 1e-6), (k, diff, moved)
-    assert max((a[k] - init[k]).abs().max().item() for k in a) > 0.01  # training moved the weights
+    assert max((a[k] - init[k]).abs().max().item() for k in a if a[k].is_floating_point()) > 0.01  # training moved the weights
