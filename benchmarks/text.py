@@ -87,7 +87,8 @@ VARIANTS = {
     "text-knn": ("text_knn", {"text_knn": {"encoder": "minilm", "last_n": 3}}, "itemlm"),
     "text-knn-tfidf": ("text_knn", {"text_knn": {"encoder": "tfidf", "last_n": 3}}, "itemlm"),
 }
-DEFAULT_VARIANTS = ["sasrec", "itemlm", "text-knn", "text-knn-tfidf", "itemlm-text", "sasrec-text", "sasrec-576"]
+# the recipe for datasets with text (recipes.ITEMLM_TEXT) is itemlm-match-drop (a test keeps them equal)
+DEFAULT_VARIANTS = ["sasrec", "itemlm", "text-knn", "text-knn-tfidf", "itemlm-match-drop", "sasrec-576"]
 TABLE_SEGMENTS = ("all", "head", "tail", "pop:0", "hist:short", "hist:long", "warm", "cold")
 
 

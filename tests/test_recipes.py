@@ -48,3 +48,17 @@ def test_winner_line():
     assert winner_line(close, {"diff": -1e-4, "se": 1e-4}) == \
         "ItemLM and SASRec tie on NDCG@10 (0.9031 vs 0.9032; difference -0.0001 ± 0.0001 s.e. over the same users)"
     assert winner_line(close, {"diff": -1e-4, "se": 4e-5}).startswith("SASRec wins")
+
+
+def test_the_text_benchmark_measures_the_text_recipe():
+    """benchmarks/text.py's itemlm-match-drop row is recipes.ITEMLM_TEXT (the recipe a user runs is
+    the recipe that was measured)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("text_bench", Path(__file__).parents[1] / "benchmarks" / "text.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, extra, _ = bench.VARIANTS["itemlm-match-drop"]
+    measured = from_dict(merge(merge(ITEMLM_CPU, extra), {"items": {"init_from": "x"}}))
+    assert model == "itemlm" and measured == from_dict(merge(ITEMLM_TEXT, {"items": {"init_from": "x"}}))
+    assert "itemlm-match-drop" in bench.DEFAULT_VARIANTS
