@@ -99,11 +99,18 @@ VARIANTS = {
     "abl-lr-1e-3": ("itemlm", {"train": {"lr": 1e-3, "backbone_lr": 1e-4}}),
     "abl-cosine-6-epochs": ("itemlm", {"train": {"lr_schedule": "cosine", "max_epochs": 6}}),
     # exploratory rows kept from before the lr change: "explore-lr-1e-3-cosine-6-epochs" (office)
+    # a learned awareness of repeats (models/repeat_bias.py), validation with the history kept (the
+    # published protocol these rows are compared under); ItemLM starts from sasrec-repeat (REPEAT_START)
+    "sasrec-repeat": ("sasrec", {"repeat": {"bias": "recency"}, "train": {"eval_exclude_history": False}}),
+    "itemlm-repeat": ("itemlm", {"repeat": {"bias": "recency"}, "train": {"eval_exclude_history": False}}),
 }
+# ItemLM variants that start from a SASRec row other than `sasrec` (items.init=sasrec)
+REPEAT_START = {"itemlm-repeat": "sasrec-repeat"}
 DEFAULT_VARIANTS = ["sasrec", "bert4rec", "gru4rec", "itemlm"]
 # variants whose one config value is chosen by validation (training/tune.py); ItemLM then starts
 # from the chosen SASRec and takes its dropout
-GRIDS = {"sasrec": ("sasrec.dropout", SASREC_DROPOUTS), "sasrec-kept": ("sasrec.dropout", SASREC_DROPOUTS)}
+GRIDS = {"sasrec": ("sasrec.dropout", SASREC_DROPOUTS), "sasrec-kept": ("sasrec.dropout", SASREC_DROPOUTS),
+         "sasrec-repeat": ("sasrec.dropout", SASREC_DROPOUTS)}
 # RecBole 1.2.1 SASRec on these splits, test NDCG@10 (../shared/docs/quality-evidence.md). RecBole
 # does NOT mask a user's history items for sequential models (FullSortEvalDataLoader builds
 # uid2history_item only `if not self.is_sequential`), so these compare with our `test` (history
@@ -184,7 +191,8 @@ def main() -> None:
                 sys.exit(f"unknown variant {vname!r} (known: {', '.join(VARIANTS)})")
             model, extra = VARIANTS[vname]
             row_name = args.name or (vname if args.seed == 0 else f"{vname}-seed{args.seed}")
-            sasrec_name = "sasrec" if args.seed == 0 else f"sasrec-seed{args.seed}"
+            sasrec_base = REPEAT_START.get(vname, "sasrec")
+            sasrec_name = sasrec_base if args.seed == 0 else f"{sasrec_base}-seed{args.seed}"
             values = merge({"model": model, "data": {"path": str(path), "max_history": 50}},
                            merge(PROFILES[args.profile][model], extra))
             values = merge(values, {"train": {"seed": args.seed}})

@@ -160,10 +160,10 @@ def test_one_failing_row_never_fails_its_batch_mates(predictor, monkeypatch):
     exact = engine.decoder("exact")
 
     class Flaky:  # fails on any call that includes a row asking for k=7
-        def topk(self, query, k, exclude=None):
+        def topk(self, query, k, exclude=None, histories=None):
             if k == 7:
                 raise RuntimeError("this row's decoder failed")
-            return exact.topk(query, k, exclude=exclude)
+            return exact.topk(query, k, exclude=exclude, histories=histories)
 
     monkeypatch.setitem(engine.decoders, "exact", Flaky())
     h = np.asarray([1, 2, 3])

@@ -63,7 +63,8 @@ class Predictor:
         max_h = self.cfg.data.max_history
         hist = [h[-max_h:] for h in histories]
         query = self.model.encode(self.model.to_device(self.model.query_batch(hist)))
-        scores, ids = self.decoder(decode).topk(query, k, exclude=histories if exclude_history else None)
+        scores, ids = self.decoder(decode).topk(query, k, exclude=histories if exclude_history else None,
+                                                histories=hist)
         return scores.float().cpu().numpy(), ids.cpu().numpy()
 
     def recommend(self, histories: list[list[str]], k: int = 10, exclude_history: bool = True,

@@ -170,6 +170,17 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class RepeatConfig:
+    """A learned awareness of repeats (models/repeat_bias.py): a learned bias added to the scores of
+    the items already in the user's history, in the training softmax and wherever the model ranks
+    the catalog. On data where users never take an item twice it learns a large negative value (the
+    model stops spending its top-k on the history); where they do, whatever fits.
+    ``bias``: none | scalar (one value) | recency (one value per recency bucket: the last item,
+    the one before, 3-4, 5-8, ... items back)."""
+    bias: str = "none"
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation (training/distill.py): the student also matches a trained teacher's
     distribution over items at every label: (1 - weight) * CE + weight * T^2 * KL(teacher || student)
@@ -250,6 +261,7 @@ class Config:
     bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
     gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    repeat: RepeatConfig = field(default_factory=RepeatConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     title: TitleLMConfig = field(default_factory=TitleLMConfig)
     semantic_ids: SemanticIDConfig = field(default_factory=SemanticIDConfig)
@@ -520,6 +532,13 @@ def validate(cfg: Config) -> None:
          "loss.exclude_history: itemlm, sasrec or gru4rec (next-item labels)"),
         (not cfg.loss.exclude_history or cfg.model != "itemlm" or cfg.itemlm.head == "full",
          "loss.exclude_history needs itemlm.head=full"),
+        (cfg.repeat.bias in ("none", "scalar", "recency"), "repeat.bias: none|scalar|recency"),
+        (cfg.repeat.bias == "none" or cfg.model in ("itemlm", "sasrec", "gru4rec"),
+         "repeat.bias: itemlm, sasrec or gru4rec (next-item labels)"),
+        (cfg.repeat.bias == "none" or cfg.loss.kind == "full",
+         "repeat.bias needs loss.kind=full (the bias is learned in the full-catalog softmax)"),
+        (cfg.repeat.bias == "none" or cfg.model != "itemlm" or cfg.itemlm.head == "full",
+         "repeat.bias needs itemlm.head=full"),
         (0.0 <= cfg.distill.weight <= 1.0, "distill.weight must be in [0, 1]"),
         (cfg.distill.temperature > 0, "distill.temperature must be > 0"),
         (not cfg.distill.teacher or cfg.loss.kind == "full", "distill.teacher needs loss.kind=full "

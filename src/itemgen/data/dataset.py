@@ -350,3 +350,31 @@ def earlier_items(seqs: list[np.ndarray], last_only: bool = False) -> np.ndarray
             out.append(np.stack([np.full(len(prev), n, dtype=np.int64), prev], 1))
             n += 1
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+
+
+def history_pairs(seqs: list[np.ndarray], last_only: bool = False) -> np.ndarray:
+    """(P, 3) int64 (label index, item, recency) for the repeat bias (models/repeat_bias.py): every
+    distinct item before a label in its sequence, at its most recent occurrence, with how far back
+    that is (0: the item the label is read from, the last one before it). Labels are numbered as
+    in :func:`earlier_items`. Unlike there, the label's own item is listed when the user had it
+    before: that pair is what teaches the bias that users repeat."""
+    out, n = [], 0
+    for s in seqs:
+        s = np.asarray(s, dtype=np.int64)
+        m = len(s) - 1  # labels j = 0..m-1 predict s[j + 1] from s[:j + 1]
+        if m < 1:
+            continue
+        # nxt[p]: the next position (< m) holding s[p]'s item, m if none: s[p] is the most recent
+        # occurrence for the labels j < nxt[p]
+        nxt = np.full(m, m, dtype=np.int64)
+        last: dict[int, int] = {}
+        for p in range(m - 1, -1, -1):
+            nxt[p] = last.get(int(s[p]), m)
+            last[int(s[p])] = p
+        j, p = np.tril_indices(m) if not last_only else (np.full(m, m - 1), np.arange(m))
+        keep = nxt[p] > j
+        j, p = j[keep], p[keep]
+        label = n + (j if not last_only else np.zeros_like(j))
+        out.append(np.stack([label, s[p], j - p], 1))
+        n += m if not last_only else 1
+    return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)

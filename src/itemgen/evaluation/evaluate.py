@@ -124,7 +124,8 @@ def decoder_ranks(model: Recommender, decoder, examples: list[Example], *, max_h
         idx = order[start:start + batch_size]
         hist = [examples[i].history[-max_history:] for i in idx]
         query = model.encode(model.to_device(model.query_batch(hist)))
-        _, top = decoder.topk(query, k, exclude=[examples[i].history for i in idx] if exclude_history else None)
+        _, top = decoder.topk(query, k, exclude=[examples[i].history for i in idx] if exclude_history else None,
+                              histories=hist)
         top = top.cpu().numpy()
         if top_out is not None:
             top_out[idx] = top[:, :top_out.shape[1]]

@@ -67,12 +67,17 @@ class FullSoftmaxHead(nn.Module):
         return torch.cat([text, item], dim=1)
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None,
-             unseen: torch.Tensor | None = None) -> torch.Tensor:
+             unseen: torch.Tensor | None = None,
+             adjust: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
         """h (N, H), targets (N,) item indices -> summed cross-entropy; ``exclude`` (P, 2)
         (label, item) pairs left out of the softmax (exclude_pairs); ``unseen`` (I,) bool items
-        left out of every label's softmax (never targets: items the training split does not show)."""
+        left out of every label's softmax (never targets: items the training split does not show);
+        ``adjust(logits (N, V + I), offset of the items)`` -> logits with terms added before the
+        softmax (the repeat bias, models/repeat_bias.py)."""
         logits = self.logits(h).float()
         offset = logits.shape[1] - self.n_items  # = |V| or 0
+        if adjust is not None:
+            logits = adjust(logits, offset)
         logits = exclude_items(logits, unseen, offset)
         return F.cross_entropy(exclude_pairs(logits, exclude, offset), targets + offset, reduction="sum")
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itemgen.core.config import Config, ItemLMConfig, ItemsConfig
-from itemgen.data.dataset import ItemTable, earlier_items
+from itemgen.data.dataset import ItemTable, earlier_items, history_pairs
 from itemgen.data.prompts import PromptBuilder, collate
 from itemgen.heads.clusters import Clusters, resolve_clusters
 from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead, exclude_pairs
@@ -183,6 +183,8 @@ class ItemLM(Recommender):
         batch = collate(enc, self.pad_token, side="right")
         if self.exclude_history:  # (P, 2) (label, earlier item), labels in row-major order as h[sel]
             batch["exclude"] = torch.from_numpy(earlier_items(seqs, last_only=c.supervise == "last"))
+        if self.repeat is not None:  # (P, 3) (label, earlier item, recency), labels as above
+            batch["repeat"] = torch.from_numpy(history_pairs(seqs, last_only=c.supervise == "last"))
         return batch
 
     def n_labels(self, seqs) -> int:
@@ -199,17 +201,24 @@ class ItemLM(Recommender):
         if self.distillation is not None:  # full head: the teacher is matched over items only
             logits = self.head.logits(hs).float()  # (N, V + I) or (N, I)
             offset = logits.shape[1] - self.n_items
+            logits = self.with_repeat(logits, batch, offset)
             ce = F.cross_entropy(exclude_pairs(logits, batch.get("exclude"), offset), batch["labels"][sel] + offset,
                                  reduction="sum")
             return self.distillation(ce, logits[:, offset:], batch["teacher_scores"])
         if not isinstance(self.head, FullSoftmaxHead):  # two-level: neither exclusion applies
             return self.head.loss(hs, batch["labels"][sel])
-        return self.head.loss(hs, batch["labels"][sel], batch.get("exclude"), self.items.unseen_in_training())
+        return self.head.loss(hs, batch["labels"][sel], batch.get("exclude"), self.items.unseen_in_training(),
+                              adjust=None if self.repeat is None else lambda z, offset: self.with_repeat(z, batch, offset))
+
+    def with_repeat(self, logits: torch.Tensor, batch, offset: int = 0) -> torch.Tensor:
+        """logits (N, V + I) at a train_batch's labels + the repeat bias at each label's earlier
+        items (models/repeat_bias.py; items start at ``offset``)."""
+        return logits if self.repeat is None else self.repeat.add_pairs(logits, batch.get("repeat"), offset)
 
     def label_scores(self, batch):
         h = self.hidden(batch)  # (B, L, H)
         sel = batch["labels"] >= 0
-        return self.head.item_log_probs(self.with_text_match(h[sel], batch, sel))  # (N, I)
+        return self.with_repeat(self.head.item_log_probs(self.with_text_match(h[sel], batch, sel)), batch)  # (N, I)
 
     def with_text_match(self, h: torch.Tensor, batch: dict[str, torch.Tensor], at: torch.Tensor) -> torch.Tensor:
         """h (N, H) hidden states at the positions ``at`` (B, L) of ``batch`` -> (N, D) queries:

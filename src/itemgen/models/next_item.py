@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itemgen.data.dataset import earlier_items
+from itemgen.data.dataset import earlier_items, history_pairs
 from itemgen.heads.softmax import exclude_items, exclude_pairs
 from itemgen.models.recommender import Recommender
 
@@ -41,6 +41,8 @@ class NextItemRecommender(Recommender):
         batch = {"x": x, "y": y - 1}  # y: item index, -1 at padding
         if self.exclude_history:  # (P, 2) (label, earlier item), labels in y's row-major order
             batch["exclude"] = torch.from_numpy(earlier_items(seqs))
+        if self.repeat is not None:  # (P, 3) (label, earlier item, recency), labels as above
+            batch["repeat"] = torch.from_numpy(history_pairs(seqs))
         return batch
 
     def n_labels(self, seqs) -> int:
@@ -56,7 +58,8 @@ class NextItemRecommender(Recommender):
         h = self.queries(batch["x"], sel)  # (N, D) label positions only
         if self.sampled_loss is not None:  # loss.kind != full (losses.py)
             return self.sampled_loss(h, batch["y"][sel], self.item_vectors())
-        logits = exclude_items((h @ self.item_vectors().T).float(), self.unseen_in_training())  # (N, I)
+        logits = self.with_repeat((h @ self.item_vectors().T).float(), batch)  # (N, I)
+        logits = exclude_items(logits, self.unseen_in_training())
         ce = F.cross_entropy(exclude_pairs(logits, batch.get("exclude")), batch["y"][sel], reduction="sum")
         if self.distillation is not None:
             return self.distillation(ce, logits, batch["teacher_scores"])
@@ -67,8 +70,12 @@ class NextItemRecommender(Recommender):
         the items the training split never shows, item_repr.py)."""
         return None
 
+    def with_repeat(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        """logits (N, I) at a train_batch's labels + the repeat bias at each label's earlier items."""
+        return logits if self.repeat is None else self.repeat.add_pairs(logits, batch.get("repeat"))
+
     def label_scores(self, batch):
-        return self.queries(batch["x"], batch["y"] >= 0) @ self.item_vectors().T  # (N, I)
+        return self.with_repeat(self.queries(batch["x"], batch["y"] >= 0) @ self.item_vectors().T, batch)  # (N, I)
 
     def query_batch(self, histories):
         x, lengths = self._pad([np.asarray(h)[-self.max_len:] for h in histories])

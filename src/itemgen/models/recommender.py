@@ -27,6 +27,13 @@ class Recommender(nn.Module):
     exclude_history = False
     distillable = False
 
+    @property
+    def repeat(self):
+        """models/repeat_bias.RepeatBias or None: a learned bias on the scores of the user's history
+        items, in training and wherever scores come from a history. models/registry.py sets it from
+        config ``repeat`` (``model.repeat = ...`` registers a submodule; a class attribute would hide it)."""
+        return self._modules.get("repeat")
+
     # ---- training ----------------------------------------------------------------------
     def train_batch(self, seqs: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """seqs: item sequences (history + label, already truncated) -> a CPU batch."""
@@ -72,5 +79,13 @@ class Recommender(nn.Module):
     @torch.inference_mode()
     def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
         """The slow, obvious path: every item's score for each history, (B, I)."""
-        return self.score_items(self.encode(self.to_device(self.query_batch(histories))))
+        return self.history_scores(self.score_items(self.encode(self.to_device(self.query_batch(histories)))),
+                                   histories)
+
+    def history_scores(self, scores: torch.Tensor, histories: list[np.ndarray] | None) -> torch.Tensor:
+        """scores (B, I) from ``histories``' queries -> what the model ranks by: with a repeat bias,
+        its value added at each history item (None: histories unknown, scores as they are)."""
+        if self.repeat is None or histories is None:
+            return scores
+        return self.repeat.add_histories(scores, histories)
 

@@ -9,6 +9,7 @@ from itemgen.models.bert4rec import BERT4Rec
 from itemgen.models.gru4rec import GRU4Rec
 from itemgen.models.itemlm import ItemLM
 from itemgen.models.recommender import Recommender
+from itemgen.models.repeat_bias import make_repeat_bias
 from itemgen.models.sasrec import SASRec
 from itemgen.models.semantic_ids import SemanticIDLM
 from itemgen.models.text_knn import TextKNN
@@ -31,4 +32,8 @@ def build_model(cfg: Config, items: ItemTable, checkpoint_dir=None) -> Recommend
     architecture saved in ``checkpoint_dir`` (weights are loaded by checkpoint.py)."""
     if cfg.model not in BUILDERS:
         raise ValueError(f"unknown model {cfg.model!r} (known: {', '.join(MODEL_NAMES)})")
-    return BUILDERS[cfg.model](cfg, items, checkpoint_dir)
+    model = BUILDERS[cfg.model](cfg, items, checkpoint_dir)
+    repeat = make_repeat_bias(cfg.repeat, cfg.data.max_history)
+    if repeat is not None:  # a submodule: its parameter trains and is saved with the model
+        model.repeat = repeat
+    return model

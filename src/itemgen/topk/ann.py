@@ -295,14 +295,20 @@ class AnnTopK:
                                              if k in ("nlist", "nprobe", "hnsw_m", "ef_search")}}
 
     @torch.inference_mode()
-    def topk(self, query: torch.Tensor, k: int, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, query: torch.Tensor, k: int, exclude=None, histories=None) -> tuple[torch.Tensor, torch.Tensor]:
         check_k(k, self.model.n_items)
         extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        repeat = self.model.repeat if histories is not None else None
+        pairs = repeat.pairs(histories) if repeat is not None else None  # (P, 3) row, item, recency
+        if pairs is not None:  # as many more as a history can push out of the top k
+            extra += int(torch.bincount(pairs[:, 0], minlength=1).max())
         kk = min(k + extra, self.index.n_items)
         scores, ids = self.index.search(self.model, query, kk)  # (B, kk)
         scores = torch.where(ids >= 0, scores, torch.full_like(scores, float("-inf")))
-        if exclude is not None:
-            for b, ex in enumerate(exclude):
+        if pairs is not None and len(pairs):
+            scores, ids = self._with_repeat(query, scores, ids, pairs, repeat)
+        if exclude is not None or pairs is not None:
+            for b, ex in enumerate(exclude or []):
                 if len(ex):
                     drop = torch.from_numpy(np.isin(ids[b].numpy(), np.asarray(ex)))
                     scores[b][drop] = float("-inf")
@@ -311,6 +317,27 @@ class AnnTopK:
         scores, ids = scores[:, :k].contiguous(), ids[:, :k].contiguous()
         ids = torch.where(torch.isfinite(scores), ids, torch.full_like(ids, -1))
         return scores.to(query.device), ids.to(query.device)
+
+    def _with_repeat(self, query, scores, ids, pairs, repeat):
+        """The candidates (B, kk) without the history items, plus every history item scored exactly
+        (the index's inner product, full-softmax heads only) with its repeat bias: exact whatever
+        the bias's sign, for a flat index, since at most len(history) history items outrank a
+        non-history item of the top k -> (B, kk + max history) candidates, unsorted."""
+        rows, items = pairs[:, 0], pairs[:, 1]
+        B = len(scores)
+        n = torch.bincount(rows, minlength=B)  # (B,) history items per row
+        col = torch.arange(len(pairs)) - torch.repeat_interleave(n.cumsum(0) - n, n)  # (P,) column in its row
+        hist_ids = torch.full((B, int(n.max())), -1, dtype=torch.long)
+        hist_ids[rows, col] = items
+        hist_scores = torch.full(hist_ids.shape, float("-inf"))
+        v = self.model.item_vectors().detach().float().cpu()  # (I, D), the vectors the index holds
+        q = query.detach().float().cpu()
+        hist_scores[rows, col] = (q[rows] * v[items]).sum(1) + repeat.bias(pairs[:, 2]).detach().float().cpu()
+        in_hist = torch.zeros_like(ids, dtype=torch.bool)
+        for b in range(B):
+            in_hist[b] = torch.from_numpy(np.isin(ids[b].numpy(), hist_ids[b].numpy()))
+        scores = scores.masked_fill(in_hist, float("-inf"))
+        return torch.cat([scores, hist_scores], 1), torch.cat([ids, hist_ids], 1)
 
 
 @torch.inference_mode()

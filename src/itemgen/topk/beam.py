@@ -22,6 +22,7 @@ class BeamTopK:
         self.model, self.num_beams = model, num_beams
 
     @torch.inference_mode()
-    def topk(self, query, k: int, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, query, k: int, exclude=None, histories=None) -> tuple[torch.Tensor, torch.Tensor]:
+        # histories: unused, models written token by token have no repeat bias (config)
         check_k(k, self.model.n_items)
         return self.model.beam_topk(query, k, exclude, self.num_beams)

@@ -1,4 +1,6 @@
-"""Top-k over the catalog from query states: ``topk(query, k, exclude) -> (scores, ids)``.
+"""Top-k over the catalog from query states: ``topk(query, k, exclude, histories) -> (scores, ids)``.
+``histories``, when the caller has them, are the histories the queries came from: decoders of a
+model with a repeat bias (models/repeat_bias.py) add it at their items.
 
 ``ExactTopK`` scores every item (the reference every faster decoder is tested against)."""
 
@@ -33,7 +35,7 @@ class ExactTopK:
         self.model = model
 
     @torch.inference_mode()
-    def topk(self, query: torch.Tensor, k: int, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, query: torch.Tensor, k: int, exclude=None, histories=None) -> tuple[torch.Tensor, torch.Tensor]:
         check_k(k, self.model.n_items)
-        scores = mask_items(self.model.score_items(query), exclude)  # (B, I)
+        scores = mask_items(self.model.history_scores(self.model.score_items(query), histories), exclude)  # (B, I)
         return torch.topk(scores, k, dim=1)

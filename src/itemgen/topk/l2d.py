@@ -236,6 +236,8 @@ class L2DTopK:
             raise ValueError(f"L2D kind must be global or local, not {kind!r}")
         if m < 1:
             raise ValueError(f"L2D local needs M >= 1 nearest states, got {m}")
+        if model.repeat is not None:  # its scores come from stored states, not from the history
+            raise ValueError("L2D decoding does not apply a repeat bias (repeat.bias): decode exact or ann")
         if memory is None:
             if checkpoint_dir is None:
                 raise ValueError("L2D decoding needs a memory: a checkpoint directory to build it from")
@@ -290,7 +292,8 @@ class L2DTopK:
         return nb
 
     @torch.inference_mode()
-    def topk(self, query, k: int, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, query, k: int, exclude=None, histories=None) -> tuple[torch.Tensor, torch.Tensor]:
+        # histories: unused, the constructor refuses a model with a repeat bias
         check_k(k, self.model.n_items)
         h = query_states(self.model, query).cpu()  # (B, D)
         scores = self.global_scores(h) if self.kind == "global" else self.local_scores(h)

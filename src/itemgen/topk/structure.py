@@ -36,7 +36,8 @@ class StructureTopK:
                 "clusters_opened_mean": round(self.opened / max(self.queries, 1), 3)}
 
     @torch.inference_mode()
-    def topk(self, query: torch.Tensor, k: int, exclude=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, query: torch.Tensor, k: int, exclude=None, histories=None) -> tuple[torch.Tensor, torch.Tensor]:
+        # histories: unused, a two-level model has no repeat bias (config repeat.bias needs itemlm.head=full)
         check_k(k, self.model.n_items)
         head = self.head
         h = query.to(head.item_out.dtype)  # (B, H)

@@ -1,0 +1,200 @@
+"""The repeat bias (models/repeat_bias.py, config ``repeat``): a learned bias on the scores of the
+user's history items, in the training softmax and in every path that ranks the catalog."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from itemgen.core.config import ConfigError, from_dict
+from itemgen.data.dataset import history_pairs
+from itemgen.data.synthetic import make_dataset
+from itemgen.models.registry import build_model
+from itemgen.models.repeat_bias import RepeatBias
+
+
+def tiny_cfg(model: str, bias: str = "recency", **extra):
+    return from_dict({"model": model, "data": {"path": "x", "max_history": 8},
+                      "itemlm": {"backbone": "tiny", "prompt": "ids", "item_dim": 8, "text_vocab_in_softmax": False},
+                      "sasrec": {"hidden": 16, "n_heads": 2, "dropout": 0.0}, "repeat": {"bias": bias}, **extra})
+
+
+def test_history_pairs_list_each_distinct_earlier_item_at_its_latest_position():
+    pairs = history_pairs([np.array([5, 7, 5, 9]), np.array([3, 4])])
+    # labels 0..2 of the first sequence, label 3 of the second; (label, item, items back)
+    assert pairs.tolist() == [[0, 5, 0],
+                              [1, 5, 1], [1, 7, 0],
+                              [2, 7, 1], [2, 5, 0],  # 5 again: its latest position only, 0 back
+                              [3, 3, 0]]
+    # the label's own item is listed when the user had it before: label 1 of [5, 7, 5] is 5 again
+    assert [1, 5, 1] in history_pairs([np.array([5, 7, 5])]).tolist()
+    assert history_pairs([np.array([5, 7, 5, 9])], last_only=True).tolist() == [[0, 7, 1], [0, 5, 0]]
+
+
+def test_recency_buckets():
+    rb = RepeatBias("recency", max_history=50)
+    with torch.no_grad():
+        rb.raw.copy_(torch.arange(len(rb.raw), dtype=torch.float))  # bucket b -> 10 * b
+    back = torch.arange(50)
+    want = torch.tensor([0 if r == 0 else math.floor(math.log2(r)) + 1 for r in range(50)], dtype=torch.float) * 10
+    assert len(rb.raw) == 7 and torch.equal(rb.bias(back), want)
+    assert torch.equal(RepeatBias("scalar", 50).bias(back), torch.zeros(50))
+
+
+@pytest.mark.parametrize("model", ["sasrec", "itemlm"])
+def test_a_forced_negative_bias_ranks_history_items_below_where_they_were(model):
+    ds = make_dataset(n_users=30, n_items=20, min_len=4, max_len=6, seed=1)
+    m = build_model(tiny_cfg(model), ds.items).eval()
+    hist = [np.array([3, 8, 3, 11]), np.array([0])]
+    base = m.score_items(m.encode(m.query_batch(hist)))  # (2, I) without the bias
+    with torch.no_grad():
+        m.repeat.raw.fill_(-0.5)  # -5 everywhere
+        m.repeat.raw[0] = -1.0  # the last item: -10
+    got = m.scores(hist)
+    want = base.clone()
+    want[0, 11] -= 10.0  # the last item, 0 back: bucket 0
+    want[0, 3] -= 5.0  # 3's latest is 1 back (bucket 1): its earlier occurrence does not count again
+    want[0, 8] -= 5.0  # 2 back: bucket 2
+    want[1, 0] -= 10.0
+    assert torch.allclose(got, want, atol=1e-5)
+    for b, h in enumerate(hist):
+        rank_before = (base[b] > base[b, h[-1]]).sum()
+        rank_after = (got[b] > got[b, h[-1]]).sum()
+        assert rank_after > rank_before or rank_before == m.n_items - 1
+
+
+@pytest.mark.parametrize("model", ["sasrec", "itemlm"])
+def test_the_training_softmax_adds_the_bias_at_each_labels_earlier_items(model):
+    """The loss with the bias equals a cross-entropy by hand: scores without the bias, plus the
+    bias of each earlier item by how far back it was (repeats included)."""
+    ds = make_dataset(n_users=20, n_items=15, min_len=4, max_len=6, seed=2)
+    m = build_model(tiny_cfg(model), ds.items).eval()
+    seqs = [np.array([1, 2, 1, 3, 4]), np.array([5, 6, 7])]
+    batch = m.train_batch(seqs, np.random.default_rng(0))
+    with torch.no_grad():
+        plain = m.label_scores(batch)  # raw is 0: no bias yet
+        m.repeat.raw.copy_(torch.linspace(-0.3, 0.2, len(m.repeat.raw)))
+        vals = m.repeat.values()
+        got = m.loss(batch).item()
+        want, n = 0.0, 0
+        for s in seqs:
+            for j in range(len(s) - 1):
+                row = plain[n].clone()
+                for p in range(j + 1):
+                    if s[p] not in s[p + 1:j + 1]:  # its latest occurrence
+                        back = j - p
+                        row[s[p]] += vals[0 if back == 0 else math.floor(math.log2(back)) + 1]
+                want += float(torch.logsumexp(row, 0) - row[s[j + 1]])
+                n += 1
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def _sequences(rng, n_items: int, repeat: bool, n: int = 64, length: int = 8):
+    out = []
+    for _ in range(n):
+        s = [int(rng.integers(n_items))]
+        while len(s) < length:
+            if repeat and rng.random() < 0.9:  # mostly an item the user already had
+                s.append(int(rng.choice(s)))
+            else:  # an item the user never had
+                s.append(int(rng.choice([i for i in range(n_items) if i not in s])))
+        out.append(np.array(s))
+    return out
+
+
+@pytest.mark.parametrize("model", ["sasrec", "itemlm"])
+@pytest.mark.parametrize("repeat", [False, True])
+def test_training_learns_the_sign_of_the_data(model, repeat):
+    """No user repeats: the bias goes negative; users mostly repeat: positive."""
+    ds = make_dataset(n_users=30, n_items=20, min_len=4, max_len=6, seed=3)
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg(model, bias="scalar"), ds.items).train()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        batch = m.train_batch(_sequences(rng, 20, repeat, n=16), rng)
+        opt.zero_grad()
+        m.loss(batch).backward()
+        opt.step()
+    b = float(m.repeat.values()[0].detach())
+    assert (b > 1.0) if repeat else (b < -1.0), b
+
+
+def _trained_pair(tmp_path):
+    """A tiny SASRec with a nonzero repeat bias, saved and reloaded, and its data."""
+    from itemgen.models.checkpoint import load_checkpoint, save_checkpoint
+
+    ds = make_dataset(n_users=40, n_items=25, min_len=4, max_len=7, seed=4)
+    cfg = tiny_cfg("sasrec")
+    m = build_model(cfg, ds.items).eval()
+    with torch.no_grad():
+        m.repeat.raw.copy_(torch.linspace(-0.2, 0.3, len(m.repeat.raw)))  # both signs
+    save_checkpoint(tmp_path / "ck", m, cfg, ds.items)
+    loaded, _, _ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(loaded.repeat.values(), m.repeat.values())
+    return loaded, ds
+
+
+def test_exact_decoder_and_evaluation_rank_alike_with_the_history_kept(tmp_path):
+    from itemgen.evaluation.evaluate import rank_and_top
+    from itemgen.topk.exact import ExactTopK
+
+    m, ds = _trained_pair(tmp_path)
+    examples = ds.split.test
+    ranks, top = rank_and_top(m, examples, max_history=8, k=10)
+    # evaluation's one batch (under 128 users), in its order: the same forward pass
+    order = sorted(range(len(examples)), key=lambda i: min(len(examples[i].history), 8))
+    hist = [examples[i].history[-8:] for i in order]
+    query = m.encode(m.query_batch(hist))
+    _, ids = ExactTopK(m).topk(query, 10, histories=hist)
+    assert np.array_equal(ids.numpy(), top[order])
+    assert not torch.equal(m.score_items(query).topk(10).indices, ids)  # the bias moved something
+
+
+def test_ann_decoder_applies_the_bias_as_exact_does(tmp_path):
+    pytest.importorskip("faiss")
+    from itemgen.topk.ann import AnnIndex, AnnTopK
+    from itemgen.topk.exact import ExactTopK
+
+    m, ds = _trained_pair(tmp_path)
+    hist = [e.history[-8:] for e in ds.split.test]
+    query = m.encode(m.query_batch(hist))
+    ann = AnnTopK(m, index=AnnIndex.build(m, "flat"))
+    for exclude in (None, hist):
+        want_s, want = ExactTopK(m).topk(query, 10, exclude=exclude, histories=hist)
+        got_s, got = ann.topk(query, 10, exclude=exclude, histories=hist)
+        assert np.array_equal(got.numpy(), want.numpy()), exclude is None
+
+
+def test_checkpoints_without_the_bias_still_load(tmp_path):
+    from itemgen.models.checkpoint import load_checkpoint, save_checkpoint
+
+    ds = make_dataset(n_users=20, n_items=15, min_len=4, max_len=6, seed=2)
+    cfg = from_dict({"model": "sasrec", "data": {"path": "x", "max_history": 8}, "sasrec": {"hidden": 16}})
+    m = build_model(cfg, ds.items).eval()
+    save_checkpoint(tmp_path / "old", m, cfg, ds.items)
+    # a checkpoint from before the key existed: its config has no `repeat` section
+    import json
+
+    path = tmp_path / "old" / "config.json"
+    raw = json.loads(path.read_text())
+    raw.pop("repeat")
+    path.write_text(json.dumps(raw))
+    loaded, cfg2, _ = load_checkpoint(tmp_path / "old")
+    assert loaded.repeat is None and cfg2.repeat.bias == "none"
+    h = [np.array([1, 2, 3])]
+    assert torch.equal(loaded.scores(h), m.scores(h))
+
+
+def test_repeat_config_is_checked():
+    with pytest.raises(ConfigError, match="repeat.bias: none|scalar|recency"):
+        from_dict({"model": "sasrec", "repeat": {"bias": "yes"}})
+    with pytest.raises(ConfigError, match="repeat.bias needs loss.kind=full"):
+        from_dict({"model": "sasrec", "repeat": {"bias": "scalar"}, "loss": {"kind": "warp"}})
+    with pytest.raises(ConfigError, match="next-item labels"):
+        from_dict({"model": "bert4rec", "repeat": {"bias": "scalar"}})
+    with pytest.raises(ConfigError, match="head=full"):
+        from_dict({"model": "itemlm", "itemlm": {"head": "two_level"}, "repeat": {"bias": "scalar"}})
