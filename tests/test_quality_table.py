@@ -117,3 +117,23 @@ def test_render_only_rewrites_the_table_without_training(quality, results, tmp_p
     monkeypatch.setattr(sys, "argv", ["quality.py", "--render-only", "--results", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match="no results file"):
         quality.main()
+
+
+def test_repeat_rows_get_their_section_and_the_macrec_target_is_judged(quality, results, tmp_path):
+    results["rows"] += [row("instruments", "sasrec-repeat", (0.1001, 0.1310), (0.1004, 0.1315), valid_masked=False),
+                        row("instruments", "itemlm-repeat", (0.1050, 0.1370), (0.1052, 0.1372), valid_masked=False,
+                            best_valid={"ndcg@10": 0.125}),
+                        row("instruments", "itemlm-repeat-x", (0.1100, 0.1300), (0.1101, 0.1301), valid_masked=False,
+                            best_valid={"ndcg@10": 0.120})]
+    out = tmp_path / "q.md"
+    quality.write_table(results, out)
+    text = out.read_text()
+    section = text[text.index("## A learned awareness of repeats"):text.index("## Published field")]
+    assert "| instruments | itemlm-repeat |" in section and "| instruments | sasrec-repeat |" in section
+    assert "Earlier rows" not in text  # not filed with the old rows
+    field = text[text.index("## Published field"):]
+    # validation picks itemlm-repeat (0.125 > 0.120), though itemlm-repeat-x has the higher test NDCG
+    assert "- `itemlm-repeat` (validation's choice, history kept) (ours, seed 0): NDCG@10 0.1050" in field
+    assert "target met, 1.05x goal not met" in field
+    assert "- `itemlm-repeat-x` (ours, seed 0): NDCG@10 0.1100 (1.052x), Recall@10 0.1300 (0.954x): target NOT met" in field
+    assert "- `itemlm` (ours, seed 0): NDCG@10 0.0906" in field and "target NOT met" in field
