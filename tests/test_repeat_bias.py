@@ -198,3 +198,19 @@ def test_repeat_config_is_checked():
         from_dict({"model": "bert4rec", "repeat": {"bias": "scalar"}})
     with pytest.raises(ConfigError, match="head=full"):
         from_dict({"model": "itemlm", "itemlm": {"head": "two_level"}, "repeat": {"bias": "scalar"}})
+
+
+def test_itemlm_started_from_a_sasrec_starts_from_its_repeat_bias(tmp_path):
+    from itemgen.training.item_init import init_items
+
+    sas, ds = _trained_pair(tmp_path)
+    cfg = tiny_cfg("itemlm", items={"init": "sasrec", "init_from": str(tmp_path / "ck")},
+                   itemlm={"backbone": "tiny", "prompt": "ids", "item_dim": 16, "text_vocab_in_softmax": False})
+    m = build_model(cfg, ds.items)
+    init_items(m, cfg, ds)
+    assert torch.equal(m.repeat.values(), sas.repeat.values())
+    other = build_model(tiny_cfg("itemlm", bias="scalar", items={"init": "sasrec", "init_from": str(tmp_path / "ck")},
+                                 itemlm={"backbone": "tiny", "prompt": "ids", "item_dim": 16,
+                                         "text_vocab_in_softmax": False}), ds.items)
+    init_items(other, cfg, ds)  # another shape: stays at zero, learned from scratch
+    assert torch.equal(other.repeat.values(), torch.zeros(1))

@@ -7,7 +7,8 @@ holds the trained vectors.
              items.text_fields) to the table's width; the untied output vectors = the text view
              itself when it is as wide as the model
     ials     implicit ALS item factors of the TRAINING split (the paper's WALS option)
-    sasrec   the item embeddings of a trained SASRec checkpoint (E4SRec style; items.init_from)
+    sasrec   the item embeddings of a trained SASRec checkpoint (E4SRec style; items.init_from),
+             and its repeat bias when both have one (models/repeat_bias.py)
 
 Items with no interaction in the training split get no ID part in a view with text
 (item_repr.py): ``id_known`` is counted here.
@@ -50,7 +51,8 @@ def text_vectors(model, cfg: Config, ds: SequenceDataset) -> torch.Tensor:
     return feats
 
 
-def sasrec_vectors(path: str, ds: SequenceDataset) -> torch.Tensor:
+def load_sasrec(path: str, ds: SequenceDataset):
+    """The SASRec checkpoint ``items.init_from`` names, checked to be one, on ``ds``'s catalog."""
     try:
         sas, cfg, items = load_checkpoint(path)
     except (CheckpointError, OSError) as e:
@@ -60,7 +62,17 @@ def sasrec_vectors(path: str, ds: SequenceDataset) -> torch.Tensor:
     if list(items.ids) != list(ds.items.ids):
         raise CheckpointError(f"items.init_from={path} was trained on another catalog "
                               f"({len(items)} items) than data.path ({len(ds.items)} items)")
-    return sas.items.output_vectors().detach().float()  # (I, d): the ID side (no text-match columns)
+    return sas
+
+
+@torch.no_grad()
+def start_repeat_bias(model, sas) -> None:
+    """A model with a repeat bias (models/repeat_bias.py) started from a SASRec that learned one of
+    the same shape starts from its values: what the data says about repeats, as the item vectors
+    carry what it says about items."""
+    if model is not sas and model.repeat is not None and sas.repeat is not None \
+            and model.repeat.raw.shape == sas.repeat.raw.shape:
+        model.repeat.raw.copy_(sas.repeat.raw)
 
 
 def init_items(model, cfg: Config, ds: SequenceDataset) -> None:
@@ -83,7 +95,9 @@ def init_items(model, cfg: Config, ds: SequenceDataset) -> None:
     elif it.init == "ials":
         vectors = torch.from_numpy(np.asarray(als_item_factors(ds, factors=width, seed=cfg.train.seed)))
     else:
-        vectors = sasrec_vectors(it.init_from, ds)
+        sas = load_sasrec(it.init_from, ds)
+        vectors = sas.items.output_vectors().detach().float()  # (I, d): the ID side (no text-match columns)
+        start_repeat_bias(model, sas)
         if it.input == "nullspace":  # the ID part is null_dim wide: its top principal directions
             vectors = pca(vectors, width)
     model.init_item_vectors(vectors, out_vectors=out)
