@@ -4,7 +4,7 @@ runs can be split over several invocations) and the table in docs/quality.md.
 
     python benchmarks/quality.py                          # every dataset, every default variant
     python benchmarks/quality.py --datasets scientific --variants itemlm,sasrec
-    python benchmarks/quality.py --variants itemlm --set itemlm.head=two_level ...   # extra overrides
+    python benchmarks/quality.py --variants itemlm --set itemlm.head=two_level --set repeat.bias=none ...   # extra overrides
 
     python benchmarks/quality.py --datasets office --variants sasrec,abl-init-random,abl-untied  # ablation rows
     python benchmarks/quality.py --datasets office --variants sasrec-kept    # dropout by history-kept validation
