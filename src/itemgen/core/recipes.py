@@ -18,7 +18,7 @@ EPOCHS = {"max_steps": 10**7, "max_epochs": 200, "eval_every_epochs": 1, "lr_sch
 SASREC_DROPOUTS = (0.1, 0.2, 0.3, 0.5)
 # Both recipes learn a bias on the scores of the user's history items (repeat.bias=recency,
 # models/repeat_bias.py): on instruments it raised validation NDCG@10 with the history kept from
-# 0.1006 to 0.1242 (SASRec, dropout 0.3) and with it masked from 0.1214 to 0.1244 (docs/quality.md,
+# 0.1042 to 0.1242 (SASRec, dropout 0.3) and with it masked from 0.1214 to 0.1244 (docs/quality.md,
 # "A learned awareness of repeats"). A two-level head has none: add repeat.bias=none to
 # itemlm.head=two_level.
 REPEAT = {"repeat": {"bias": "recency"}}
