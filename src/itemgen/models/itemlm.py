@@ -12,6 +12,7 @@ encode, encode_cached, sessions through finish_query), and the head's item vecto
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from itemgen.data.dataset import ItemTable, earlier_items
 from itemgen.data.prompts import PromptBuilder, collate
 from itemgen.heads.clusters import Clusters, resolve_clusters
 from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead, exclude_pairs
+from itemgen.models import packed_decoder
 from itemgen.models.backbones import add_dropout, cache_kwargs, load_backbone
 from itemgen.models.item_encoder import add_lora
 from itemgen.models.item_repr import ItemRepr, compute_text_view, text_dim_of, text_encoder, upgrade_state_dict, uses_text
@@ -74,6 +76,7 @@ class ItemLM(Recommender):
         if cfg.lora_r > 0:
             add_lora(self.backbone, cfg.lora_r)
         add_dropout(self.backbone, cfg.backbone_dropout)  # training mode only
+        self._packed = None  # (weights key, _PackedState): what the packed path reuses (encode_histories)
 
     @classmethod
     def build(cls, cfg: Config, items: ItemTable, checkpoint_dir=None) -> "ItemLM":
@@ -127,6 +130,7 @@ class ItemLM(Recommender):
             w = self.head.item_out
             self.head.item_out = nn.Parameter(torch.cat([w, w.new_zeros(len(view), w.shape[1])]))
         self.n_items = self.head._n_items = self.items.n_items
+        self._packed = None
 
     def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return upgrade_state_dict(state, self.LEGACY_KEYS, n_items=self.n_items)
@@ -301,9 +305,63 @@ class ItemLM(Recommender):
                         pos[None].to(dev))  # (1, T, H)
         return h[0, (n.cumsum(0) - 1).to(dev)]  # (B, H): each row's last token
 
+    # ---- inference: the packed path (models/packed_decoder.py) --------------------------------
+    def encode_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """= encode(query_batch(histories)) -> (B, D), without computing on padding, on the
+        constant prompt prefix or on the last layer's positions before each row's last token
+        (packed_decoder.py); the reference (the HF forward on a padded batch) where the backbone's
+        layers are not the ones that path computes, and in training mode."""
+        if self.training or not packed_decoder.supported(self.decoder):
+            return super().encode_histories(histories)
+        with torch.inference_mode():
+            state = self._packed_state()
+            P = state.decoder.prefix.length
+            enc = [self.prompts.inference_prompt(h) for h in histories]
+            if P == 0 and any(len(e) == 0 for e in enc):  # an empty prompt: the reference says what it does
+                return super().encode_histories(histories)
+            dev = self.device
+            order = sorted(range(len(enc)), key=lambda b: len(enc[b]))  # by length: less padding in attention
+            lengths = [len(enc[b]) - P for b in order]
+            tokens = torch.from_numpy(np.concatenate([enc[b].tokens[P:] for b in order])).to(dev)  # (T,)
+            items = torch.from_numpy(np.concatenate([enc[b].items[P:] for b in order])).to(dev)  # (T,)
+            x = self.backbone.get_input_embeddings()(tokens.clamp(min=0))  # (T, H); item slots' -1 replaced next
+            is_item = items >= 0
+            x[is_item] = state.item_inputs[items[is_item]].to(x.dtype)
+            h = torch.empty_like(x[:len(enc)]) if len(enc) else x.new_zeros(0, x.shape[1])
+            h[torch.tensor(order, device=dev)] = state.decoder.last_states(x, lengths)  # (B, H)
+            return self.finish_query(h, histories)
+
+    def _packed_state(self) -> "_PackedState":
+        """What depends on the weights only, computed once per weights: every item's projected input
+        vector (I, H) (ItemRepr's MLP then runs once per catalog, not once per history slot), the
+        layers' weights as the packed forward reads them and the prompt prefix's keys/values. Kept until a parameter or buffer changes (loading and in-place
+        updates bump versions; new items and moving devices change storage), train() or append_items."""
+        key = (tuple((t._version, t.data_ptr()) for t in [*self.parameters(), *self.buffers()]),
+               torch.is_autocast_enabled(self.device.type))
+        if self._packed is None or self._packed[0] != key:
+            dev = self.device
+            cache = self.new_cache()
+            p = torch.as_tensor(self.prompts.prefix, dtype=torch.long, device=dev)[None]  # (1, P)
+            last = self.extend(cache, p, torch.full_like(p, -1))[0, -1] if p.shape[1] else None  # (H,)
+            prefix = packed_decoder.Prefix.from_cache(cache, last) if p.shape[1] else \
+                packed_decoder.Prefix([], [], None)
+            items = self.items(torch.arange(self.n_items, device=dev))  # (I, H)
+            self._packed = (key, _PackedState(items, packed_decoder.PackedDecoder(self.decoder, prefix)))
+        return self._packed[1]
+
+    def train(self, mode: bool = True):
+        self._packed = None  # fused AdamW updates weights without bumping versions (item_repr.py)
+        return super().train(mode)
+
     def score_items(self, query):
         return self.head.item_log_probs(query)
 
     def item_vectors(self) -> torch.Tensor:
         """(I, D) output vectors, for exact and ANN top-k (D = H, or H + F with the text-match path)."""
         return self.head.item_vectors()
+
+
+@dataclass
+class _PackedState:
+    item_inputs: torch.Tensor  # (I, H) every item's projected input vector
+    decoder: packed_decoder.PackedDecoder  # the layers' weights as it reads them, the prompt prefix's keys/values
