@@ -327,7 +327,7 @@ class ItemLM(Recommender):
             x = self.backbone.get_input_embeddings()(tokens.clamp(min=0))  # (T, H); item slots' -1 replaced next
             is_item = items >= 0
             x[is_item] = state.item_inputs[items[is_item]].to(x.dtype)
-            h = torch.empty_like(x[:len(enc)]) if len(enc) else x.new_zeros(0, x.shape[1])
+            h = x.new_empty(len(enc), x.shape[1])  # (B, H) in the callers' order
             h[torch.tensor(order, device=dev)] = state.decoder.last_states(x, lengths)  # (B, H)
             return self.finish_query(h, histories)
 
