@@ -76,7 +76,8 @@ class ItemLM(Recommender):
         if cfg.lora_r > 0:
             add_lora(self.backbone, cfg.lora_r)
         add_dropout(self.backbone, cfg.backbone_dropout)  # training mode only
-        self._packed = None  # (weights key, _PackedState): what the packed path reuses (encode_histories)
+        self._packed: _PackedState | None = None  # what the packed path reuses (encode_histories)
+        self.register_load_state_dict_post_hook(ItemLM._drop_packed)  # load_state_dict(assign=True) too
 
     @classmethod
     def build(cls, cfg: Config, items: ItemTable, checkpoint_dir=None) -> "ItemLM":
@@ -309,12 +310,12 @@ class ItemLM(Recommender):
     def encode_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
         """= encode(query_batch(histories)) -> (B, D), without computing on padding, on the
         constant prompt prefix or on the last layer's positions before each row's last token
-        (packed_decoder.py); the reference (the HF forward on a padded batch) where the backbone's
-        layers are not the ones that path computes, and in training mode."""
-        if self.training or not packed_decoder.supported(self.decoder):
+        (packed_decoder.py); the reference (the HF forward on a padded batch) in training mode and
+        where the backbone's layers are not the ones that path computes."""
+        state = None if self.training else self._packed_state()
+        if state is None or state.decoder is None:
             return super().encode_histories(histories)
         with torch.inference_mode():
-            state = self._packed_state()
             P = state.decoder.prefix.length
             enc = [self.prompts.inference_prompt(h) for h in histories]
             if P == 0 and any(len(e) == 0 for e in enc):  # an empty prompt: the reference says what it does
@@ -331,23 +332,34 @@ class ItemLM(Recommender):
             h[torch.tensor(order, device=dev)] = state.decoder.last_states(x, lengths)  # (B, H)
             return self.finish_query(h, histories)
 
+    @torch.inference_mode()
     def _packed_state(self) -> "_PackedState":
         """What depends on the weights only, computed once per weights: every item's projected input
         vector (I, H) (ItemRepr's MLP then runs once per catalog, not once per history slot), the
-        layers' weights as the packed forward reads them and the prompt prefix's keys/values. Kept until a parameter or buffer changes (loading and in-place
-        updates bump versions; new items and moving devices change storage), train() or append_items."""
-        key = (tuple((t._version, t.data_ptr()) for t in [*self.parameters(), *self.buffers()]),
-               torch.is_autocast_enabled(self.device.type))
-        if self._packed is None or self._packed[0] != key:
+        layers' weights as the packed forward reads them and the prompt prefix's keys/values (no
+        decoder: the layers are not the ones it computes). Kept while every parameter and buffer it
+        was computed from is unchanged (in-place updates bump versions, moving devices changes
+        storage); train(), loading a state dict and append_items drop it."""
+        autocast = torch.is_autocast_enabled(self.device.type)
+        if self._packed is not None and self._packed.current(autocast):
+            return self._packed
+        deps = [*self.parameters(), *self.buffers()]
+        decoder = None
+        if packed_decoder.supported(self.decoder):
             dev = self.device
             cache = self.new_cache()
             p = torch.as_tensor(self.prompts.prefix, dtype=torch.long, device=dev)[None]  # (1, P)
             last = self.extend(cache, p, torch.full_like(p, -1))[0, -1] if p.shape[1] else None  # (H,)
             prefix = packed_decoder.Prefix.from_cache(cache, last) if p.shape[1] else \
                 packed_decoder.Prefix([], [], None)
-            items = self.items(torch.arange(self.n_items, device=dev))  # (I, H)
-            self._packed = (key, _PackedState(items, packed_decoder.PackedDecoder(self.decoder, prefix)))
-        return self._packed[1]
+            decoder = packed_decoder.PackedDecoder(self.decoder, prefix)
+        items = self.items(torch.arange(self.n_items, device=self.device)) if decoder is not None else None  # (I, H)
+        self._packed = _PackedState(deps, _PackedState.key_of(deps, autocast), items, decoder)
+        return self._packed
+
+    @staticmethod
+    def _drop_packed(module, incompatible_keys) -> None:
+        module._packed = None
 
     def train(self, mode: bool = True):
         self._packed = None  # fused AdamW updates weights without bumping versions (item_repr.py)
@@ -363,5 +375,16 @@ class ItemLM(Recommender):
 
 @dataclass
 class _PackedState:
-    item_inputs: torch.Tensor  # (I, H) every item's projected input vector
-    decoder: packed_decoder.PackedDecoder  # the layers' weights as it reads them, the prompt prefix's keys/values
+    """What ItemLM's packed path reuses, and the tensors it was computed from."""
+
+    deps: list[torch.Tensor]  # every parameter and buffer of the model when computed
+    key: tuple  # their versions and storage, and whether autocast was on
+    item_inputs: torch.Tensor | None  # (I, H) every item's projected input vector
+    decoder: packed_decoder.PackedDecoder | None  # the layers as it reads them, the prompt prefix's keys/values
+
+    @staticmethod
+    def key_of(deps: list[torch.Tensor], autocast: bool) -> tuple:
+        return autocast, *((t._version, t.data_ptr()) for t in deps)
+
+    def current(self, autocast: bool) -> bool:
+        return self.key == self.key_of(self.deps, autocast)
