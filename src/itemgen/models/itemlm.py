@@ -325,9 +325,12 @@ class ItemLM(Recommender):
             lengths = [len(enc[b]) - P for b in order]
             tokens = torch.from_numpy(np.concatenate([enc[b].tokens[P:] for b in order])).to(dev)  # (T,)
             items = torch.from_numpy(np.concatenate([enc[b].items[P:] for b in order])).to(dev)  # (T,)
-            x = self.backbone.get_input_embeddings()(tokens.clamp(min=0))  # (T, H); item slots' -1 replaced next
             is_item = items >= 0
-            x[is_item] = state.item_inputs[items[is_item]].to(x.dtype)
+            if bool(is_item.all()):  # the ids prompt: one item token per slot, no text after the prefix
+                x = state.item_inputs[items]  # (T, H)
+            else:
+                x = self.backbone.get_input_embeddings()(tokens.clamp(min=0))  # (T, H); item slots' -1 replaced next
+                x[is_item] = state.item_inputs[items[is_item]].to(x.dtype)
             h = x.new_empty(len(enc), x.shape[1])  # (B, H) in the callers' order
             h[torch.tensor(order, device=dev)] = state.decoder.last_states(x, lengths)  # (B, H)
             return self.finish_query(h, histories)

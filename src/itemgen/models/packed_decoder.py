@@ -29,12 +29,14 @@ HF forward.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 SUPPORTED_TYPES = ("llama", "qwen2")  # decoder layers: RMSNorm -> attention(RoPE) -> RMSNorm -> MLP
+STATIC_ROPE = ("default", "linear", "llama3")  # a position's rotation does not depend on the sequence
 
 
 def supported(decoder) -> bool:
@@ -42,6 +44,8 @@ def supported(decoder) -> bool:
     the layer structure :func:`last_states` computes."""
     cfg = decoder.config
     if cfg.model_type not in SUPPORTED_TYPES or not hasattr(decoder, "rotary_emb"):
+        return False
+    if getattr(decoder.rotary_emb, "rope_type", "default") not in STATIC_ROPE:  # e.g. dynamic: depends on length
         return False
     for layer in decoder.layers:
         attn = layer.self_attn
@@ -100,11 +104,21 @@ class _Group:
         return out.transpose(1, 2)
 
 
-def _groups(lengths: list[int], P: int, dev) -> list[_Group]:
-    """Rows (sorted by length, none empty) -> groups that each keep padding under a third of
-    their slots: attention over (rows, L) costs rows x L^2, and one 50-item history must not pad
-    63 short ones to 50."""
-    out, a, start = [], 0, 0
+@dataclass
+class _Layout:
+    """Where every token of a batch of rows goes: depends on the rows' lengths only."""
+
+    groups: list[_Group]
+    last: torch.Tensor  # (B',) each non-empty row's last token in the packing
+    pos: torch.Tensor  # (T,) each token's position in its full prompt (after the prefix's P)
+
+
+@functools.lru_cache(maxsize=256)  # batch 1 sees at most max_history layouts; small tensors each
+def _layout(lengths: tuple[int, ...], P: int, dev: torch.device) -> _Layout:
+    """Rows sorted by length, none empty, after a prefix of P tokens -> their layout; the rows are
+    grouped so that each group keeps padding under a third of its slots: attention over (rows, L)
+    costs rows x L^2, and one 50-item history must not pad 63 short ones to 50."""
+    groups, a, start = [], 0, 0
     for b in range(1, len(lengths) + 1):
         if b < len(lengths) and (b + 1 - a) * lengths[b] <= 1.5 * (sum(lengths[a:b + 1])):
             continue
@@ -117,10 +131,13 @@ def _groups(lengths: list[int], P: int, dev) -> list[_Group]:
         own = causal[None] & (kpos[None, None, :] < t[:, None, None])  # (rows, Lq, Lk) and j in the row
         see = torch.cat([own.new_ones(b - a, L, P), own], dim=2)[:, None]
         see_last = torch.cat([own.new_ones(b - a, P), kpos[None] < t[:, None]], dim=1)[:, None, None]
-        out.append(_Group(slice(a, b), slice(start, start + int(t.sum())), L, row * L + offs,
-                          row * (P + L) + P + offs, see, see_last))
+        groups.append(_Group(slice(a, b), slice(start, start + int(t.sum())), L, row * L + offs,
+                             row * (P + L) + P + offs, see, see_last))
         a, start = b, start + int(t.sum())
-    return out
+    n = torch.tensor(lengths, device=dev)
+    starts = n.cumsum(0) - n
+    row = torch.repeat_interleave(torch.arange(len(lengths), device=dev), n)  # (T,)
+    return _Layout(groups, starts + n - 1, P + torch.arange(int(n.sum()), device=dev) - starts[row])
 
 
 class _Linear:
@@ -133,7 +150,7 @@ class _Linear:
             torch.cat([b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, mods)])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.w.to(x.dtype)
+        w = self.w if self.w.dtype == x.dtype else self.w.to(x.dtype)  # autocast
         return x @ w if self.b is None else torch.addmm(self.b.to(x.dtype), x, w)
 
 
@@ -153,7 +170,7 @@ class _Layer:
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_up(x)  # (N, 2 * inter)
-        return self.down(self.act(g[:, :self.inter]) * g[:, self.inter:])
+        return self.down(self.act(g[:, :self.inter]).mul_(g[:, self.inter:]))  # act(gate) * up, one buffer
 
 
 class PackedDecoder:
@@ -167,6 +184,18 @@ class PackedDecoder:
         self.layers = [_Layer(layer, i == n - 1) for i, layer in enumerate(decoder.layers)]
         self.norm, self.rotary = decoder.norm, decoder.rotary_emb
         self.prefix = prefix
+        self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _rotation(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin (T, d) at positions ``pos`` (T,), from a table of the positions seen
+        so far (the rotary module's own values: a position's rotation does not depend on the rest)."""
+        need = int(pos.max()) + 1
+        if self._rot is None or self._rot[0].shape[0] < need or self._rot[0].dtype != dtype:
+            n = max(need, 2 * (0 if self._rot is None else self._rot[0].shape[0]), 64)
+            at = torch.arange(n, device=pos.device)[None]
+            cos, sin = self.rotary(torch.zeros(1, dtype=dtype, device=pos.device), at)  # (1, n, d)
+            self._rot = cos[0], sin[0]
+        return self._rot[0][pos], self._rot[1][pos]
 
     def last_states(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """x (T, H) the embedded tokens after the prefix of B rows, packed row after row, the rows
@@ -183,14 +212,9 @@ class PackedDecoder:
             out[:empty] = prefix.last.to(out.dtype)
         if empty == B:
             return out
-        groups = _groups(list(lengths[empty:]), P, dev)
-        n_all = torch.tensor(lengths, device=dev)
-        starts = n_all.cumsum(0) - n_all  # (B,)
-        row = torch.repeat_interleave(torch.arange(B, device=dev), n_all)  # (T,)
-        offs = torch.arange(T, device=dev) - starts[row]  # (T,) position inside the row
-        last = (starts + n_all - 1)[empty:]  # (B',) each non-empty row's last token in the packing
-        cos, sin = self.rotary(x[None], (P + offs)[None])  # (1, T, d)
-        cos, sin = cos[0], sin[0]
+        lay = _layout(tuple(lengths[empty:]), P, dev)
+        groups, last = lay.groups, lay.last
+        cos, sin = self._rotation(lay.pos, x.dtype)  # (T, d) each
         for i, ly in enumerate(self.layers):
             h = ly.norm1(x)  # (T, H)
             final = ly is self.layers[-1]
