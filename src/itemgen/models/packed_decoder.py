@@ -47,6 +47,9 @@ def supported(decoder) -> bool:
         return False
     if getattr(decoder.rotary_emb, "rope_type", "default") not in STATIC_ROPE:  # e.g. dynamic: depends on length
         return False
+    norms = [decoder.norm] + [n for layer in decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if not all(hasattr(n, "variance_epsilon") for n in norms):  # RMSNorm as _rms computes it
+        return False
     for layer in decoder.layers:
         attn = layer.self_attn
         if getattr(attn, "sliding_window", None) is not None or hasattr(attn, "q_norm"):
@@ -75,10 +78,19 @@ class Prefix:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, d), cos/sin (T, d) -> RoPE applied (the HF rotate_half convention)."""
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rot * sin[:, None]
+    """x (T, heads, d), cos (T, d), sin (T, d) with its first half negated -> RoPE applied: HF's
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] = [x2, x1] * [-1, 1] (the sign
+    moved onto sin: the same products, exactly)."""
+    T, heads, d = x.shape
+    swapped = x.view(T, heads, 2, d // 2).flip(2).view(T, heads, d)  # [x2, x1]
+    return x * cos[:, None] + swapped * sin[:, None]
+
+
+def _rms(norm, x: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm module's output (Llama/Qwen2: weight * x / sqrt(mean(x^2) + eps), in float32)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
 
 
 @dataclass
@@ -92,11 +104,17 @@ class _Group:
     flat_p: torch.Tensor  # (t,) the same in (rows, P + L), after the prefix
     see: torch.Tensor  # (rows, 1, L, P + L) bool: which keys each query position may see
     see_last: torch.Tensor  # (rows, 1, 1, P + L) bool: the same for each row's last token
+    dense: bool  # every row has L tokens: the packed tokens are the (rows, L) layout already
 
     def padded(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """x (t, heads, d) this group's packed tokens -> (rows, heads, [P +] L, d), zero where a
         row is shorter than L; ``prefix`` (heads, P, d) first when given."""
         n, P = self.rows.stop - self.rows.start, 0 if prefix is None else prefix.shape[1]
+        if self.dense:
+            out = x.view(n, self.L, *x.shape[1:])
+            if P:
+                out = torch.cat([prefix.transpose(0, 1)[None].expand(n, -1, -1, -1).to(x.dtype), out], dim=1)
+            return out.transpose(1, 2)
         out = x.new_zeros(n, P + self.L, *x.shape[1:])  # (rows, P + L, heads, d)
         if P:
             out[:, :P] = prefix.transpose(0, 1).to(x.dtype)
@@ -132,7 +150,7 @@ def _layout(lengths: tuple[int, ...], P: int, dev: torch.device) -> _Layout:
         see = torch.cat([own.new_ones(b - a, L, P), own], dim=2)[:, None]
         see_last = torch.cat([own.new_ones(b - a, P), kpos[None] < t[:, None]], dim=1)[:, None, None]
         groups.append(_Group(slice(a, b), slice(start, start + int(t.sum())), L, row * L + offs,
-                             row * (P + L) + P + offs, see, see_last))
+                             row * (P + L) + P + offs, see, see_last, dense=min(n) == L))
         a, start = b, start + int(t.sum())
     n = torch.tensor(lengths, device=dev)
     starts = n.cumsum(0) - n
@@ -187,14 +205,17 @@ class PackedDecoder:
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _rotation(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE's cos and sin (T, d) at positions ``pos`` (T,), from a table of the positions seen
+        """RoPE's cos and sin (T, d) at positions ``pos`` (T,) (sin's first half negated, as _rope
+        takes it), from a table of the positions seen
         so far (the rotary module's own values: a position's rotation does not depend on the rest)."""
         need = int(pos.max()) + 1
         if self._rot is None or self._rot[0].shape[0] < need or self._rot[0].dtype != dtype:
             n = max(need, 2 * (0 if self._rot is None else self._rot[0].shape[0]), 64)
             at = torch.arange(n, device=pos.device)[None]
             cos, sin = self.rotary(torch.zeros(1, dtype=dtype, device=pos.device), at)  # (1, n, d)
-            self._rot = cos[0], sin[0]
+            sign = torch.ones(sin.shape[-1], dtype=dtype, device=pos.device)
+            sign[: sin.shape[-1] // 2] = -1  # rotate_half's minus, on sin (_rope)
+            self._rot = cos[0], sin[0] * sign
         return self._rot[0][pos], self._rot[1][pos]
 
     def last_states(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -216,7 +237,7 @@ class PackedDecoder:
         groups, last = lay.groups, lay.last
         cos, sin = self._rotation(lay.pos, x.dtype)  # (T, d) each
         for i, ly in enumerate(self.layers):
-            h = ly.norm1(x)  # (T, H)
+            h = _rms(ly.norm1, x)  # (T, H)
             final = ly is self.layers[-1]
             if final:
                 q, kv = None, ly.kv(h)  # (T, 2 KV)
@@ -232,9 +253,10 @@ class PackedDecoder:
                     t = g.tokens
                     og = F.scaled_dot_product_attention(g.padded(q[t]), g.padded(k[t], pk), g.padded(v[t], pv),
                                                         attn_mask=g.see, scale=ly.scaling, enable_gqa=True)
-                    o[t] = og.transpose(1, 2).reshape(-1, ly.nq)[g.flat]  # (rows, heads, L, d) -> (t, Q)
+                    og = og.transpose(1, 2).reshape(-1, ly.nq)  # (rows, heads, L, d) -> (rows * L, Q)
+                    o[t] = og if g.dense else og[g.flat]
                 x = x + ly.o(o)  # (T, H)
-                x = x + ly.mlp(ly.norm2(x))
+                x = x + ly.mlp(_rms(ly.norm2, x))
                 continue
             # the last layer: only each row's last token goes on
             ql = _rope(ly.q(h[last]).view(len(last), -1, ly.hd), cos[last], sin[last])  # (B', heads, d)
@@ -245,7 +267,7 @@ class PackedDecoder:
                                                     scale=ly.scaling, enable_gqa=True)  # (rows, heads, 1, d)
                 o[g.rows] = og.reshape(-1, ly.nq)
             y = x[last] + ly.o(o)  # (B', H)
-            y = y + ly.mlp(ly.norm2(y))
-            out[empty:] = self.norm(y)
+            y = y + ly.mlp(_rms(ly.norm2, y))
+            out[empty:] = _rms(self.norm, y)
             return out
         raise ValueError("the decoder has no layers")
