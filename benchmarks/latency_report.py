@@ -118,7 +118,10 @@ def per_user_cost_section(r: dict | None) -> list[str]:
               f"(largest score difference {c['max_abs_score_difference']:.1e}). The targets are read on the wall clock; "
               "CPU ms is the thread's CPU time (it leaves out the time other processes held the core). FLOPs per user (matmuls and "
               f"attention, torch.utils.flop_counter, batch {p['batch']}): ItemLM {r['flops_ratio_itemlm_to_sasrec']:.0f}x "
-              "SASRec's.", ""]
+              "SASRec's" + (lambda w: "" if w is None else
+                            f"; weights a batch-1 query reads (layers and output item vectors): ItemLM "
+                            f"{w['itemlm'] / 2**20:.1f} MiB, SASRec {w['sasrec'] / 2**20:.2f} MiB")(
+                  r.get("weight_bytes_per_query")) + ".", ""]
     return lines
 
 

@@ -18,7 +18,8 @@ consecutive batches of 64 (in sample order: lengths mixed, as requests come), th
 ms per user = batch time / 64. Before timing, the packed path's top-10 is checked against the
 reference's for every user (indices equal, scores allclose). FLOPs per user come from
 torch.utils.flop_counter over the batch-64 pass (matmuls and attention: what the backbone's width
-costs). Results go under the key ``per_user_cost`` of benchmarks/results/latency.json (the other
+costs); weight bytes per query are what a batch-1 query must read whatever its history (layers
+and output item vectors): at batch 1 ItemLM's matmuls are bound by reading them. Results go under the key ``per_user_cost`` of benchmarks/results/latency.json (the other
 keys are left as they are) and docs/latency.md is rebuilt (latency_report.py).
 """
 
@@ -75,6 +76,20 @@ def flops_per_user(fn, hists: list[np.ndarray], batch: int) -> float:
         for a in range(0, len(hists), batch):
             fn(hists[a:a + batch])
     return fc.get_total_flops() / len(hists)
+
+
+def weight_bytes(pred: Predictor) -> int:
+    """Bytes of the weights one batch-1 query reads whatever its history: every layer's weights
+    and the catalog's output vectors (ItemLM: the decoder's layers, not the text embedding table,
+    which the ids prompt does not read; SASRec: all of it)."""
+    m = pred.model
+    with torch.inference_mode():
+        items = m.item_vectors()  # (I, D)
+    if pred.cfg.model == "itemlm":
+        layers = list(m.decoder.layers.parameters()) + list(m.decoder.norm.parameters())
+    else:
+        layers = [p for n, p in m.named_parameters() if not n.startswith("items.")]
+    return sum(p.numel() * p.element_size() for p in layers) + items.numel() * items.element_size()
 
 
 def measure(fns: dict, hists: list[np.ndarray], batch: int, repeats: int) -> dict:
@@ -164,6 +179,7 @@ def main(argv=None) -> int:
                           "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)]},
               "parity": check, "flops_per_user": flops,
               "flops_ratio_itemlm_to_sasrec": round(flops["itemlm"] / flops["sasrec"], 2),
+              "weight_bytes_per_query": {"itemlm": weight_bytes(itemlm), "sasrec": weight_bytes(sasrec)},
               "batch1_p50_ms_per_user": b1, f"batch{args.batch}_ms_per_user": bn,
               "targets": {"batch1_max_ratio": TARGETS["batch1"], "batch64_max_ratio": TARGETS["batch64"],
                           "batch1_met": b1["itemlm"]["ratio_to_sasrec"] <= TARGETS["batch1"],

@@ -193,3 +193,13 @@ def test_no_flops_on_padding_or_on_the_last_layer_s_earlier_positions(data):
     assert fast <= 1.2 * bound + 2 * len(hist) * H * m.n_items * 2, (fast, bound)
     assert fast < 0.4 * ref, (fast, ref)
     assert P > 0
+
+
+def test_positions_past_the_first_rope_table(data):
+    """The RoPE table grows when a longer prompt comes after short ones (64 positions at first)."""
+    m, _ = built(data)
+    short = [np.asarray([1, 2, 3])]
+    assert_same_queries(m, short)
+    long = [np.arange(150) % data.n_items, np.asarray([4, 5])]
+    assert_same_queries(m, long)
+    assert m._packed.decoder._rot[0].shape[0] >= 150

@@ -204,11 +204,11 @@ class PackedDecoder:
         self.prefix = prefix
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _rotation(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotation(self, pos: torch.Tensor, need: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE's cos and sin (T, d) at positions ``pos`` (T,) (sin's first half negated, as _rope
         takes it), from a table of the positions seen
-        so far (the rotary module's own values: a position's rotation does not depend on the rest)."""
-        need = int(pos.max()) + 1
+        so far (the rotary module's own values: a position's rotation does not depend on the rest);
+        ``need``: 1 + the largest position."""
         if self._rot is None or self._rot[0].shape[0] < need or self._rot[0].dtype != dtype:
             n = max(need, 2 * (0 if self._rot is None else self._rot[0].shape[0]), 64)
             at = torch.arange(n, device=pos.device)[None]
@@ -235,7 +235,7 @@ class PackedDecoder:
             return out
         lay = _layout(tuple(lengths[empty:]), P, dev)
         groups, last = lay.groups, lay.last
-        cos, sin = self._rotation(lay.pos, x.dtype)  # (T, d) each
+        cos, sin = self._rotation(lay.pos, P + max(lengths), x.dtype)  # (T, d) each
         for i, ly in enumerate(self.layers):
             h = _rms(ly.norm1, x)  # (T, H)
             final = ly is self.layers[-1]
