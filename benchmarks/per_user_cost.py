@@ -19,7 +19,8 @@ ms per user = batch time / 64. Before timing, the packed path's top-10 is checke
 reference's for every user (indices equal, scores allclose). FLOPs per user come from
 torch.utils.flop_counter over the batch-64 pass (matmuls and attention: what the backbone's width
 costs); weight bytes per query are what a batch-1 query must read whatever its history (layers
-and output item vectors): at batch 1 ItemLM's matmuls are bound by reading them. Results go under the key ``per_user_cost`` of benchmarks/results/latency.json (the other
+and output item vectors): at batch 1 ItemLM's matmuls are bound by reading them. Results go
+under the key ``per_user_cost`` of benchmarks/results/latency.json (the other
 keys are left as they are) and docs/latency.md is rebuilt (latency_report.py).
 """
 

@@ -159,7 +159,8 @@ def test_what_it_keeps_follows_the_weights(data):
     assert m._packed is None
     m.eval()
     assert_same_queries(m, hist)
-    state = m.load_state_dict({k: v * 0.9 if v.is_floating_point() else v for k, v in m.state_dict().items()}, assign=True)  # new tensors
+    scaled = {k: v * 0.9 if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    state = m.load_state_dict(scaled, assign=True)  # new tensors, not copied into the old ones
     assert not state.missing_keys and m._packed is None
     assert_same_queries(m, hist)
     m.append_items(torch.randn(2, m.items.text_view.shape[1]))  # new items (models/new_items.py)

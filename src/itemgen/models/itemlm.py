@@ -387,7 +387,9 @@ class _PackedState:
 
     @staticmethod
     def key_of(deps: list[torch.Tensor], autocast: bool) -> tuple:
-        return autocast, *((t._version, t.data_ptr()) for t in deps)
+        # an inference tensor (made under inference_mode) has no version counter; it cannot be
+        # updated in place outside inference_mode either
+        return autocast, *((-1 if t.is_inference() else t._version, t.data_ptr()) for t in deps)
 
     def current(self, autocast: bool) -> bool:
         return self.key == self.key_of(self.deps, autocast)

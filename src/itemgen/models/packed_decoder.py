@@ -2,29 +2,31 @@
 of each row's LAST token after the final norm, for prompts that share a constant prefix.
 
 The Hugging Face forward, run on a left-padded batch (ItemLM.encode), spends its time where the
-answer does not need it (office, batch 64, 1 thread: mean 11 prompt tokens padded to the batch's
-longest, up to 52): on padding, on the constant prompt prefix that every row recomputes, and on
-the last layer's queries, attention output, MLP and norm at positions whose state nobody reads.
-This forward removes all three and nothing else:
+answer does not need it (office test users, batch 64: a mean history of 9.6 items, each row
+padded to the batch's longest, up to 50): on padding, on the constant prompt prefix that every
+row recomputes, and on the last layer's queries, attention output, MLP and norm at positions
+whose state nobody reads. This forward removes all three and nothing else:
 
 - rows are packed: the linear layers (q/k/v/o projections, MLP) run on the T real tokens of all
-  rows as one (T, H) matrix; only the attention itself is laid out per row, (B, heads, L, d)
-  with L the longest row, where padding costs L^2 per row, not L x the model's width;
-- the prefix's keys/values per layer come from a cache (computed once per weights, ``prefix``);
+  rows as one (T, H) matrix; only the attention itself is laid out per row, (rows, heads, L, d),
+  in groups of rows of similar length (the caller sorts them), so that padding stays under a
+  third of a group's slots and costs L^2 per row there, not L x the model's width;
+- the prefix's keys/values per layer come from a cache (computed once per weights, ``Prefix``);
   rows hold only the tokens after it, at the positions they have in the full prompt;
 - the last layer computes keys/values for every token (earlier tokens are attended to) but its
   query, output projection, MLP and the final norm at each row's last token only.
 
-It reads the layers' own modules and weights (norms, rotary embedding, projections, MLP), so it
-is the same arithmetic as the HF forward up to float summation order. The projections' weights
-are kept transposed, (in, out) contiguous, and fused (q|k|v, gate|up): MKL multiplies a few rows
-by an (out, in) weight, as nn.Linear hands it over, about 2x slower than by an (in, out) one
-(1 thread, 10 x 576 by 576 x 1536: 1.5 ms against 0.7 ms, measured), and one call per fused
-group saves a call's overhead per projection. The copies cost the layers' size once (not the
-embeddings') and live as long as the weights do (ItemLM._packed_state): tests/test_packed_decoder.py
-checks states and top-k against ItemLM.encode on Llama and Qwen2 configs. Architectures whose
-layers differ (extra q/k norms, sliding windows, other norms) are not ``supported`` and keep the
-HF forward.
+It reads the layers' own weights and modules (norm weights and epsilon, rotary embedding,
+projections, activation), so it is the same arithmetic as the HF forward up to float summation
+order: tests/test_packed_decoder.py checks states and top-k against ItemLM.encode on Llama and
+Qwen2 configs. The projections' weights are kept transposed, (in, out) contiguous, and fused
+(q|k|v, gate|up): MKL multiplies a few rows by an (out, in) weight, as nn.Linear hands it over,
+about 2x slower than by an (in, out) one (1 thread, 10 x 576 by 576 x 1536: 1.5 ms against
+0.7 ms on the shared 2-core machine), and one call per fused group saves a call's overhead per
+projection. The copies cost the layers' size once (not the embeddings') and live as long as the
+weights do (ItemLM._packed_state). Architectures whose layers differ (extra q/k norms, sliding
+windows, other norms, a RoPE that depends on the length) are not ``supported`` and keep the HF
+forward.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ STATIC_ROPE = ("default", "linear", "llama3")  # a position's rotation does not 
 
 def supported(decoder) -> bool:
     """Whether ``decoder`` (an HF base model: embed_tokens, layers, norm, rotary_emb) has exactly
-    the layer structure :func:`last_states` computes."""
+    the layer structure PackedDecoder.last_states computes."""
     cfg = decoder.config
     if cfg.model_type not in SUPPORTED_TYPES or not hasattr(decoder, "rotary_emb"):
         return False
     if getattr(decoder.rotary_emb, "rope_type", "default") not in STATIC_ROPE:  # e.g. dynamic: depends on length
         return False
-    norms = [decoder.norm] + [n for layer in decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms = [decoder.norm] + [n for ly in decoder.layers for n in (ly.input_layernorm, ly.post_attention_layernorm)]
     if not all(hasattr(n, "variance_epsilon") for n in norms):  # RMSNorm as _rms computes it
         return False
     for layer in decoder.layers:
