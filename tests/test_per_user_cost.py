@@ -5,7 +5,6 @@ dataset's latency table)."""
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _script(name: str):
-    sys.path.insert(0, str(BENCH))  # per_user_cost imports latency_report as a sibling
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
