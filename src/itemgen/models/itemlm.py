@@ -336,6 +336,12 @@ class ItemLM(Recommender):
             return self.finish_query(h, histories)
 
     @torch.inference_mode()
+    @property
+    def packs_histories(self) -> bool:
+        """Whether encode_histories takes the packed path (its layers are ones packed_decoder.py
+        computes): a server then needs no prefix cache of its own for one-shot requests."""
+        return packed_decoder.supported(self.decoder)
+
     def _packed_state(self) -> "_PackedState":
         """What depends on the weights only, computed once per weights: every item's projected input
         vector (I, H) (ItemRepr's MLP then runs once per catalog, not once per history slot), the
