@@ -326,6 +326,8 @@ def test_items_add_on_a_text_match_model_ranks_a_near_duplicate_new_item_first(f
     ({"items": {"text_gate": [5]}}, "items.text_gate needs items.id_dropout > 0"),
     ({"items": {"text_gate": [20, 5], "id_dropout": 0.2}}, "items.text_gate must be increasing"),
     ({"items": {"text_gate": [1], "id_dropout": 0.2}}, "items.text_gate must be increasing"),
+    ({"items": {"id_min_count": 5, "id_dropout": 0.2}}, "items.id_min_count > 1 needs items.text_gate"),
+    ({"items": {"id_min_count": 0}}, "items.id_min_count must be >= 1"),
 ])
 def test_config_errors_name_what_is_wrong(change, match):
     base = {"model": "itemlm", "itemlm": {"text_vocab_in_softmax": False},
@@ -450,3 +452,37 @@ def test_the_closed_bucket_learns_what_text_is_worth(families, tmp_path):
         assert w["60+"] == (1.0, 0.0)
         closed[name] = w["closed"][0]
     assert closed["informative"] > 3.0 and closed["informative"] > 3 * closed["shuffled"], closed
+
+
+def test_items_below_id_min_count_are_scored_as_closed_but_stay_in_training(data):
+    """items.id_min_count: an item seen fewer times has no ID part (closed bucket, as a new item)
+    in scoring and training, yet it is a training target like any other (unlike an unseen item)."""
+    m, _ = built(data, items={**GATE, "id_min_count": 3})
+    counts = torch.as_tensor(np.bincount(np.concatenate(data.split.train), minlength=data.n_items))
+    few = (counts > 0) & (counts < 3)
+    assert few.any() and (counts >= 3).any()
+    assert torch.equal(m.items.id_known, counts >= 3)
+    with torch.no_grad():
+        m.items.gate.bias.fill_(0.1)
+    F_ = m.items.text_view.shape[1] + 1
+    v = m.item_vectors()
+    assert torch.equal((v[:, :-F_] != 0).any(1), counts >= 3)
+    g, c = m.items.gate(torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(v[few, -1], c.expand(int(few.sum())))  # the closed bucket's bias
+    unseen = m.items.unseen_in_training()
+    assert unseen is None or torch.equal(unseen, counts == 0)
+
+
+def test_with_text_gate_open_false_only_the_closed_bucket_learns(data):
+    m, _ = built(data, items={**GATE, "text_gate_open": False})
+    m.train()
+    seqs = [np.asarray(s[-7:]) for s in data.split.train[:8]]
+    torch.manual_seed(0)
+    m.loss(m.train_batch(seqs, np.random.default_rng(0))).backward()
+    gate = m.items.gate
+    assert gate.log_weight.grad[0] != 0 and gate.bias.grad[0] != 0
+    assert not gate.log_weight.grad[1:].any() and not gate.bias.grad[1:].any()
+    with torch.no_grad():
+        gate.log_weight.fill_(0.1)  # whatever they hold, the open buckets weigh g = 1, c = 0
+        gate.bias.fill_(0.1)
+    assert list(gate.weights().values())[1:] == [(1.0, 0.0)] * 3

@@ -155,7 +155,8 @@ class ItemRepr(nn.Module):
         # the text-match path: M (F, F) on the query side, the text view beside every item vector
         self.match = TextMatch(text_dim, cfg.text_match, cfg.text_match_scale) if cfg.text_match > 0 else None
         # the item-side gate on it: g, c per bucket; every item's training-count bucket (set_counts)
-        self.gate = TextGate(tuple(cfg.text_gate)) if self.match is not None and cfg.text_gate else None
+        self.gate = TextGate(tuple(cfg.text_gate), cfg.text_gate_open) \
+            if self.match is not None and cfg.text_gate else None
         if self.gate is not None:
             self.register_buffer("item_bucket", torch.ones(n_items, dtype=torch.long))  # (I,) 1..: open buckets
         # an output view without a text part of its own: the ID gate applies to v_i in match_items
@@ -219,10 +220,11 @@ class ItemRepr(nn.Module):
 
     @torch.no_grad()
     def set_counts(self, counts) -> None:
-        """counts (I,) each item's training interactions: which items have an ID part, and (with
-        items.text_gate) each item's count bucket, as the model saw them in training."""
+        """counts (I,) each item's training interactions: which items have an ID part (at least
+        items.id_min_count), and (with items.text_gate) each item's count bucket, as the model saw
+        them in training (bucket 0: none, the items training leaves out)."""
         counts = torch.as_tensor(counts, dtype=torch.long)
-        self.set_known(counts > 0)
+        self.set_known(counts >= self.cfg.id_min_count)
         if self.gate is not None:
             self.item_bucket.copy_(self.gate.buckets(counts))
 
@@ -256,9 +258,11 @@ class ItemRepr(nn.Module):
         the model trains, as a new item will not. Kept in as ever-negatives, they taught the text
         path that their text region is never a target: office cold10, items.text_match=3 with
         id_dropout 0.2 scored new items NDCG@10 0.0013 against text-kNN's 0.0507 (measured)."""
-        if not self.has_text or bool(self.id_known.all()):
+        if not self.has_text:
             return None
-        return ~self.id_known
+        # with the gate, id_known may also close items seen a few times (items.id_min_count)
+        unseen = ~self.id_known if self.gate is None else self.item_bucket == 0
+        return unseen if bool(unseen.any()) else None
 
     def id_gate(self) -> torch.Tensor | None:
         """(I,) bool: items whose ID part counts now; None: every item's (ID-only views)."""

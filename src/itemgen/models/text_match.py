@@ -97,12 +97,14 @@ class TextGate(nn.Module):
 
     GAIN = 20.0
 
-    def __init__(self, edges: tuple[int, ...]):
+    def __init__(self, edges: tuple[int, ...], learn_open: bool = True):
         super().__init__()
         self.edges = tuple(int(e) for e in edges)
         n = len(self.edges) + 2  # closed, then counts [1, e0), [e0, e1), ..., [e_last, inf)
         self.log_weight = nn.Parameter(torch.zeros(n))  # a: g = exp(GAIN a); no weight decay (1-D)
         self.bias = nn.Parameter(torch.zeros(n))  # b: c = GAIN b
+        # which buckets learn (items.text_gate_open): the others keep g = 1, c = 0 (no gradient)
+        self.register_buffer("learns", torch.ones(n) if learn_open else torch.eye(n)[0], persistent=False)
 
     def buckets(self, counts: torch.Tensor) -> torch.Tensor:
         """counts (I,) training interactions -> (I,) long bucket (0 for count 0: no ID part)."""
@@ -113,12 +115,13 @@ class TextGate(nn.Module):
 
     def forward(self, bucket: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bucket (I,) long -> g (I,), c (I,)."""
-        return torch.exp(self.GAIN * self.log_weight)[bucket], (self.GAIN * self.bias)[bucket]
+        a, b = self.log_weight * self.learns, self.bias * self.learns
+        return torch.exp(self.GAIN * a)[bucket], (self.GAIN * b)[bucket]
 
     def weights(self) -> dict[str, tuple[float, float]]:
         """bucket name -> (g, c): what the gate learned (for logs and docs)."""
         lo = (1,) + self.edges
         names = ["closed"] + [f"{a}-{b - 1}" for a, b in zip(lo, self.edges)] + [f"{lo[-1]}+"]
         with torch.no_grad():
-            g, c = torch.exp(self.GAIN * self.log_weight), self.GAIN * self.bias
+            g, c = torch.exp(self.GAIN * self.log_weight * self.learns), self.GAIN * self.bias * self.learns
         return {n: (float(g[i]), float(c[i])) for i, n in enumerate(names)}
