@@ -16,6 +16,7 @@ hardware, date, every figure), one entry per (checkpoint, split).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 from pathlib import Path
@@ -68,10 +69,12 @@ def main(argv=None) -> dict:
             print(json.dumps(row), flush=True)
     entry = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
              "test_in_view": args.split == "test", "metric": "ndcg@10, history masked", "rows": rows, **run_info()}
-    results = json.loads(args.results.read_text()) if args.results.is_file() else {"runs": []}
-    results["runs"] = [r for r in results["runs"] if (r["checkpoint"], r["split"]) != (entry["checkpoint"],
-                                                                                     entry["split"])] + [entry]
-    atomic_write_text(args.results, json.dumps(results, indent=2) + "\n")
+    with open(args.results.with_suffix(".lock"), "w") as lock:  # runs side by side merge whole
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(args.results.read_text()) if args.results.is_file() else {"runs": []}
+        results["runs"] = [r for r in results["runs"] if (r["checkpoint"], r["split"]) != (entry["checkpoint"],
+                                                                                         entry["split"])] + [entry]
+        atomic_write_text(args.results, json.dumps(results, indent=2) + "\n")
     return entry
 
 
