@@ -9,7 +9,8 @@ NDCG@10 with the history masked for all users and each segment (tail / head / co
 An ANALYSIS, not a choice: the trained value (delta 0, factor 1) is what every benchmark row uses.
 On a cold split the validation users have no new-item targets (they are out of validation by
 construction), so a shift that helps new items can only be seen on test; a run with --split test
-is marked so in the results file. Writes benchmarks/results/text_gate_prior.json (command, commit,
+is marked so in the results file (a shift chosen on validation first, then applied on test, is
+not: pass --chosen-on-valid). Writes benchmarks/results/text_gate_prior.json (command, commit,
 hardware, date, every figure), one entry per (checkpoint, split).
 """
 
@@ -45,6 +46,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--deltas", default="0,1,2,3", help="shifts of c(closed), in logits")
     ap.add_argument("--factors", default="1", help="multipliers of g(closed)")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--chosen-on-valid", action="store_true",
+                    help="the deltas and factors were chosen on validation before this test run")
     args = ap.parse_args(argv)
     model, cfg, _ = load_checkpoint(args.checkpoint)
     gate = model.items.gate
@@ -68,12 +71,14 @@ def main(argv=None) -> dict:
             rows.append(row)
             print(json.dumps(row), flush=True)
     entry = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
-             "test_in_view": args.split == "test", "metric": "ndcg@10, history masked", "rows": rows, **run_info()}
+             "deltas": args.deltas, "factors": args.factors, "test_in_view": args.split == "test" and not args.chosen_on_valid,
+             "metric": "ndcg@10, history masked", "rows": rows, **run_info()}
     with open(args.results.with_suffix(".lock"), "w") as lock:  # runs side by side merge whole
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(args.results.read_text()) if args.results.is_file() else {"runs": []}
-        results["runs"] = [r for r in results["runs"] if (r["checkpoint"], r["split"]) != (entry["checkpoint"],
-                                                                                         entry["split"])] + [entry]
+        key = (entry["checkpoint"], entry["split"], args.deltas, args.factors)
+        results["runs"] = [r for r in results["runs"] if (r["checkpoint"], r["split"], r.get("deltas"),
+                                                          r.get("factors")) != key] + [entry]
         atomic_write_text(args.results, json.dumps(results, indent=2) + "\n")
     return entry
 
