@@ -64,6 +64,15 @@ class Recommender(nn.Module):
         """-> (B, D) query states."""
         raise NotImplementedError
 
+    # Whether encode_histories is such a faster path (a server then keeps no prefix cache of its own).
+    packs_histories: bool = False
+
+    def encode_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """Histories (as the model should read them: already truncated) -> (B, D) query states,
+        equal to encode(query_batch(histories)); a model may compute them by a faster path with
+        the same result (ItemLM: models/packed_decoder.py). Serving and Predictor call this."""
+        return self.encode(self.to_device(self.query_batch(histories)))
+
     def score_items(self, query: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, I) scores over the full catalog; higher is better."""
         raise NotImplementedError
@@ -79,8 +88,7 @@ class Recommender(nn.Module):
     @torch.inference_mode()
     def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
         """The slow, obvious path: every item's score for each history, (B, I)."""
-        return self.history_scores(self.score_items(self.encode(self.to_device(self.query_batch(histories)))),
-                                   histories)
+        return self.history_scores(self.score_items(self.encode_histories(histories)), histories)
 
     def history_scores(self, scores: torch.Tensor, histories: list[np.ndarray] | None) -> torch.Tensor:
         """scores (B, I) from ``histories``' queries -> what the model ranks by: with a repeat bias,
