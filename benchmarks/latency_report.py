@@ -38,7 +38,7 @@ def write_report(allres: dict) -> None:
              "generate the answer as title tokens or semantic-ID codes, beam width 10, constrained to the catalog "
              "(KV cache, `torch.inference_mode`). The methods therefore differ in their decoding only. Backbone: "
              "SmolLM2-135M's shape cut to the profile's layers, item weights freshly initialised (latency does not "
-             "depend on their values); ItemLM is the recipe's model (items-only softmax, untied item vectors). "
+             "depend on their values, except the two-level structure decoder's: see the notes); ItemLM is the recipe's model (items-only softmax, untied item vectors). "
              "Users are timed round-robin user by user, batch 1, top-10. The template, history length, layers and "
              "thread count of every table are in the line above it.", ""]
     runs = {name: r for name, r in allres.items() if is_latency_run(r)}
