@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     ap.add_argument("--further", default="",
                     help="extra single-step variants for the floor table (itemlm_prefix_kv, itemlm_compact, ...)")
     ap.add_argument("--quality-runs", type=Path, default=None,
-                    help="folder with itemlm/, title/, semantic_id/ runs of benchmarks/latency_quality.sh")
+                    help="folder with itemlm/ (the recipe run), title/, semantic_id/ (benchmarks/latency_quality.sh) runs")
     ap.add_argument("--quality-only", action="store_true",
                     help="only (re)compute the NDCG@10 column of an existing result for this dataset")
     ap.add_argument("--quality-profile", default=QUALITY_PROFILE, help="how the --quality-runs models were trained")
