@@ -17,6 +17,7 @@ LABELS = {"itemlm": "ItemLM single-step, full softmax over items", "itemlm_two_l
           "itemlm_compact": "ItemLM, compact prompt", "itemlm_prefix_kv": "ItemLM + prefix KV reused",
           "itemlm_compact_prefix_kv": "ItemLM, compact prompt + prefix KV reused"}
 MAIN = ("itemlm", "itemlm_two_level", "title", "semantic_id")
+PER_USER = "per_user_cost"  # benchmarks/per_user_cost.py
 
 
 def fmt(x, nd=1):
@@ -98,6 +99,7 @@ def write_report(allres: dict) -> None:
         extra = [k for k in r["methods"] if k not in MAIN]
         if extra:
             lines += _floor_rows(r, ("itemlm", "itemlm_two_level", *extra))
+    lines += per_user_cost_section(allres.get(PER_USER))
     notes = ROOT / "docs" / "latency_notes.md"
     if notes.is_file():
         lines += [notes.read_text().rstrip(), ""]
@@ -118,6 +120,48 @@ def _targets(runs: dict) -> list[str]:
                          f"{p['threads']} | {names.get(k, k)} {t['target']} | {t['value']:.2f}x | "
                          f"{'met' if t['met'] else 'not met'} |")
     return lines + [""]
+
+
+def per_user_cost_section(r: dict | None) -> list[str]:
+    """ "Per-user cost against SASRec" from benchmarks/per_user_cost.py's entry (none: no section)."""
+    if not r:
+        return []
+    p, t = r["profile"], r["targets"]
+    b1, bn = r["batch1_p50_ms_per_user"], r[f"batch{p['batch']}_ms_per_user"]
+    fl = r["flops_per_user"]
+    met = {True: "met", False: "not met"}
+    label = {"itemlm": "ItemLM, `Predictor.topk_indices` (packed path)",
+             "itemlm_reference": "ItemLM before (HF forward on a padded batch)", "sasrec": "SASRec"}
+    lines = ["## Per-user cost against SASRec", "",
+             f"`benchmarks/per_user_cost.py` on {r['dataset']} ({p['n_items']} items): the recipe's trained checkpoints, "
+             f"`Predictor.topk_indices`, top-{p['k']} with the history masked, {p['threads']} thread, the same "
+             f"{p['users']} test users for every method (mean history {p['mean_history_items']} items, max_history "
+             f"{p['max_history']['itemlm']}), timed side by side in rotating order, median of {p['repeats']} repeats "
+             f"(batch 1: p50 over users; batch {p['batch']}: total time / users). ItemLM: {p['itemlm_layers']} layers "
+             f"of width {p['itemlm_hidden']}, `{p['itemlm_prompt']}` prompt; SASRec: width {p['sasrec_hidden']}. "
+             f"{r['date']}, commit {str(r['git_commit'])[:8]}, load average {p['load_average_1min'][0]} -> "
+             f"{p['load_average_1min'][1]} on {r['hardware']['cores']} shared cores.", "",
+             f"| method | batch 1 p50 ms/user | x SASRec | CPU ms | x SASRec | batch {p['batch']} ms/user | x SASRec "
+             "| CPU ms | x SASRec | GFLOPs/user |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in ("itemlm", "itemlm_reference", "sasrec"):
+        cells = []
+        for d in (b1, bn):
+            for clock, ratio in (("median_ms", "ratio_to_sasrec"), ("cpu_median_ms", "cpu_ratio_to_sasrec")):
+                cells += [f"{d[k][clock]:.3f}", "1x" if k == "sasrec" else f"{d[k][ratio]:.2f}x"]
+        lines.append(f"| {label[k]} | " + " | ".join(cells) + f" | {fl[k] / 1e9:.4f} |")
+    c = r["parity"]
+    lines += ["", f"Targets: ItemLM at most {t['batch1_max_ratio']:g}x SASRec at batch 1: "
+              f"**{met[t['batch1_met']]}** ({b1['itemlm']['ratio_to_sasrec']:.2f}x); at most {t['batch64_max_ratio']:g}x "
+              f"at batch 64: **{met[t['batch64_met']]}** ({bn['itemlm']['ratio_to_sasrec']:.2f}x). The packed path's "
+              f"top-{p['k']} equals the reference's for {c['users_with_identical_top_k']} of {c['users']} users "
+              f"(largest score difference {c['max_abs_score_difference']:.1e}). The targets are read on the wall clock; "
+              "CPU ms is the thread's CPU time (it leaves out the time other processes held the core). FLOPs per user (matmuls and "
+              f"attention, torch.utils.flop_counter, batch {p['batch']}): ItemLM {r['flops_ratio_itemlm_to_sasrec']:.0f}x "
+              "SASRec's" + (lambda w: "" if w is None else
+                            f"; weights a batch-1 query reads (layers and output item vectors): ItemLM "
+                            f"{w['itemlm'] / 2**20:.1f} MiB, SASRec {w['sasrec'] / 2**20:.2f} MiB")(
+                  r.get("weight_bytes_per_query")) + ".", ""]
+    return lines
 
 
 def _floor(name: str, r: dict) -> list[str]:

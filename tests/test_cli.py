@@ -80,3 +80,20 @@ def test_bad_recommend_and_evaluate_input(run, tmp_path):
     make_dataset(n_users=300, n_items=30, noise=0.0, seed=9).save(other)
     res = runner.invoke(app, ["evaluate", str(ckpt), "--data", str(other)])
     assert res.exit_code == 2 and "item indices would not match" in res.output
+
+
+def test_quiet_and_json_modes_silence_transformers_progress_bars():
+    """Loading a text encoder drew transformers' "Loading weights" bar even under --quiet."""
+    from transformers.utils import logging as hf_logging
+
+    from itemgen.cli.common import reporting
+
+    try:
+        reporting(True, "text")
+        assert not hf_logging.is_progress_bar_enabled()
+        reporting(False, "json")
+        assert not hf_logging.is_progress_bar_enabled()
+        reporting(False, "text")
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        reporting(False, "text")

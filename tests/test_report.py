@@ -107,3 +107,21 @@ def test_cli(results, tmp_path):
     assert out.is_file() and "8 rows over 2 datasets" in r.output
     r = CliRunner().invoke(app, ["report", "--results", str(tmp_path / "missing"), "--out", str(out)])
     assert r.exit_code == 2 and "results folder not found" in r.output
+
+
+def test_breakdowns_and_measurement_repeats_are_not_methods(tmp_path):
+    """text.json's per-segment and history-kept rows, and serve_load's per-round repeats, would
+    bury the methods (the report once grew to 700 lines): one row per method, all users, masked."""
+    d = tmp_path / "results"
+    d.mkdir()
+    row = {"dataset": "office", "variant": "itemlm-text", "split": "standard", "segment": "all",
+           "protocol": "masked", "ndcg@10": 0.066, "recall@10": 0.11}
+    write(d, "text.json", {"rows": [row, {**row, "segment": "tail", "ndcg@10": 0.018},
+                                    {**row, "protocol": "kept", "ndcg@10": 0.049},
+                                    {**row, "split": "cold10", "ndcg@10": 0.057}]})
+    write(d, "serve.json", {"profile": {"dataset": "Office"}, "levels": [{"clients": 8, "p50_ms": 9.0}],
+                            "batching_rounds": [{"batched": {"p50_ms": 5.0}, "unbatched": {"p50_ms": 7.0}}]})
+    rows, _ = gather(d)
+    assert sorted((r.source, r.method, r.metrics.get("ndcg@10")) for r in rows) == [
+        ("serve", "levels/clients=8", None),
+        ("text", "itemlm-text", 0.066), ("text", "itemlm-text [cold10 split]", 0.057)]

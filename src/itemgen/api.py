@@ -62,7 +62,7 @@ class Predictor:
         check_k(k, self.model.n_items)
         max_h = self.cfg.data.max_history
         hist = [h[-max_h:] for h in histories]
-        query = self.model.encode(self.model.to_device(self.model.query_batch(hist)))
+        query = self.model.encode_histories(hist)  # (B, D)
         scores, ids = self.decoder(decode).topk(query, k, exclude=histories if exclude_history else None)
         return scores.float().cpu().numpy(), ids.cpu().numpy()
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+from transformers.utils import logging as hf_logging
 
 from itemgen.core import progress
 from itemgen.core.config import ConfigError
@@ -49,6 +50,12 @@ def reporting(quiet: bool, log_format: str) -> None:
     if log_format not in progress.FORMATS:
         fail(f"--log-format must be one of {', '.join(progress.FORMATS)}, not {log_format!r}")
     progress.configure(quiet=quiet, format=log_format)
+    # transformers draws its own bars (e.g. "Loading weights" when a text encoder or backbone is
+    # read): --quiet means none, and a bar would break json mode's one-event-per-line stderr.
+    if quiet or log_format == "json":
+        hf_logging.disable_progress_bar()
+    else:
+        hf_logging.enable_progress_bar()
 
 
 def json_mode() -> bool:

@@ -34,6 +34,10 @@ NAME_KEYS = ("method", "variant", "name", "model")
 DISCRIMINATORS = ("clients", "concurrency", "batch_size", "batch", "size", "items", "threads", "k")
 CONTAINERS = ("results", "rows", "variants", "runs", "methods", "datasets")  # path keys that name no method
 INHERITED = ("dataset", "profile", "command", "git_commit", "date", "hardware")
+# Keys whose contents are not methods: settings, and repeats of one measurement (serve_load's rounds),
+# whose summary the file holds beside them.
+SKIPPED_KEYS = ("config", "hardware", "profile", "args", "settings", "targets", "batching_rounds", "rounds_rps",
+                "head", "tail", "cold", "warm")  # the last four: user segments (is_breakdown)
 DATASET_ALIASES = {"amazon2018-scientific": "scientific", "amazon2014-office": "office",
                    "amazon2018-instruments": "instruments"}
 
@@ -142,7 +146,17 @@ def _name(d: dict, path: list[str]) -> str:
         base = "/".join(k for k in path if k not in CONTAINERS) or "/".join(path) or "result"
     if isinstance(d.get("decode"), str) and d["decode"] not in base:
         base += f" ({d['decode']})"
+    if isinstance(d.get("split"), str) and d["split"] != "standard":  # e.g. cold10: another split, not comparable
+        base += f" [{d['split']} split]"
     return base
+
+
+def is_breakdown(d: dict) -> bool:
+    """A row that breaks a figure down (a user segment such as tail or cold, or the history-kept
+    protocol beside the masked one, as text.json writes them): its own doc shows it; this report
+    keeps one figure per method, all users, as served."""
+    segment, protocol = d.get("segment"), d.get("protocol")
+    return (isinstance(segment, str) and segment != "all") or (isinstance(protocol, str) and protocol != "masked")
 
 
 def _make_row(source: str, d: dict, ctx: dict, path: list[str]) -> Row:
@@ -174,10 +188,11 @@ def _walk(node, source: str, ctx: dict, path: list[str], rows: list[Row]) -> Non
     if _num(node.get("train_seconds")) is not None:
         ctx["train_seconds"] = float(node["train_seconds"])
     if _metrics(node) or _latency(node) is not None:
-        rows.append(_make_row(source, node, ctx, path))
+        if not is_breakdown(node):
+            rows.append(_make_row(source, node, ctx, path))
         return
     for k, v in node.items():
-        if isinstance(v, (dict, list)) and k not in ("config", "hardware", "profile", "args"):
+        if isinstance(v, (dict, list)) and k not in SKIPPED_KEYS:
             # a key that names a dataset (per-dataset nesting) becomes the rows' dataset
             sub = {**ctx, "dataset": k} if k.lower() in DATASET_ALIASES.values() or k.lower() in DATASET_ALIASES \
                 else ctx
@@ -263,7 +278,9 @@ def render(rows: list[Row], notes: list[str], plots: dict[str, str]) -> str:
              "benchmarks and profiles (CPU profiles use truncated backbones and few steps): compare rows "
              "only within one profile. Quality rows that recorded it rank as served, with the user's history "
              "masked; docs/quality.md also gives the published protocol (history kept), which published "
-             "figures compare with. [n] points to the command and commit below.", ""]
+             "figures compare with. Rows by user segment (tail, cold, ...) and history-kept rows of text.json "
+             "are in docs/text.md; rows of another split (cold10) say so in their name. [n] points to the "
+             "command and commit below.", ""]
     for ds in sorted({r.dataset for r in rows}):
         lines += [f"## {ds}", ""]
         if ds in plots:

@@ -12,6 +12,7 @@ encode, encode_cached, sessions through finish_query), and the head's item vecto
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from itemgen.data.dataset import ItemTable, earlier_items
 from itemgen.data.prompts import PromptBuilder, collate
 from itemgen.heads.clusters import Clusters, resolve_clusters
 from itemgen.heads.softmax import FullSoftmaxHead, TwoLevelHead, exclude_pairs
+from itemgen.models import packed_decoder
 from itemgen.models.backbones import add_dropout, cache_kwargs, load_backbone
 from itemgen.models.item_encoder import add_lora
 from itemgen.models.item_repr import ItemRepr, compute_text_view, text_dim_of, text_encoder, upgrade_state_dict, uses_text
@@ -74,6 +76,8 @@ class ItemLM(Recommender):
         if cfg.lora_r > 0:
             add_lora(self.backbone, cfg.lora_r)
         add_dropout(self.backbone, cfg.backbone_dropout)  # training mode only
+        self._packed: _PackedState | None = None  # what the packed path reuses (encode_histories)
+        self.register_load_state_dict_post_hook(ItemLM._drop_packed)  # load_state_dict(assign=True) too
 
     @classmethod
     def build(cls, cfg: Config, items: ItemTable, checkpoint_dir=None) -> "ItemLM":
@@ -127,6 +131,7 @@ class ItemLM(Recommender):
             w = self.head.item_out
             self.head.item_out = nn.Parameter(torch.cat([w, w.new_zeros(len(view), w.shape[1])]))
         self.n_items = self.head._n_items = self.items.n_items
+        self._packed = None
 
     def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return upgrade_state_dict(state, self.LEGACY_KEYS, n_items=self.n_items)
@@ -301,9 +306,90 @@ class ItemLM(Recommender):
                         pos[None].to(dev))  # (1, T, H)
         return h[0, (n.cumsum(0) - 1).to(dev)]  # (B, H): each row's last token
 
+    # ---- inference: the packed path (models/packed_decoder.py) --------------------------------
+    def encode_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """= encode(query_batch(histories)) -> (B, D), without computing on padding, on the
+        constant prompt prefix or on the last layer's positions before each row's last token
+        (packed_decoder.py); the reference (the HF forward on a padded batch) in training mode and
+        where the backbone's layers are not the ones that path computes."""
+        state = None if self.training else self._packed_state()
+        if state is None or state.decoder is None:
+            return super().encode_histories(histories)
+        with torch.inference_mode():
+            P = state.decoder.prefix.length
+            enc = [self.prompts.inference_prompt(h) for h in histories]
+            if P == 0 and any(len(e) == 0 for e in enc):  # an empty prompt: the reference says what it does
+                return super().encode_histories(histories)
+            dev = self.device
+            order = sorted(range(len(enc)), key=lambda b: len(enc[b]))  # by length: less padding in attention
+            lengths = [len(enc[b]) - P for b in order]
+            tokens = torch.from_numpy(np.concatenate([enc[b].tokens[P:] for b in order])).to(dev)  # (T,)
+            items = torch.from_numpy(np.concatenate([enc[b].items[P:] for b in order])).to(dev)  # (T,)
+            is_item = items >= 0
+            if bool(is_item.all()):  # the ids prompt: one item token per slot, no text after the prefix
+                x = state.item_inputs[items]  # (T, H)
+            else:
+                x = self.backbone.get_input_embeddings()(tokens.clamp(min=0))  # (T, H); item slots' -1 replaced next
+                x[is_item] = state.item_inputs[items[is_item]].to(x.dtype)
+            h = x.new_empty(len(enc), x.shape[1])  # (B, H) in the callers' order
+            h[torch.tensor(order, device=dev)] = state.decoder.last_states(x, lengths)  # (B, H)
+            return self.finish_query(h, histories)
+
+    @torch.inference_mode()
+    def _packed_state(self) -> "_PackedState":
+        """What depends on the weights only, computed once per weights: every item's projected input
+        vector (I, H) (ItemRepr's MLP then runs once per catalog, not once per history slot), the
+        layers' weights as the packed forward reads them and the prompt prefix's keys/values (no
+        decoder: the layers are not the ones it computes). Kept while every parameter and buffer it
+        was computed from is unchanged (in-place updates bump versions, moving devices changes
+        storage); train(), loading a state dict and append_items drop it."""
+        autocast = torch.is_autocast_enabled(self.device.type)
+        if self._packed is not None and self._packed.current(autocast):
+            return self._packed
+        deps = [*self.parameters(), *self.buffers()]
+        decoder = None
+        if packed_decoder.supported(self.decoder):
+            dev = self.device
+            cache = self.new_cache()
+            p = torch.as_tensor(self.prompts.prefix, dtype=torch.long, device=dev)[None]  # (1, P)
+            last = self.extend(cache, p, torch.full_like(p, -1))[0, -1] if p.shape[1] else None  # (H,)
+            prefix = packed_decoder.Prefix.from_cache(cache, last) if p.shape[1] else \
+                packed_decoder.Prefix([], [], None)
+            decoder = packed_decoder.PackedDecoder(self.decoder, prefix)
+        items = self.items(torch.arange(self.n_items, device=self.device)) if decoder is not None else None  # (I, H)
+        self._packed = _PackedState(deps, _PackedState.key_of(deps, autocast), items, decoder)
+        return self._packed
+
+    @staticmethod
+    def _drop_packed(module, incompatible_keys) -> None:
+        module._packed = None
+
+    def train(self, mode: bool = True):
+        self._packed = None  # fused AdamW updates weights without bumping versions (item_repr.py)
+        return super().train(mode)
+
     def score_items(self, query):
         return self.head.item_log_probs(query)
 
     def item_vectors(self) -> torch.Tensor:
         """(I, D) output vectors, for exact and ANN top-k (D = H, or H + F with the text-match path)."""
         return self.head.item_vectors()
+
+
+@dataclass
+class _PackedState:
+    """What ItemLM's packed path reuses, and the tensors it was computed from."""
+
+    deps: list[torch.Tensor]  # every parameter and buffer of the model when computed
+    key: tuple  # their versions and storage, and whether autocast was on
+    item_inputs: torch.Tensor | None  # (I, H) every item's projected input vector
+    decoder: packed_decoder.PackedDecoder | None  # the layers as it reads them, the prompt prefix's keys/values
+
+    @staticmethod
+    def key_of(deps: list[torch.Tensor], autocast: bool) -> tuple:
+        # an inference tensor (made under inference_mode) has no version counter; it cannot be
+        # updated in place outside inference_mode either
+        return autocast, *((-1 if t.is_inference() else t._version, t.data_ptr()) for t in deps)
+
+    def current(self, autocast: bool) -> bool:
+        return self.key == self.key_of(self.deps, autocast)

@@ -57,6 +57,12 @@ class Recommender(nn.Module):
         """-> (B, D) query states."""
         raise NotImplementedError
 
+    def encode_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """Histories (as the model should read them: already truncated) -> (B, D) query states,
+        equal to encode(query_batch(histories)); a model may compute them by a faster path with
+        the same result (ItemLM: models/packed_decoder.py). Serving and Predictor call this."""
+        return self.encode(self.to_device(self.query_batch(histories)))
+
     def score_items(self, query: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, I) scores over the full catalog; higher is better."""
         raise NotImplementedError
@@ -72,5 +78,5 @@ class Recommender(nn.Module):
     @torch.inference_mode()
     def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
         """The slow, obvious path: every item's score for each history, (B, I)."""
-        return self.score_items(self.encode(self.to_device(self.query_batch(histories))))
+        return self.score_items(self.encode_histories(histories))
 

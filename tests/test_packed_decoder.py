@@ -1,0 +1,206 @@
+"""ItemLM's packed inference path (models/packed_decoder.py, ItemLM.encode_histories) against the
+reference, encode(query_batch(...)): the HF forward on a left-padded batch.
+
+Parity: query states and Predictor's top-k (indices and scores) equal the reference's at batch 1
+and on a mixed-length batch (an empty history included), for every prompt template, with the
+text-match path, the two-level head, and Llama and Qwen2 layers (attention biases). Cache: what
+the path keeps (projected item inputs, prefix keys/values, transposed weights) follows weight
+changes, train()/eval() and new items. Cost: it computes on no padding and on no position of
+the last layer but each row's last (counted FLOPs). Unsupported layers keep the reference."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from itemgen.api import Predictor
+from itemgen.core.config import from_dict
+from itemgen.data.synthetic import make_dataset
+from itemgen.models import packed_decoder
+from itemgen.heads.clusters import Clusters
+from itemgen.models.backbones import byte_tokenizer, load_backbone
+from itemgen.models.itemlm import ItemLM
+from itemgen.models.registry import build_model
+from itemgen.topk.exact import ExactTopK
+from itemgen.training.item_init import init_items
+
+MAX_H = 8
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset(n_users=40, n_items=30, min_len=3, max_len=12, seed=3)
+
+
+def cfg_for(itemlm=None, items=None):
+    return from_dict({"model": "itemlm", "data": {"path": "x", "max_history": MAX_H},
+                      "itemlm": {"backbone": "tiny", "prompt": "ids", "item_dim": 16, "text_vocab_in_softmax": False,
+                                 **(itemlm or {})},
+                      "items": items or {}})
+
+
+def perturbed(m):
+    """Weights away from their initial values (random init has many zeros/ones: norms, biases)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.eval()
+
+
+def built(data, itemlm=None, items=None):
+    cfg = cfg_for(itemlm, items)
+    torch.manual_seed(0)
+    m = build_model(cfg, data.items)
+    init_items(m, cfg, data)
+    return perturbed(m), cfg
+
+
+def mixed_histories(data):
+    """Lengths 0 .. MAX_H, unsorted: one empty history, one of a single item, several long ones."""
+    seqs = [np.asarray(s) for s in data.split.train]
+    hist = [seqs[i][:n] for i, n in enumerate([5, 1, MAX_H, 0, 3, MAX_H, 2, 7, 4])]
+    return [h[-MAX_H:] for h in hist]
+
+
+def reference(m, hist):
+    with torch.inference_mode():
+        return m.encode(m.to_device(m.query_batch(hist)))
+
+
+def assert_same_queries(m, hist):
+    with torch.inference_mode():
+        fast = m.encode_histories(hist)
+        ones = torch.cat([m.encode_histories([h]) for h in hist])
+    ref = reference(m, hist)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ones, ref, atol=1e-5, rtol=1e-5)
+
+
+def assert_same_top_k(m, cfg, data, hist, k=10):
+    pred = Predictor(m, cfg, data.items, "unused")
+    for batch in [hist, *[[h] for h in hist]]:
+        scores, ids = pred.topk_indices(batch, k)
+        with torch.inference_mode():
+            rs, ri = ExactTopK(m).topk(reference(m, batch), k, exclude=batch)
+        np.testing.assert_array_equal(ids, ri.numpy())
+        np.testing.assert_allclose(scores, rs.numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prompt", ["ids", "compact", "default"])
+def test_queries_and_top_k_equal_the_reference(data, prompt):
+    m, cfg = built(data, itemlm={"prompt": prompt})
+    assert packed_decoder.supported(m.decoder)
+    hist = mixed_histories(data)
+    assert_same_queries(m, hist)
+    assert_same_top_k(m, cfg, data, hist)
+
+
+def test_with_the_text_match_path(data):
+    m, cfg = built(data, items={"text_encoder": "tiny", "text_match": 3, "text_match_scale": 4.0})
+    assert m.items.match is not None
+    hist = mixed_histories(data)
+    assert_same_queries(m, hist)
+    assert_same_top_k(m, cfg, data, hist)
+
+
+def test_with_the_two_level_head(data):
+    cfg = cfg_for(itemlm={"head": "two_level"})
+    backbone, tok = load_backbone("tiny")
+    torch.manual_seed(0)
+    m = perturbed(ItemLM(backbone, tok, data.items, cfg.itemlm, cfg.items,
+                         clusters=Clusters(np.arange(data.n_items) % 5, "random")))
+    assert_same_queries(m, mixed_histories(data))
+
+
+def _with_backbone(data, backbone):
+    cfg = cfg_for()
+    tok = byte_tokenizer()
+    tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    return perturbed(ItemLM(backbone.eval(), tok, data.items, cfg.itemlm, cfg.items)), cfg
+
+
+def test_qwen2_layers_with_attention_biases(data):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(byte_tokenizer()), hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
+    m, cfg = _with_backbone(data, qwen)
+    assert packed_decoder.supported(m.decoder) and m.decoder.layers[0].self_attn.q_proj.bias is not None
+    hist = mixed_histories(data)
+    assert_same_queries(m, hist)
+    assert_same_top_k(m, cfg, data, hist)
+
+
+def test_unsupported_layers_keep_the_reference(data):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(byte_tokenizer()), hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=8))
+    m, _ = _with_backbone(data, qwen3)
+    assert not packed_decoder.supported(m.decoder)  # q/k norms: not the layers the packed forward computes
+    assert_same_queries(m, mixed_histories(data))
+    assert m._packed.decoder is None
+
+
+def test_what_it_keeps_follows_the_weights(data):
+    m, _ = built(data, items={"text_encoder": "tiny", "text_match": 3, "input": "text+id", "output": "untied"})
+    hist = mixed_histories(data)
+    assert_same_queries(m, hist)
+    with torch.no_grad():  # an in-place update (an optimizer step, load_state_dict) bumps versions
+        m.decoder.layers[0].mlp.down_proj.weight.mul_(1.5)
+        m.items.id_emb.weight.add_(0.3)
+    assert_same_queries(m, hist)
+    m.train()
+    assert m._packed is None
+    m.eval()
+    assert_same_queries(m, hist)
+    scaled = {k: v * 0.9 if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    state = m.load_state_dict(scaled, assign=True)  # new tensors, not copied into the old ones
+    assert not state.missing_keys and m._packed is None
+    assert_same_queries(m, hist)
+    m.append_items(torch.randn(2, m.items.text_view.shape[1]))  # new items (models/new_items.py)
+    assert m._packed is None
+    new = [np.asarray([m.n_items - 1, 0, m.n_items - 2])]
+    assert_same_queries(m, hist + new)
+
+
+def test_no_flops_on_padding_or_on_the_last_layer_s_earlier_positions(data):
+    """One long history among short ones: the reference pads every row to the longest and runs
+    every position through every layer; the packed path's matmuls cover each row's own tokens
+    (the last layer: keys/values only, but for each row's last token)."""
+    m, cfg = built(data)
+    hist = [np.asarray(data.split.train[0][:1])] * 7 + [np.asarray(data.split.train[1][:MAX_H])]
+    pred = Predictor(m, cfg, data.items, "unused")
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    fast = flops(lambda: pred.topk_indices(hist, 5))  # the first call also fills the cache: count the second
+    fast = flops(lambda: pred.topk_indices(hist, 5))
+    ref = flops(lambda: ExactTopK(m).topk(reference(m, hist), 5))
+    c = m.backbone.config
+    H, inter, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    layer = 2 * (2 * H * H + 2 * H * kv + 3 * H * inter)  # FLOPs of one position through one layer's matmuls
+    P = len(m.prompts.prefix)
+    tokens = sum(len(h) for h in hist)  # ids prompt: one token per item after the prefix
+    bound = (c.num_hidden_layers - 1) * tokens * layer + tokens * 2 * 2 * H * kv + len(hist) * layer
+    assert fast <= 1.2 * bound + 2 * len(hist) * H * m.n_items * 2, (fast, bound)
+    assert fast < 0.4 * ref, (fast, ref)
+    assert P > 0
+
+
+def test_positions_past_the_first_rope_table(data):
+    """The RoPE table grows when a longer prompt comes after short ones (64 positions at first)."""
+    m, _ = built(data)
+    short = [np.asarray([1, 2, 3])]
+    assert_same_queries(m, short)
+    long = [np.arange(150) % data.n_items, np.asarray([4, 5])]
+    assert_same_queries(m, long)
+    assert m._packed.decoder._rot[0].shape[0] >= 150
