@@ -15,8 +15,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "latency.json"
 LABELS = {"itemlm": "ItemLM single-step, full softmax over items", "itemlm_two_level": "ItemLM single-step, two-level + structure",
           "title": "Title, constrained beam search", "semantic_id": "Semantic IDs, constrained beam search",
           "itemlm_compact": "ItemLM, compact prompt", "itemlm_prefix_kv": "ItemLM + prefix KV reused",
-          "itemlm_compact_prefix_kv": "ItemLM, compact prompt + prefix KV reused"}
-MAIN = ("itemlm", "itemlm_two_level", "title", "semantic_id")
+          "itemlm_compact_prefix_kv": "ItemLM, compact prompt + prefix KV reused",
+          "itemlm_packed": "ItemLM single-step, packed path (as served)"}
+MAIN = ("itemlm", "itemlm_packed", "itemlm_two_level", "title", "semantic_id")
 PER_USER = "per_user_cost"  # benchmarks/per_user_cost.py
 
 
@@ -50,7 +51,8 @@ def write_report(allres: dict) -> None:
         if r.get("tag") == "further":
             lines += _floor(name, r)
             continue
-        lines += [f"## {r['dataset']}, {p['n_layers']} layers ({r['n_items']} items)", "",
+        tag = r.get("tag") or ""
+        lines += [f"## {r['dataset']}, {p['n_layers']} layers{f' ({tag})' if tag else ''} ({r['n_items']} items)", "",
                   f"Template: {p.get('prompt', 'n/a')} prompt for every method; histories of up to "
                   f"{p['max_history']} items (mean {fmt(p.get('mean_history_items'), 1)} in the sample); "
                   f"SmolLM2-135M, {p['n_layers']} layers; {p['threads']} thread(s). "
@@ -111,12 +113,15 @@ def _targets(runs: dict) -> list[str]:
     """Issue 21's three targets, met or not, for every dataset x profile."""
     names = {"itemlm_speedup_over_title": "ItemLM vs titles, batch 1", "itemlm_speedup_over_semantic_id":
              "ItemLM vs semantic IDs, batch 1", "itemlm_over_bare_forward": "ItemLM vs a bare forward, same tokens"}
+    names.update({k.replace("itemlm_", "itemlm_packed_", 1): v.replace("ItemLM", "ItemLM packed (as served)", 1)
+                  for k, v in list(names.items())})
     lines = ["## Targets", "", "| dataset, layers | template, max_history, threads | target | measured | met? |",
              "|---|---|---|---:|---|"]
     for r in runs.values():
         p = r["profile"]
+        tag = f" ({r['tag']})" if r.get("tag") else ""
         for k, t in r.get("targets", {}).items():
-            lines.append(f"| {r['dataset']}, {p['n_layers']} layers | {p.get('prompt')}, {p['max_history']}, "
+            lines.append(f"| {r['dataset']}, {p['n_layers']} layers{tag} | {p.get('prompt')}, {p['max_history']}, "
                          f"{p['threads']} | {names.get(k, k)} {t['target']} | {t['value']:.2f}x | "
                          f"{'met' if t['met'] else 'not met'} |")
     return lines + [""]
