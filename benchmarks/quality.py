@@ -99,6 +99,10 @@ VARIANTS = {
     "abl-lr-1e-3": ("itemlm", {"train": {"lr": 1e-3, "backbone_lr": 1e-4}}),
     "abl-cosine-6-epochs": ("itemlm", {"train": {"lr_schedule": "cosine", "max_epochs": 6}}),
     # exploratory rows kept from before the lr change: "explore-lr-1e-3-cosine-6-epochs" (office)
+    # the paper's Tables 4-5: the recipe with a two-level softmax over about sqrt(|I|) item clusters
+    # fixed before training (heads/clusters.py); decode with --decoders exact,structure,ann
+    **{f"two-level-{m}": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m}})
+       for m in ("kmeans", "frequency", "random")},
 }
 DEFAULT_VARIANTS = ["sasrec", "bert4rec", "gru4rec", "itemlm"]
 # variants whose one config value is chosen by validation (training/tune.py); ItemLM then starts
