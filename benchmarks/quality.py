@@ -260,29 +260,80 @@ BENCH_LOCK = "/tmp/itemgen-bench.lock"  # timings take turns with other sessions
 TOP_K = 10
 
 
+class CachedQueries:
+    """A model whose query states are computed once: every decoder and both protocols are
+    evaluated on the same states (one LM pass over the test users instead of one per cell).
+    ``encode`` returns the states the model gives for the same histories in the batches
+    evaluate_decoder forms (sorted by length, ``batch_size``), so the figures equal
+    evaluate_checkpoint's."""
+
+    def __init__(self, model, examples: list, max_history: int, batch_size: int = 128):
+        import torch
+
+        self.model, self.n_items, self.training, self.max_history = model, model.n_items, False, max_history
+        self.states: dict[tuple, "torch.Tensor"] = {}
+        order = sorted(range(len(examples)), key=lambda i: min(len(examples[i].history), max_history))
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                hist = [examples[i].history[-max_history:] for i in order[start:start + batch_size]]
+                for h, q in zip(hist, model.encode(model.to_device(model.query_batch(hist)))):
+                    self.states[tuple(h.tolist())] = q
+
+    def query_batch(self, histories):
+        return [tuple(np.asarray(h).tolist()) for h in histories]
+
+    def to_device(self, keys):
+        return keys
+
+    def encode(self, keys):
+        import torch
+
+        return torch.stack([self.states[k] for k in keys])  # (B, H)
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+
 def decoder_figures(best: Path, data: Path, decoders: list[str]) -> dict:
     """Each decoder's test metrics under both protocols (`test_by_decoder`: history kept,
-    `test_by_decoder_history_masked`) and, for structure, the test users whose top-10 differs from
-    the exact (brute-force) top-10 of the same checkpoint (`structure_vs_exact`)."""
+    `test_by_decoder_history_masked`), as evaluate_checkpoint computes them, and how its top-10
+    compares with the exact (brute-force) top-10 of the same checkpoint (`topk_vs_exact`)."""
+    from itemgen.evaluation.evaluate import evaluate_decoder
+    from itemgen.evaluation.segments import dataset_segments
+    from itemgen.models.checkpoint import load_checkpoint
+    from itemgen.topk.factory import make_decoder
+
+    if "ann" in decoders:  # a flat MIPS index with per-cluster log-normalizer constants
+        from itemgen.cli.scale import build_checkpoint_index
+
+        build_checkpoint_index(best, "flat", data=data)
+    model, cfg, _ = load_checkpoint(best)
+    model.eval()
+    ds = SequenceDataset.load(data)
+    examples, segments = ds.examples("test"), dataset_segments(ds, "test")
+    cached = CachedQueries(model, examples, cfg.data.max_history)
     kept, masked = {}, {}
     for dec in decoders:
-        if dec == "ann":  # a flat MIPS index with per-cluster log-normalizer constants
-            from itemgen.cli.scale import build_checkpoint_index
-
-            build_checkpoint_index(best, "flat", data=data)
-        kept[dec] = evaluate_checkpoint(best, split="test", decode=dec, data=data)["metrics"]
-        masked[dec] = evaluate_checkpoint(best, split="test", decode=dec, data=data,
-                                          exclude_history=True)["metrics"]
+        for out, exclude in ((kept, False), (masked, True)):
+            decoder = make_decoder(dec, model, checkpoint_dir=best)
+            out[dec] = evaluate_decoder(cached, decoder, examples, max_history=cfg.data.max_history,
+                                        exclude_history=exclude, segments=segments, progress=False)
+            if hasattr(decoder, "stats"):
+                out[dec]["decoder"] = decoder.stats()
     out = {"test_by_decoder": kept, "test_by_decoder_history_masked": masked}
     if (best / "clusters.json").is_file():  # two-level: the clusters it trained with
         c = Clusters.load(best / "clusters.json")
         out["clusters"] = {**c.stats(), **c.info}
-    if "structure" in decoders or "ann" in decoders:
-        out["topk_vs_exact"] = topk_vs_exact(best, data, [d for d in decoders if d in ("structure", "ann")])
+    compared = [d for d in decoders if d in ("structure", "ann")]
+    if compared:
+        out["topk_vs_exact"] = topk_vs_exact(best, data, compared, model=model, cached=cached)
     return out
 
 
-def topk_vs_exact(best: Path, data: Path, decoders: list[str]) -> dict:
+def topk_vs_exact(best: Path, data: Path, decoders: list[str], model=None, cached: CachedQueries | None = None) -> dict:
     """decoder -> protocol -> how its top-10 compares with the exact top-10 over all test users:
     `users_differ` (the ordered lists differ), `users_differ_as_sets`, `users_differ_in_scores`
     (the lists' exact log-probabilities differ by more than 1e-5 at some rank: not a tie or float
@@ -292,17 +343,18 @@ def topk_vs_exact(best: Path, data: Path, decoders: list[str]) -> dict:
     from itemgen.models.checkpoint import load_checkpoint
     from itemgen.topk.factory import make_decoder
 
-    model, cfg, _ = load_checkpoint(best)
-    model.eval()
     examples = SequenceDataset.load(data).examples("test")
+    if model is None:
+        model, cfg, _ = load_checkpoint(best)
+        model.eval()
+        cached = CachedQueries(model, examples, cfg.data.max_history)
     decs = {d: make_decoder(d, model, checkpoint_dir=best) for d in ["exact", *decoders]}
     zero = {"users": 0, "users_differ": 0, "users_differ_as_sets": 0, "users_differ_in_scores": 0, "overlap": 0}
     counts = {d: {p: dict(zero) for p in ("history_kept", "history_masked")} for d in decoders}
     with torch.inference_mode():
         for start in range(0, len(examples), 128):
             batch = examples[start:start + 128]
-            hist = [e.history[-cfg.data.max_history:] for e in batch]
-            query = model.encode(model.to_device(model.query_batch(hist)))  # (B, H)
+            query = cached.encode(cached.query_batch([e.history[-cached.max_history:] for e in batch]))  # (B, H)
             full = model.score_items(query).float()  # (B, I) exact log P (two-level) or logits
             for proto, excl in (("history_kept", None), ("history_masked", [e.history for e in batch])):
                 _, ref = decs["exact"].topk(query, TOP_K, exclude=excl)  # (B, k)

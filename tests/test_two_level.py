@@ -289,7 +289,15 @@ def test_quality_benchmark_counts_users_whose_structure_top10_differs(trained, m
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
     ds, data, cfg, result = trained
-    counts = quality.topk_vs_exact(result.best, data, ["structure"])["structure"]
+    from itemgen.api import evaluate_checkpoint
+
+    figures = quality.decoder_figures(result.best, data, ["structure"])  # one LM pass for every cell
+    for split, masked in (("test_by_decoder", False), ("test_by_decoder_history_masked", True)):
+        ref = evaluate_checkpoint(result.best, decode="structure", exclude_history=masked,
+                                  out=result.best / "unused.json")["metrics"]
+        for key in ("recall@10", "ndcg@10", "mrr"):
+            assert figures[split]["structure"][key] == pytest.approx(ref[key], abs=1e-12), (split, key)
+    counts = figures["topk_vs_exact"]["structure"]
     for proto in ("history_kept", "history_masked"):
         c = counts[proto]
         assert c["users"] == len(ds.examples("test")) and c["mean_overlap"] == 1.0, c
