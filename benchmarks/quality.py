@@ -762,9 +762,14 @@ def two_level_tables(by: dict, two: list[dict]) -> list[str]:
                         f">= {bar:.2f}x: kept {'met' if kept['ndcg@10'] >= bar * rk['ndcg@10'] else 'NOT met'}"
                         + (f", masked {'met' if masked['ndcg@10'] >= bar * rm['ndcg@10'] else 'NOT met'}"
                            if masked and rm else ""))
+                if dec == "exact" and r.get("vs_recipe_paired"):
+                    q = r["vs_recipe_paired"]
+                    target += f"; paired vs recipe (masked) {q['diff']:+.4f} ± {q['se']:.4f}"
+                opened = kept.get("decoder", {}).get("clusters_opened_mean")
+                label = dec + (f" (opens {opened:.1f} clusters)" if opened is not None else "")
                 lat = r.get("decode_latency", {}).get(dec)
                 name = f"{method}" + (f" ({n_c})" if n_c else "")
-                lines.append("| " + " | ".join([d, name, dec, *fig(kept), ratio(kept, rk), *fig(masked),
+                lines.append("| " + " | ".join([d, name, label, *fig(kept), ratio(kept, rk), *fig(masked),
                                                  ratio(masked, rm), differ, *timing(lat), target]) + " |")
     return lines
 
