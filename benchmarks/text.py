@@ -77,6 +77,20 @@ VARIANTS = {
     # the same with a random 20% of items' ID part hidden each step (DropoutNet): the text-match
     # path alone has to rank them, as it must rank a new item
     "itemlm-match-drop": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2}}, "itemlm"),
+    # the same with the item-side gate (items.text_gate, models/text_match.py TextGate): the text
+    # part weighed and biased per item bucket (ID closed / 1-4 / 5-19 / 20+ training interactions)
+    "itemlm-match-gate": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2, "text_gate": [5, 20]}},
+                          "itemlm"),
+    # the same, and items with at most 4 training interactions (the tail) scored by text alone in the
+    # closed bucket, in training as in scoring (items.id_min_count): their ID vectors are too little trained
+    "itemlm-match-gate-min5": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2, "text_gate": [20],
+                                                    "id_min_count": 5}}, "itemlm"),
+    # only the closed bucket learns (the open ones keep the ungated text weight), alone and with the tail closed
+    "itemlm-match-gate-closed": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2, "text_gate": [20],
+                                                      "text_gate_open": False}}, "itemlm"),
+    "itemlm-match-gate-closed-min5": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2,
+                                                           "text_gate": [20], "text_gate_open": False,
+                                                           "id_min_count": 5}}, "itemlm"),
     # a larger start for the text term (validation before training: better tail, worse head)
     "itemlm-match-drop-s20": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2,
                                                   "text_match_scale": 20.0}}, "itemlm"),

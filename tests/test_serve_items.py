@@ -15,6 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from itemgen.api import Predictor
+from itemgen.core.config import from_dict
 from itemgen.models.new_items import add_items
 from itemgen.serving import engine as engine_module
 from itemgen.serving.server import ServeSettings, create_app
@@ -255,3 +256,30 @@ def test_l2d_decoders_are_refused_after_an_add_saying_why(sasrec_text, families,
             body = error_of(c.post("/v1/recommend", json={"history": ["F0M0"], "decode": name}), 422)
             assert "items were added" in body["error"] and "can never rank them" in body["error"]
         assert "NEW-stapler" in [x["id"] for x in top(c, ["F0M0", "F0M1", "F0M2"])]  # exact still serves
+
+
+def test_a_gated_text_match_model_serves_added_items_as_the_offline_add(families, tmp_path):
+    """items.text_gate: a new item added over HTTP is in the closed bucket; exact and ANN answers,
+    and the saved `items add` checkpoint, agree (item vectors [v ; g t ; c], queries [h ; M q ; 1])."""
+    cfg = from_dict({"model": "itemlm", "data": {"path": "x", "max_history": 6},
+                     "itemlm": {"backbone": "tiny", "prompt": "ids", "item_dim": 16, "id_only_share": 1.0,
+                                "text_vocab_in_softmax": False},
+                     "items": {"text_encoder": "tiny", "text_match": 3, "id_dropout": 0.3, "text_gate": [3]},
+                     "train": {"out": str(tmp_path / "run"), "max_steps": 20, "eval_every": 20, "eval_users": 50,
+                               "progress": False, "batch_size": 32, "warmup_steps": 0, "lr": 1e-2}})
+    ckpt = train(cfg, dataset=families).out / "last"
+    pred0 = Predictor.load(ckpt)
+    assert pred0.model.items.gate.weights()["closed"] != (1.0, 0.0)  # the closed bucket trained
+    AnnIndex.build(pred0.model, "flat").save(ckpt)
+    client, pred = serve(ckpt)
+    history = ["F0M0", "F0M1", "NEW-lamp"]
+    with client as c:
+        assert c.post("/v1/items", json={"items": NEW}).status_code == 201
+        assert pred.decoder("ann").index.n_items == N_OLD + 2
+        served = top(c, history, k=8)
+        ann = top(c, history, k=8, decode="ann")
+    assert [x["id"] for x in ann] == [x["id"] for x in served]
+    offline = Predictor.load(add_items(ckpt, write_jsonl(tmp_path / "new.jsonl", NEW), tmp_path / "out").out)
+    want = offline.recommend([history], k=8)[0]
+    assert [x["id"] for x in served] == [x["id"] for x in want]
+    np.testing.assert_allclose([x["score"] for x in served], [x["score"] for x in want], atol=1e-4)

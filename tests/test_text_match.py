@@ -4,7 +4,13 @@ Known answer: with M = s * I and the ID part zeroed, a model's scores are s time
 Parity: the training-time query at a label equals encode's, encode_cached's and the session
 path's for the same history. MIPS: exact top-k equals the ANN flat index's. A checkpoint round
 trip keeps M and the text view; `items add` on a text_match model (even ID-only views) scores a
-new item by its text at once. Config errors are one clear message."""
+new item by its text at once. Config errors are one clear message.
+
+The item-side gate (items.text_gate): score = h . v_i + g(b_i) (M q) . t_i + c(b_i), b_i the item's
+training-count bucket or "ID closed"; every parity above holds with it; a fresh gate (g = 1, c = 0)
+scores exactly as an ungated checkpoint; a new item added to a checkpoint scores as the model
+scores a catalog item with the same text and its ID gate closed; and on a known-answer case the
+closed bucket's weight learns what the text is worth."""
 
 import json
 
@@ -20,7 +26,7 @@ from itemgen.models.checkpoint import load_checkpoint
 from itemgen.models.new_items import add_items
 from itemgen.models.registry import build_model
 from itemgen.models.text_knn import TextKNN
-from itemgen.models.text_match import TextMatch
+from itemgen.models.text_match import TextGate, TextMatch
 from itemgen.serving.sessions import Session, session_query
 from itemgen.topk.ann import AnnIndex, AnnTopK
 from itemgen.topk.exact import ExactTopK
@@ -62,6 +68,18 @@ def knn_scores(m, hist) -> torch.Tensor:
 
 def histories(data, n=8):
     return [np.asarray(s[:-1][-6:]) for s in data.split.train[:n]]
+
+
+GATE = {"text_gate": [3, 6], "id_dropout": 0.3}  # buckets: closed, 1-2, 3-5, 6+ training interactions
+
+
+@torch.no_grad()
+def shake_gate(m) -> None:
+    """A non-trivial gate: every bucket a different weight and bias, some items ID-less."""
+    g = m.items.gate
+    g.log_weight.copy_(torch.tensor([0.05, -0.03, 0.02, -0.01]))  # g = exp(20 a): 2.7, 0.55, 1.5, 0.8
+    g.bias.copy_(torch.tensor([0.1, -0.05, 0.08, 0.0]))  # c = 20 b: 2, -1, 1.6, 0
+    m.items.id_known[:3] = False
 
 
 # ---- known answer: M = s I, no ID part -> s * text-kNN --------------------------------------
@@ -119,11 +137,13 @@ def test_slot_means_at_every_position_are_the_last_n_slots_before_it():
 
 
 # ---- parity: every path that makes a query makes the same one --------------------------------
-@pytest.mark.parametrize("prompt", ["compact", "ids"])
-def test_itemlm_training_query_encode_encode_cached_and_sessions_agree(data, prompt):
-    m, _ = built(data, itemlm={"prompt": prompt})
+@pytest.mark.parametrize("prompt,gate", [("compact", False), ("ids", False), ("compact", True)])
+def test_itemlm_training_query_encode_encode_cached_and_sessions_agree(data, prompt, gate):
+    m, _ = built(data, itemlm={"prompt": prompt}, items=GATE if gate else None)
     with torch.no_grad():
         m.items.match.delta.normal_(std=0.05)  # a non-identity M, so each path must apply it
+    if gate:
+        shake_gate(m)
     seqs = [np.asarray(s[-7:]) for s in data.split.train if len(s) >= 3][:6]  # >= 2 labels each
     hist = [s[:-1] for s in seqs]
     with torch.inference_mode():
@@ -166,8 +186,11 @@ def test_itemlm_label_scores_and_loss_use_the_text_part(data):
     torch.testing.assert_close(loss, -want[torch.arange(len(labels)), labels].sum(), atol=1e-3, rtol=1e-4)
 
 
-def test_sasrec_training_query_equals_encode(data):
-    m, _ = built(data, "sasrec", items={"input": "text+id"})
+@pytest.mark.parametrize("gate", [False, True])
+def test_sasrec_training_query_equals_encode(data, gate):
+    m, _ = built(data, "sasrec", items={"input": "text+id", **(GATE if gate else {})})
+    if gate:
+        shake_gate(m)
     seqs = [np.asarray(s[-7:]) for s in data.split.train[:6]]
     with torch.inference_mode():
         batch = m.train_batch(seqs, np.random.default_rng(0))
@@ -182,12 +205,14 @@ def test_sasrec_training_query_equals_encode(data):
 
 
 # ---- MIPS: one dot product -----------------------------------------------------------------
-@pytest.mark.parametrize("model", ["itemlm", "sasrec"])
-def test_exact_top_k_equals_ann_flat_top_k(data, model):
+@pytest.mark.parametrize("model,gate", [("itemlm", False), ("sasrec", False), ("itemlm", True), ("sasrec", True)])
+def test_exact_top_k_equals_ann_flat_top_k(data, model, gate):
     pytest.importorskip("faiss")
-    m, _ = built(data, model)
+    m, _ = built(data, model, items=GATE if gate else None)
     with torch.no_grad():
         m.items.match.delta.normal_(std=0.05)
+    if gate:
+        shake_gate(m)
     hist = histories(data)
     with torch.inference_mode():
         query = m.encode(m.query_batch(hist))
@@ -265,12 +290,14 @@ def families():
                            [f"U{u}" for u in range(len(seqs))], [np.asarray(s, dtype=np.int64) for s in seqs])
 
 
-@pytest.mark.parametrize("model,inp,out", [("itemlm", "id", "untied"), ("sasrec", "id", "tied")])
-def test_items_add_on_a_text_match_model_ranks_a_near_duplicate_new_item_first(families, tmp_path, model, inp, out):
+@pytest.mark.parametrize("model,inp,out,gate", [("itemlm", "id", "untied", False), ("sasrec", "id", "tied", False),
+                                                ("itemlm", "id", "untied", True)])
+def test_items_add_on_a_text_match_model_ranks_a_near_duplicate_new_item_first(families, tmp_path, model, inp, out,
+                                                                               gate):
     """ID-only views, which `items add` refuses without the text-match path: the new item has no
     ID part and ranks first, by its text, for a history of its whole family (excluded)."""
-    cfg = cfg_for(model, tmp_path / "run", items={"input": inp, "output": out}, max_steps=30, eval_every=30,
-                  lr=1e-2, batch_size=32, eval_users=50)
+    cfg = cfg_for(model, tmp_path / "run", items={"input": inp, "output": out, **(GATE if gate else {})},
+                  max_steps=30, eval_every=30, lr=1e-2, batch_size=32, eval_users=50)
     ckpt = train(cfg, dataset=families).out / "last"
     new = tmp_path / "new.jsonl"
     new.write_text("".join(json.dumps(r) + "\n" for r in [
@@ -279,7 +306,7 @@ def test_items_add_on_a_text_match_model_ranks_a_near_duplicate_new_item_first(f
     result = add_items(ckpt, new, tmp_path / "with-new")
     m, _, items = load_checkpoint(result.out)
     assert items.ids[-2:] == ["NEW-stapler", "NEW-lamp"] and not m.items.id_known[-2:].any()
-    F_ = m.items.text_view.shape[1]
+    F_ = m.items.text_view.shape[1] + int(gate)  # the gate's bias column after the text
     assert torch.equal(m.item_vectors()[-2:, :-F_], torch.zeros(2, m.item_vectors().shape[1] - F_))
     pred = Predictor.load(result.out)
     for fam, new_id in ((0, "NEW-stapler"), (1, "NEW-lamp")):
@@ -295,6 +322,12 @@ def test_items_add_on_a_text_match_model_ranks_a_near_duplicate_new_item_first(f
     ({"model": "gru4rec"}, "items.text_match: itemlm or sasrec"),
     ({"items": {"text_match": -1}}, "items.text_match must be >= 0"),
     ({"items": {"text_match_scale": 0}}, "text_match_scale must be > 0"),
+    ({"items": {"text_match": 0, "text_gate": [5]}}, "items.text_gate needs items.text_match"),
+    ({"items": {"text_gate": [5]}}, "items.text_gate needs items.id_dropout > 0"),
+    ({"items": {"text_gate": [20, 5], "id_dropout": 0.2}}, "items.text_gate must be increasing"),
+    ({"items": {"text_gate": [1], "id_dropout": 0.2}}, "items.text_gate must be increasing"),
+    ({"items": {"id_min_count": 5, "id_dropout": 0.2}}, "items.id_min_count > 1 needs items.text_gate"),
+    ({"items": {"id_min_count": 0}}, "items.id_min_count must be >= 1"),
 ])
 def test_config_errors_name_what_is_wrong(change, match):
     base = {"model": "itemlm", "itemlm": {"text_vocab_in_softmax": False},
@@ -307,3 +340,149 @@ def test_config_errors_name_what_is_wrong(change, match):
 
 def test_text_match_off_changes_nothing():
     assert Config().items.text_match == 0
+
+
+# ---- the item-side gate (items.text_gate) ------------------------------------------------------
+def test_gate_buckets_are_closed_then_training_counts():
+    gate = TextGate((3, 6))
+    assert gate.buckets(torch.tensor([0, 1, 2, 3, 5, 6, 100])).tolist() == [0, 1, 1, 2, 2, 3, 3]
+    assert list(gate.weights()) == ["closed", "1-2", "3-5", "6+"]
+    assert gate.weights()["closed"] == (1.0, 0.0)  # starts as no gate
+
+
+@pytest.mark.parametrize("model", ["itemlm", "sasrec"])
+def test_gated_scores_are_h_v_plus_g_times_text_plus_c(data, model):
+    """Each item's text part is weighed by its bucket's g and shifted by its c; an item without
+    an ID part (no training interaction, or dropped this training step) is in the closed bucket."""
+    m, _ = built(data, model, items=GATE)
+    shake_gate(m)
+    with torch.no_grad():
+        m.items.match.delta.normal_(std=0.05)
+    counts = torch.as_tensor(np.bincount(np.concatenate(data.split.train), minlength=data.n_items))
+    bucket = m.items.item_bucket.clone()
+    assert torch.equal(bucket, m.items.gate.buckets(counts))  # init_items stored the training counts' buckets
+    assert len(set(bucket.tolist())) >= 3
+    hist = histories(data, 4)
+    view = m.items.text_view
+    g_all, c_all = (torch.exp(20 * m.items.gate.log_weight), 20 * m.items.gate.bias)
+    q = torch.stack([view[torch.as_tensor(h[-N:])].mean(0) for h in hist]) @ m.items.match.matrix().T  # (B, F)
+
+    def want(h, v, open_):
+        b = torch.where(open_, bucket, torch.zeros_like(bucket))
+        return h @ (v * open_[:, None]).T + g_all[b] * (q @ view.T) + c_all[b]
+
+    with torch.inference_mode():
+        query = m.encode(m.query_batch(hist))
+        H = query.shape[1] - view.shape[1] - 1
+        v = m.item_vectors()[:, :H]  # the ID part, gated
+        got = query @ m.item_vectors().T
+        open_ = m.items.id_known.clone()
+        assert not open_[:3].any() and torch.equal(v[:3], torch.zeros_like(v[:3]))
+        torch.testing.assert_close(got, want(query[:, :H], v, open_), atol=1e-4, rtol=1e-4)
+    m.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        m.items.begin_step()
+        step_open = m.items.id_gate().clone()  # this step's draw: some known items closed too
+        assert (m.items.id_known & ~step_open).any()
+        got = query @ m.item_vectors().T
+    torch.testing.assert_close(got, want(query[:, :H], v, step_open), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["itemlm", "sasrec"])
+def test_a_fresh_gate_scores_an_ungated_checkpoint_exactly(data, tmp_path, model):
+    """g = 1, c = 0: an old (ungated) checkpoint's weights in a gated model give its scores and
+    top-k; and the old checkpoint itself still loads with no gate."""
+    res = train(cfg_for(model, tmp_path / "run", items={"id_dropout": 0.3}, max_steps=3), dataset=data)
+    old, ocfg, _ = load_checkpoint(res.out / "last")
+    assert ocfg.items.text_gate == () and old.items.gate is None
+    cfg = cfg_for(model, items={"id_dropout": 0.3, **GATE})
+    new = build_model(cfg, data.items)
+    init_items(new, cfg, data)
+    missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+    assert sorted(missing) == ["items.gate.bias", "items.gate.log_weight", "items.item_bucket"] and not unexpected
+    new.eval()
+    hist = histories(data)
+    with torch.inference_mode():
+        a, b = old.scores(hist), new.scores(hist)
+        ia, ib = ExactTopK(old).topk(old.encode(old.query_batch(hist)), 10, exclude=hist)[1], \
+            ExactTopK(new).topk(new.encode(new.query_batch(hist)), 10, exclude=hist)[1]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ia, ib)
+
+
+def test_a_new_item_scores_as_a_catalog_item_with_its_id_gate_closed(families, tmp_path):
+    """`items add` puts a new item in the closed bucket: its scores equal those the model gives
+    a catalog item with the same text once that item's ID part is closed."""
+    cfg = cfg_for("itemlm", tmp_path / "run", items=GATE, max_steps=20, eval_every=20, lr=1e-2, batch_size=32,
+                  eval_users=50)
+    ckpt = train(cfg, dataset=families).out / "last"
+    new = tmp_path / "new.jsonl"  # F2M1's text under a new id
+    new.write_text(json.dumps({"id": "NEW", "title": "green notebook model 2", "brand": "Initech",
+                               "category": "office notebooks"}) + "\n")
+    m_new, _, items = load_checkpoint(add_items(ckpt, new, tmp_path / "with-new").out)
+    m_old, _, _ = load_checkpoint(ckpt)
+    assert m_new.items.gate.weights()["closed"] != (1.0, 0.0)  # trained: the closed bucket matters
+    x = families.items.index["F2M1"]
+    torch.testing.assert_close(m_new.items.text_view[-1], m_old.items.text_view[x])
+    with torch.no_grad():
+        m_old.items.id_known[x] = False
+    hist = [np.array([8, 10, 11]), np.array([0, 1]), np.array([20, 21, 22])]
+    with torch.inference_mode():  # dot products (ItemLM's scores are log-probabilities over the catalog)
+        got = m_new.encode(m_new.query_batch(hist)) @ m_new.item_vectors()[-1]
+        want = m_old.encode(m_old.query_batch(hist)) @ m_old.item_vectors()[x]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_closed_bucket_learns_what_text_is_worth(families, tmp_path):
+    """Known answer: every user buys within one family of near-duplicate titles, so text predicts
+    the next item; with a text part started far too weak (scale 0.3), items whose ID part is dropped
+    can only be ranked by text, and the closed bucket's weight must grow. With the titles shuffled
+    across items text predicts (nearly) nothing, and it must grow far less. A bucket no item falls
+    in (60+) has nothing to learn from and stays at its start."""
+    perm = np.random.default_rng(1).permutation(len(families.items))
+    shuffled = SequenceDataset("shuffled", ItemTable(families.items.ids, {
+        k: [v[p] for p in perm] for k, v in families.items.fields.items()}), families.users, families.sequences)
+    closed = {}
+    for name, ds in (("informative", families), ("shuffled", shuffled)):
+        cfg = cfg_for("itemlm", tmp_path / name, items={"id_dropout": 0.5, "text_match_scale": 0.3, "text_gate": [60]},
+                      max_steps=40, eval_every=40, lr=1e-2, batch_size=32, eval_users=50)
+        m, _, _ = load_checkpoint(train(cfg, dataset=ds).out / "last")
+        w = m.items.gate.weights()
+        assert w["60+"] == (1.0, 0.0)
+        closed[name] = w["closed"][0]
+    assert closed["informative"] > 3.0 and closed["informative"] > 3 * closed["shuffled"], closed
+
+
+def test_items_below_id_min_count_are_scored_as_closed_but_stay_in_training(data):
+    """items.id_min_count: an item seen fewer times has no ID part (closed bucket, as a new item)
+    in scoring and training, yet it is a training target like any other (unlike an unseen item)."""
+    m, _ = built(data, items={**GATE, "id_min_count": 3})
+    counts = torch.as_tensor(np.bincount(np.concatenate(data.split.train), minlength=data.n_items))
+    few = (counts > 0) & (counts < 3)
+    assert few.any() and (counts >= 3).any()
+    assert torch.equal(m.items.id_known, counts >= 3)
+    with torch.no_grad():
+        m.items.gate.bias.fill_(0.1)
+    F_ = m.items.text_view.shape[1] + 1
+    v = m.item_vectors()
+    assert torch.equal((v[:, :-F_] != 0).any(1), counts >= 3)
+    g, c = m.items.gate(torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(v[few, -1], c.expand(int(few.sum())))  # the closed bucket's bias
+    unseen = m.items.unseen_in_training()
+    assert unseen is None or torch.equal(unseen, counts == 0)
+
+
+def test_with_text_gate_open_false_only_the_closed_bucket_learns(data):
+    m, _ = built(data, items={**GATE, "text_gate_open": False})
+    m.train()
+    seqs = [np.asarray(s[-7:]) for s in data.split.train[:8]]
+    torch.manual_seed(0)
+    m.loss(m.train_batch(seqs, np.random.default_rng(0))).backward()
+    gate = m.items.gate
+    assert gate.log_weight.grad[0] != 0 and gate.bias.grad[0] != 0
+    assert not gate.log_weight.grad[1:].any() and not gate.bias.grad[1:].any()
+    with torch.no_grad():
+        gate.log_weight.fill_(0.1)  # whatever they hold, the open buckets weigh g = 1, c = 0
+        gate.bias.fill_(0.1)
+    assert list(gate.weights().values())[1:] == [(1.0, 0.0)] * 3

@@ -28,7 +28,9 @@ The text-match path (``items.text_match``, models/text_match.py): the model's qu
 by concatenation, so scores are h . v_i + (M q) . t_i: a learned text-kNN beside the ID scores.
 It works with every input and output view (the component keeps the text view for it even when
 both are ID-only); an output with no text part of its own (untied, or tied to ID inputs) gets
-the ID gate below on v_i, so an item without an ID part is scored by its text alone.
+the ID gate below on v_i, so an item without an ID part is scored by its text alone. With
+``items.text_gate`` the text part is weighed per item by its bucket (ID closed, or its training-
+count bucket, kept as ``item_bucket`` in the checkpoint): [v_i ; g(b_i) t_i ; c(b_i)].
 
 The ID gate: items with no training interaction (``id_known`` False, set from the training
 split before the first step) get NO ID part on either side, only text, exactly as a new item
@@ -48,7 +50,7 @@ from torch import nn
 
 from itemgen.core.config import ItemsConfig
 from itemgen.data.dataset import DataError, ItemTable
-from itemgen.models.text_match import TextMatch
+from itemgen.models.text_match import TextGate, TextMatch
 from itemgen.models.text_view import TextEncoder, encode_items, load_text_encoder
 
 TEXT_INPUTS = ("text", "text+id", "dual", "nullspace")
@@ -152,6 +154,11 @@ class ItemRepr(nn.Module):
                 self.register_buffer("null_basis", torch.zeros(text_dim, dim))
         # the text-match path: M (F, F) on the query side, the text view beside every item vector
         self.match = TextMatch(text_dim, cfg.text_match, cfg.text_match_scale) if cfg.text_match > 0 else None
+        # the item-side gate on it: g, c per bucket; every item's training-count bucket (set_counts)
+        self.gate = TextGate(tuple(cfg.text_gate), cfg.text_gate_open) \
+            if self.match is not None and cfg.text_gate else None
+        if self.gate is not None:
+            self.register_buffer("item_bucket", torch.ones(n_items, dtype=torch.long))  # (I,) 1..: open buckets
         # an output view without a text part of its own: the ID gate applies to v_i in match_items
         self._gate_matched = self.output_view == "untied" or self.output_view == "tied" and self.input_view == "id"
         self._match_cache = None
@@ -212,6 +219,16 @@ class ItemRepr(nn.Module):
         self.id_known.copy_(torch.as_tensor(known, dtype=torch.bool))
 
     @torch.no_grad()
+    def set_counts(self, counts) -> None:
+        """counts (I,) each item's training interactions: which items have an ID part (at least
+        items.id_min_count), and (with items.text_gate) each item's count bucket, as the model saw
+        them in training (bucket 0: none, the items training leaves out)."""
+        counts = torch.as_tensor(counts, dtype=torch.long)
+        self.set_known(counts >= self.cfg.id_min_count)
+        if self.gate is not None:
+            self.item_bucket.copy_(self.gate.buckets(counts))
+
+    @torch.no_grad()
     def init_ids(self, vectors: torch.Tensor, std: float) -> None:
         """Fill the ID table with ``vectors`` (I, d_id), centred and rescaled to ``std`` (the
         random table's), so the layers after it see inputs of the size they were built for."""
@@ -241,9 +258,11 @@ class ItemRepr(nn.Module):
         the model trains, as a new item will not. Kept in as ever-negatives, they taught the text
         path that their text region is never a target: office cold10, items.text_match=3 with
         id_dropout 0.2 scored new items NDCG@10 0.0013 against text-kNN's 0.0507 (measured)."""
-        if not self.has_text or bool(self.id_known.all()):
+        if not self.has_text:
             return None
-        return ~self.id_known
+        # with the gate, id_known may also close items seen a few times (items.id_min_count)
+        unseen = ~self.id_known if self.gate is None else self.item_bucket == 0
+        return unseen if bool(unseen.any()) else None
 
     def id_gate(self) -> torch.Tensor | None:
         """(I,) bool: items whose ID part counts now; None: every item's (ID-only views)."""
@@ -334,24 +353,34 @@ class ItemRepr(nn.Module):
             key = tuple((t._version, t.data_ptr()) for t in deps)
             if self._match_cache is not None and self._match_cache[0] == key:
                 return self._match_cache[1]
-        gate = self.id_gate() if self._gate_matched else None
-        if gate is not None and not bool(gate.all()):
-            v = v * gate[:, None].to(v.dtype)
-        out = torch.cat([v, self.text_view.to(v.dtype)], 1)  # (I, H + F)
+        open_ = self.id_gate()  # (I,) bool (the match path always has a text view)
+        if self._gate_matched and not bool(open_.all()):
+            v = v * open_[:, None].to(v.dtype)
+        text = self.text_view.to(v.dtype)  # (I, F)
+        if self.gate is None:
+            out = torch.cat([v, text], 1)  # (I, H + F)
+        else:  # ID closed (new, unknown or dropped this step): bucket 0, as a new item's
+            g, c = self.gate(torch.where(open_, self.item_bucket, torch.zeros_like(self.item_bucket)))
+            out = torch.cat([v, text * g[:, None].to(v.dtype), c[:, None].to(v.dtype)], 1)  # (I, H + F + 1)
         if key is not None:
             self._match_cache = (key, out)
         return out
 
     def match_at(self, h: torch.Tensor, items: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """h (N, H) query states at the positions ``at`` (B, L) of a batch whose item slots are
-        ``items`` (B, L) (-1 elsewhere) -> (N, H + F) [h ; M q], q over the slots up to each position."""
-        q = self.match.slot_means(self.text_view, items, at)  # (N, F)
-        return torch.cat([h, self.match(q).to(h.dtype)], 1)
+        ``items`` (B, L) (-1 elsewhere) -> (N, H + F [+ 1]) [h ; M q (; 1)], q over the slots up to
+        each position."""
+        return self._match_query(h, self.match.slot_means(self.text_view, items, at))  # q (N, F)
 
     def match_histories(self, h: torch.Tensor, histories) -> torch.Tensor:
-        """h (B, H) query states at the end of ``histories`` -> (B, H + F) [h ; M q]."""
-        q = self.match.history_means(self.text_view, histories)  # (B, F)
-        return torch.cat([h, self.match(q).to(h.dtype)], 1)
+        """h (B, H) query states at the end of ``histories`` -> (B, H + F [+ 1]) [h ; M q (; 1)]."""
+        return self._match_query(h, self.match.history_means(self.text_view, histories))  # q (B, F)
+
+    def _match_query(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        parts = [h, self.match(q).to(h.dtype)]
+        if self.gate is not None:  # the 1 that reads every item's bias c(b_i)
+            parts.append(h.new_ones(h.shape[0], 1))
+        return torch.cat(parts, 1)
 
     def train(self, mode: bool = True):
         self._cache = self._match_cache = None  # see output_vectors
@@ -373,6 +402,8 @@ class ItemRepr(nn.Module):
         dev = self.text_view.device
         self.text_view = torch.cat([self.text_view, view.to(dev, self.text_view.dtype)])
         self.id_known = torch.cat([self.id_known, torch.zeros(n, dtype=torch.bool, device=dev)])
+        if self.gate is not None:  # the closed bucket, as any item without training interactions
+            self.item_bucket = torch.cat([self.item_bucket, torch.zeros(n, dtype=torch.long, device=dev)])
         if self.id_emb is not None:
             w = self.id_emb.weight
             self.id_emb.weight = nn.Parameter(torch.cat([w, w.new_zeros(n, w.shape[1])]),

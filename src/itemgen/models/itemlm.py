@@ -165,7 +165,11 @@ class ItemLM(Recommender):
         if target is not None:
             out = self.items.proj(self.all_item_inputs()) if out_vectors is None else out_vectors.float()
             out = out - out.mean(0)
-            target.copy_((out * (0.02 / out.std().clamp_min(1e-8))).to(target))
+            out = out * (0.02 / out.std().clamp_min(1e-8))
+            if isinstance(self.head, TwoLevelHead):  # both levels from the given geometry
+                self.head.set_item_vectors(out)
+            else:
+                target.copy_(out.to(target))
 
     def embed(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """tokens, items (B, L) -> inputs_embeds (B, L, H)."""
@@ -336,6 +340,12 @@ class ItemLM(Recommender):
             return self.finish_query(h, histories)
 
     @torch.inference_mode()
+    @property
+    def packs_histories(self) -> bool:
+        """Whether encode_histories takes the packed path (its layers are ones packed_decoder.py
+        computes): a server then needs no prefix cache of its own for one-shot requests."""
+        return packed_decoder.supported(self.decoder)
+
     def _packed_state(self) -> "_PackedState":
         """What depends on the weights only, computed once per weights: every item's projected input
         vector (I, H) (ItemRepr's MLP then runs once per catalog, not once per history slot), the

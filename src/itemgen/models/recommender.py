@@ -57,6 +57,9 @@ class Recommender(nn.Module):
         """-> (B, D) query states."""
         raise NotImplementedError
 
+    # Whether encode_histories is such a faster path (a server then keeps no prefix cache of its own).
+    packs_histories: bool = False
+
     def encode_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
         """Histories (as the model should read them: already truncated) -> (B, D) query states,
         equal to encode(query_batch(histories)); a model may compute them by a faster path with

@@ -95,6 +95,8 @@ class Engine:
     def encode(self, histories: list[np.ndarray]) -> torch.Tensor:
         """-> (B, D) query states of the truncated histories."""
         hist = [np.asarray(h)[-self.max_history:] for h in histories]
+        if self.model.packs_histories:  # no padding, prefix and item rows cached
+            return self.model.encode_histories(hist)
         if self.prefix is not None:
             return self.model.encode_cached(hist, self.prefix)
         return self.model.encode(self.model.to_device(self.model.query_batch(hist)))

@@ -69,7 +69,7 @@ def init_items(model, cfg: Config, ds: SequenceDataset) -> None:
         return
     rep = model.items
     if rep.has_text:  # no training interaction, no ID part (a new item's case, learned by the text path)
-        rep.set_known(torch.from_numpy(item_counts(ds.split.train, ds.n_items) > 0))
+        rep.set_counts(torch.from_numpy(item_counts(ds.split.train, ds.n_items)))  # and text_gate's buckets
     it = cfg.items
     if it.init == "random":
         return
