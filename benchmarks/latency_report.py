@@ -12,11 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC, PNG = ROOT / "docs" / "latency.md", ROOT / "docs" / "latency.png"
 RESULTS = ROOT / "benchmarks" / "results" / "latency.json"
 
-LABELS = {"itemlm": "ItemLM single-step, full softmax", "itemlm_two_level": "ItemLM single-step, two-level + structure",
+LABELS = {"itemlm": "ItemLM single-step, full softmax over items", "itemlm_two_level": "ItemLM single-step, two-level + structure",
           "title": "Title, constrained beam search", "semantic_id": "Semantic IDs, constrained beam search",
-          "itemlm_compact": "ItemLM, compact prompt", "itemlm_prefix_kv": "ItemLM, default prompt + prefix KV reused",
-          "itemlm_compact_prefix_kv": "ItemLM, compact prompt + prefix KV reused"}
-MAIN = ("itemlm", "itemlm_two_level", "title", "semantic_id")
+          "itemlm_compact": "ItemLM, compact prompt", "itemlm_prefix_kv": "ItemLM + prefix KV reused",
+          "itemlm_compact_prefix_kv": "ItemLM, compact prompt + prefix KV reused",
+          "itemlm_packed": "ItemLM single-step, packed path (as served)"}
+MAIN = ("itemlm", "itemlm_packed", "itemlm_two_level", "title", "semantic_id")
 PER_USER = "per_user_cost"  # benchmarks/per_user_cost.py
 
 
@@ -24,63 +25,106 @@ def fmt(x, nd=1):
     return "n/a" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
+def is_latency_run(r) -> bool:
+    """A dataset x profile entry written by benchmarks/latency.py (other keys belong to other benchmarks)."""
+    return isinstance(r, dict) and "cost_model" in r and "methods" in r
+
+
 def write_report(allres: dict) -> None:
     lines = ["# Latency: single-token items against multi-token baselines", "",
              "Produced by `benchmarks/latency.py` (command, commit, hardware and every figure: "
-             "`benchmarks/results/latency.json`). Backbone SmolLM2-135M with all its layers, item weights freshly "
-             "initialised (latency does not depend on their values), histories cut to the last 20 items, top-10, "
-             "beam width 10 for the multi-step baselines (KV cache, `torch.inference_mode`), timed round-robin user by "
-             "user. NDCG@10 comes from checkpoints of the same methods on the first 2 layers of the same backbone "
-             "(the full model does not fit the GPU machine's upload limit), trained for minutes: it compares the "
-             "methods under a small budget, not their converged quality. How each was trained is listed under "
-             "its table.", ""]
-    for name, r in allres.items():
-        if "profile" not in r or name == PER_USER:  # quality only so far; per_user_cost: its own section
-            continue
+             "`benchmarks/results/latency.json`). Every method reads the SAME prompt, the recipe's "
+             "(`configs/itemlm-cpu.yaml`, `prompt: ids`): \"History:\" then one token per history item, the last "
+             "`max_history` items. ItemLM reads its top-10 off the last position in one forward pass; the title and "
+             "semantic-ID baselines read the same tokens (their history items are learned item tokens too) and "
+             "generate the answer as title tokens or semantic-ID codes, beam width 10, constrained to the catalog "
+             "(KV cache, `torch.inference_mode`). The methods therefore differ in their decoding only. Backbone: "
+             "SmolLM2-135M's shape cut to the profile's layers, item weights freshly initialised (latency does not "
+             "depend on their values, except the two-level structure decoder's: see the notes); ItemLM is the recipe's model (items-only softmax, untied item vectors). "
+             "Users are timed round-robin user by user, batch 1, top-10. The template, history length, layers and "
+             "thread count of every table are in the line above it.", ""]
+    runs = {name: r for name, r in allres.items() if is_latency_run(r)}
+    if runs:
+        lines += _targets(runs)
+    for name, r in runs.items():
         p = r["profile"]
         if r.get("tag") == "further":
             lines += _floor(name, r)
             continue
-        lines += [f"## {name} ({r['n_items']} items)", "",
-                  f"{p['latency_users']} of the {p['users_sampled']} sampled test users timed at batch 1; "
-                  f"throughput over {p['throughput_users']} users at batch {p['batch']}; {p['threads']} threads; "
+        tag = r.get("tag") or ""
+        lines += [f"## {r['dataset']}, {p['n_layers']} layers{f' ({tag})' if tag else ''} ({r['n_items']} items)", "",
+                  f"Template: {p.get('prompt', 'n/a')} prompt for every method; histories of up to "
+                  f"{p['max_history']} items (mean {fmt(p.get('mean_history_items'), 1)} in the sample); "
+                  f"SmolLM2-135M, {p['n_layers']} layers; {p['threads']} thread(s). "
+                  f"{p['latency_users']} of the {p['users_sampled']} sampled test users timed at batch 1 (medians); "
+                  f"throughput over {p['throughput_users']} users at batch {p['batch']}; "
                   f"{r['date']}, commit {str(r['git_commit'])[:8]}.", "",
-                  f"| method | prefill tokens | decode steps | p50 ms (b=1) | p95 ms (b=1) | users/s (b={p['batch']}) "
-                  "| ItemLM speedup, measured | predicted | NDCG@10 |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"| method | prompt tokens | decode steps | p50 ms (b=1) | p95 ms (b=1) | users/s (b={p['batch']}) "
+                  "| ItemLM speedup, measured | predicted | x bare forward | NDCG@10 |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for k in MAIN:
             m = r["methods"].get(k)
             if m is None or "p50_ms_batch1" not in m:
                 if k in r.get("skipped", {}):
-                    lines.append(f"| {LABELS[k]} | skipped: {r['skipped'][k]} | | | | | | | |")
+                    lines.append(f"| {LABELS[k]} | skipped: {r['skipped'][k]} | | | | | | | | |")
                 continue
             q = (m.get("quality") or {}).get("ndcg@10")
             lines.append(f"| {LABELS[k]} | {fmt(m['mean_prefill_tokens'])} | {fmt(m['decode_steps'])} | "
                          f"{fmt(m['p50_ms_batch1'])} | {fmt(m['p95_ms_batch1'])} | "
                          f"{fmt(m['throughput_users_per_s_batch'], 2)} | {fmt(m.get('measured_speedup_of_itemlm'), 2)}x | "
-                         f"{fmt(m.get('predicted_speedup_of_itemlm'), 2)}x | {fmt(q, 4) if q is not None else 'not measured'} |")
-        profiles = {k: (r["methods"].get(k, {}).get("quality") or {}) for k in MAIN}
-        profiles = {k: q for k, q in profiles.items() if q.get("ndcg@10") is not None}
-        if profiles:
-            lines += ["", f"NDCG@10 on all {p['users_sampled']} sampled users. Models:", ""]
-            lines += [f"- {LABELS[k]}: {q.get('note') or q.get('profile') or r.get('quality_profile')}; best checkpoint "
-                      f"at step {q.get('train_steps')}, {fmt(q.get('train_seconds'))} s of training."
-                      for k, q in profiles.items()]
+                         f"{fmt(m.get('predicted_speedup_of_itemlm'), 2)}x | {fmt(m.get('vs_bare_forward'), 2)}x | "
+                         f"{fmt(q, 4) if q is not None else 'not measured'} |")
+        measured = {k: (r["methods"].get(k, {}).get("quality") or {}) for k in MAIN}
+        measured = {k: q for k, q in measured.items() if q.get("ndcg@10") is not None}
+        if measured:
+            lines += ["", f"NDCG@10 on all {p['users_sampled']} sampled users, history kept (the published protocol), "
+                      "from checkpoints with this template and layer count:", ""]
+            lines += [f"- {LABELS[k]}: `{q.get('checkpoint')}` ({q.get('prompt')} prompt, {q.get('n_layers')} layers, "
+                      f"max_history {q.get('max_history')}), best checkpoint at step {q.get('train_steps')}"
+                      + (f", validation NDCG@10 {q['valid_ndcg@10']:.4f}" if q.get("valid_ndcg@10") is not None else "")
+                      + "." for k, q in measured.items()]
+        lines += ["", "NDCG@10 \"not measured\": no checkpoint of that method with this template and layer count "
+                  "exists (figures from other templates are not carried over)."]
         cm = r["cost_model"]
         lines += ["", f"Cost model: prefill {cm['prefill_ms_per_token']:.3f} ms/token + {cm['prefill_ms_intercept']:.1f} ms "
                   f"(bare forward passes at {', '.join(cm['prefill_ms_by_tokens'])} tokens); per decode step (10 beams, "
-                  "cached, at the method's prompt length): " + ", ".join(
+                  "cached, at the method's prompt length, transformer only): " + ", ".join(
                       f"{LABELS[k].split(',')[0]} {r['methods'][k]['decode_step_ms']:.1f} ms" for k in MAIN
-                      if k in r["methods"] and r["methods"][k].get("decode_steps", 0) > 0) + ". Predicted latency = "
-                  "prefill(prefill tokens) + decode steps x per-step cost; the speedup columns divide each method's "
-                  "latency by ItemLM's.", ""]
-        lines += _floor_rows(r, ("itemlm", "itemlm_two_level", "itemlm_compact", "itemlm_prefix_kv", "itemlm_compact_prefix_kv"))
+                      if k in r["methods"] and r["methods"][k].get("decode_steps", 0) > 0) + "; output layer per "
+                  "scoring (ItemLM: head + top-k for 1 query; baselines: log-softmax for 10 beams): " + ", ".join(
+                      f"{LABELS[k].split(',')[0]}{' 2-level' if 'two_level' in k else ''} "
+                      f"{r['methods'][k]['output_layer_ms']:.2f} ms" for k in MAIN
+                      if "output_layer_ms" in r["methods"].get(k, {})) + ". Predicted latency = prefill(prompt "
+                  "tokens) + decode steps x per-step cost + (decode steps + 1) x output layer; the speedup columns divide each method's "
+                  "latency by ItemLM's; \"x bare forward\" divides it by one forward pass of the bare transformer "
+                  "over the same number of tokens.", ""]
+        extra = [k for k in r["methods"] if k not in MAIN]
+        if extra:
+            lines += _floor_rows(r, ("itemlm", "itemlm_two_level", *extra))
     lines += per_user_cost_section(allres.get(PER_USER))
     notes = ROOT / "docs" / "latency_notes.md"
     if notes.is_file():
         lines += [notes.read_text().rstrip(), ""]
     _atomic(DOC, "\n".join(lines) + "\n")
     _plot(allres)
+
+
+def _targets(runs: dict) -> list[str]:
+    """Issue 21's three targets, met or not, for every dataset x profile."""
+    names = {"itemlm_speedup_over_title": "vs titles, batch 1", "itemlm_speedup_over_semantic_id":
+             "vs semantic IDs, batch 1", "itemlm_over_bare_forward": "vs a bare forward, same tokens"}
+    names = {**{k: "ItemLM (reference forward) " + v for k, v in names.items()},
+             **{k.replace("itemlm_", "itemlm_packed_", 1): "ItemLM packed (as served) " + v for k, v in names.items()}}
+    lines = ["## Targets", "", "| dataset, layers | template, max_history, threads | target | measured | met? |",
+             "|---|---|---|---:|---|"]
+    for r in runs.values():
+        p = r["profile"]
+        tag = f" ({r['tag']})" if r.get("tag") else ""
+        for k, t in r.get("targets", {}).items():
+            lines.append(f"| {r['dataset']}, {p['n_layers']} layers{tag} | {p.get('prompt')}, {p['max_history']}, "
+                         f"{p['threads']} | {names.get(k, k)} {t['target']} | {t['value']:.2f}x | "
+                         f"{'met' if t['met'] else 'not met'} |")
+    return lines + [""]
 
 
 def per_user_cost_section(r: dict | None) -> list[str]:
@@ -162,7 +206,7 @@ def _plot(allres: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    allres = {n: r for n, r in allres.items() if r.get("tag") != "further" and "profile" in r and n != PER_USER}
+    allres = {n: r for n, r in allres.items() if is_latency_run(r) and r.get("tag") != "further"}
     if not allres:
         return
     fig, axes = plt.subplots(1, len(allres), figsize=(5.5 * len(allres), 4), squeeze=False)
@@ -179,7 +223,8 @@ def _plot(allres: dict) -> None:
         ax.set_yscale("log")
         ax.set_xticks(list(x), [LABELS[k].split(",")[0] + ("\n2-level" if "two_level" in k else "") for k in ks], fontsize=8)
         ax.set_ylabel("ms per user, batch 1")
-        ax.set_title(f"{name}: top-10, {r['profile']['n_layers']} layers")
+        ax.set_title(f"{r['dataset']}: top-10, {r['profile']['n_layers']} layers, {r['profile'].get('prompt')} prompt",
+                     fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=PNG.parent, prefix=".latency.", suffix=".png")

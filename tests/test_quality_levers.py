@@ -274,3 +274,24 @@ def test_validation_can_rank_without_history_items(data, tmp_path):
     masked = evaluate(model, ex, max_history=mcfg.data.max_history, exclude_history=True, progress=False)
     plain = evaluate(model, ex, max_history=mcfg.data.max_history, progress=False)
     assert logged == pytest.approx(masked["ndcg@10"], abs=1e-9) and masked["ndcg@10"] != plain["ndcg@10"]
+
+
+def test_sasrec_start_reaches_both_levels_of_the_two_level_head(data, sasrec_ckpt, tmp_path):
+    """Regression: the two-level head took the SASRec start in its item vectors only, its cluster
+    centroids stayed random, so level 1 (which cluster) started with no geometry at all."""
+    from itemgen.heads.clusters import Clusters, random_clusters
+
+    path = Clusters(random_clusters(data.n_items, 5, seed=1), "random").save(tmp_path / "c.json")
+    full_cfg = cfg_for("unused", init="sasrec", init_from=str(sasrec_ckpt))
+    two_cfg = cfg_for("unused", init="sasrec", init_from=str(sasrec_ckpt), head="two_level", clusters=str(path))
+    full, two = build_model(full_cfg, data.items), build_model(two_cfg, data.items)
+    two.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("head.")}, strict=False)
+    init_items(full, full_cfg, data)
+    init_items(two, two_cfg, data)
+    head = two.head
+    # e_c(t) + e_t is the full head's start: the joint (ANN) score has the SASRec geometry
+    assert torch.allclose(head.item_vectors(), full.head.item_out, atol=1e-6)
+    for c in range(head.n_clusters):  # each centroid is its members' mean: level 1 has it too
+        members = head.members(c)
+        assert torch.allclose(head.centroids[c], full.head.item_out[members].mean(0), atol=1e-6)
+        assert torch.allclose(head.item_out[members].mean(0), torch.zeros(head.item_out.shape[1]), atol=1e-6)

@@ -137,3 +137,37 @@ def test_repeat_rows_get_their_section_and_the_macrec_target_is_judged(quality, 
     assert "target met, 1.05x goal not met" in field
     assert "- `itemlm-repeat-x` (ours, seed 0): NDCG@10 0.1100 (1.052x), Recall@10 0.1300 (0.954x): target NOT met" in field
     assert "- `itemlm` (ours, seed 0): NDCG@10 0.0906" in field and "target NOT met" in field
+
+
+def test_two_level_rows_judged_against_the_recipe_under_both_protocols(quality, results, tmp_path):
+    """Tables 4-5: each clustering's exact, Structure and ANN cells against the full-softmax
+    `itemlm` row of the same dataset, with met / NOT met per target."""
+    def agree(kept, masked, beyond=0):
+        return {p: {"users": 4905, "users_differ": n, "users_differ_as_sets": n, "users_differ_in_scores": beyond,
+                    "mean_overlap": 1.0} for p, n in (("history_kept", kept), ("history_masked", masked))}
+
+    two = row("office", "two-level-kmeans", (0.0465, 0.09), (0.0570, 0.10),  # 0.981x kept, 0.986x masked
+              test_by_decoder={"structure": metrics(0.0465, 0.09), "ann": metrics(0.0440, 0.09)},  # ANN 0.928x
+              test_by_decoder_history_masked={"structure": metrics(0.0570, 0.10), "ann": metrics(0.0560, 0.10)},
+              topk_vs_exact={"structure": agree(0, 0), "ann": agree(900, 800, 700)}, clusters={"clusters": 51},
+              decode_latency={"exact": {"decode_ms_batch1_p50": 0.5, "decode_ms_per_user_batch64": 0.01}})
+    rnd = row("office", "two-level-random", (0.0450, 0.09), (0.0570, 0.10),  # 0.949x kept
+              test_by_decoder={"structure": metrics(0.0450, 0.09)},
+              test_by_decoder_history_masked={"structure": metrics(0.0570, 0.10)},
+              topk_vs_exact={"structure": agree(2, 0, 1)})
+    results["rows"] += [two, rnd]
+    path = tmp_path / "quality.md"
+    quality.write_table(results, path)
+    text = path.read_text()
+    section = text[text.index("## Two-level softmax"):]
+    assert "two-level" not in text[:text.index("## Two-level softmax")]  # not among the earlier rows
+    line = next(x for x in section.splitlines() if x.startswith("| office | kmeans (51) | exact |"))
+    assert "0.981x" in line and ">= 0.97x: kept met, masked met" in line and "| 0.50 | 0.010 |" in line
+    line = next(x for x in section.splitlines() if x.startswith("| office | kmeans (51) | ann |"))
+    assert ">= 0.95x: kept NOT met, masked met" in line and "900 / 800 of 4905; beyond ties 700 / 800" not in line
+    assert "900 / 800 of 4905; beyond ties 700 / 700" in line
+    assert "top-10 = exact: met" in next(x for x in section.splitlines() if x.startswith("| office | kmeans (51) | structure |"))
+    line = next(x for x in section.splitlines() if x.startswith("| office | random | structure |"))
+    assert "2 / 0 of 4905; beyond ties 1 / 1" in line and "top-10 = exact: NOT met" in line
+    assert "kept NOT met" in next(x for x in section.splitlines() if x.startswith("| office | random | exact |"))
+    assert section.count("| office | none (full softmax, `itemlm`) | exact | 0.0474 |") == 1

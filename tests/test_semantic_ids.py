@@ -111,3 +111,25 @@ def test_codes_reused_from_a_checkpoint(trained, rule_data, tmp_path):
     cfg = from_dict({"model": "semantic_id", "semantic_ids": {"backbone": "tiny", "codes": str(bad)}})
     with pytest.raises(DataError, match="shape"):
         SemanticIDLM.build(cfg, rule_data.items)
+
+
+def test_ids_prompt_scores_match_a_teacher_forced_forward_pass(rule_data):
+    """ids prompt: history items are one learned vector each; beam scores (prefill through
+    inputs_embeds, then cached code steps) equal the loss of the same prompt with the answer."""
+    from itemgen.data.prompts import collate
+    from itemgen.models.registry import build_model
+
+    cfg = from_dict({"model": "semantic_id", "data": {"path": "synthetic-inline", "max_history": 4},
+                     "semantic_ids": {"backbone": "tiny", "prompt": "ids", "levels": 2, "codebook_size": 3,
+                                      "embeddings": "text"}})
+    model = build_model(cfg, rule_data.items).eval()
+    h = np.array([2, 5, 5, 0])
+    enc = model.encode_prompt(h)
+    assert len(enc) == len(model.prefix) + 4 and enc.items[-4:].tolist() == h.tolist()
+    scores, ids = model.beam_topk(model.query_batch([h, h[-1:]]), k=3)
+    changed = model.beam_topk(model.query_batch([np.array([2, 5, 5, 1])]), k=3)[0]
+    assert not torch.allclose(scores[0], changed[0])  # the last slot's item vector reaches the answer
+    for s, item in zip(scores[0].tolist(), ids[0].tolist()):
+        with torch.inference_mode():
+            ref = -model.loss(collate([model.encode_prompt(h, item)], model.pad_token)).item()
+        assert abs(ref - s) < 1e-3, (ref, s)

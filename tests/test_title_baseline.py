@@ -124,10 +124,10 @@ def test_beam_search_bad_k():
 
 
 # ---- a tiny title model ---------------------------------------------------------------------
-def title_config(out, **kw):
+def title_config(out, prompt="compact", **kw):
     t = {"out": str(out), "eval_every": 120, "eval_users": 20, "warmup_steps": 10, "progress": False,
          "patience": 100, "lr": 1e-2, "batch_size": 32, "max_steps": 120, **kw}
-    return from_dict({"model": "title", "title": {"backbone": "tiny", "prompt": "compact", "max_title_tokens": 24,
+    return from_dict({"model": "title", "title": {"backbone": "tiny", "prompt": prompt, "max_title_tokens": 24,
                                                   "max_field_tokens": 2},
                       "data": {"path": "synthetic-inline", "max_history": 1}, "train": t})
 
@@ -198,3 +198,18 @@ def test_beam_decoder_refuses_single_token_models():
     cfg = from_dict({"model": "sasrec"})
     with pytest.raises(ValueError, match="generates items token by token"):
         make_decoder("beam", build_model(cfg, ItemTable(["a", "b"])))
+
+
+# ---- the ids prompt: ItemLM's recipe template, one learned token per history item ---------------
+def test_ids_prompt_writes_one_slot_per_history_item_and_learns_the_rule(rule_data, tmp_path):
+    res = train(title_config(tmp_path, prompt="ids"), dataset=rule_data)
+    model, _, _ = load_checkpoint(res.best)
+    hist = np.array([3, 7, 1])
+    enc = model.encode_prompt(hist)
+    assert len(enc) == len(model.prefix) + 3  # as ItemLM's ids prompt: "History:" then the items
+    assert enc.items[-3:].tolist() == [3, 7, 1] and (enc.items[:-3] == -1).all()
+    assert model.item_in.weight.shape == (rule_data.n_items, model.backbone.config.hidden_size)
+    test = rule_data.split.test[:100]
+    _, ids = model.beam_topk(model.query_batch([e.history[-1:] for e in test]), k=5)
+    top1 = (ids[:, 0].numpy() == np.array([e.target for e in test])).mean()
+    assert top1 >= 0.9, top1  # the item vectors are trained and reloaded with the checkpoint

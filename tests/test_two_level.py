@@ -274,3 +274,34 @@ def test_chunked_gather_dot_matches_plain_autograd(sparse):
     h.grad = W.grad = None
     (torch.einsum("nh,nsh->ns", h, W[idx]) * weights).sum().backward()
     assert torch.allclose(gh, h.grad, atol=1e-5) and torch.allclose(gw, W.grad, atol=1e-5)
+
+
+def test_quality_benchmark_counts_users_whose_structure_top10_differs(trained, monkeypatch):
+    """benchmarks/quality.py's check of Tables 4-5's exactness claim: none differ when Structure
+    is exact, and a Structure that stops too early is caught."""
+    import importlib.util
+    from pathlib import Path
+
+    from itemgen.topk.structure import StructureTopK
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    ds, data, cfg, result = trained
+    from itemgen.api import evaluate_checkpoint
+
+    figures = quality.decoder_figures(result.best, data, ["structure"])  # one LM pass for every cell
+    for split, masked in (("test_by_decoder", False), ("test_by_decoder_history_masked", True)):
+        ref = evaluate_checkpoint(result.best, decode="structure", exclude_history=masked,
+                                  out=result.best / "unused.json")["metrics"]
+        for key in ("recall@10", "ndcg@10", "mrr"):
+            assert figures[split]["structure"][key] == pytest.approx(ref[key], abs=1e-12), (split, key)
+    counts = figures["topk_vs_exact"]["structure"]
+    for proto in ("history_kept", "history_masked"):
+        c = counts[proto]
+        assert c["users"] == len(ds.examples("test")) and c["mean_overlap"] == 1.0, c
+        assert c["users_differ"] == c["users_differ_as_sets"] == c["users_differ_in_scores"] == 0, c
+    monkeypatch.setattr(StructureTopK, "margin", -1e9)  # stops as soon as it holds 10 items
+    broken = quality.topk_vs_exact(result.best, data, ["structure"])["structure"]["history_kept"]
+    assert broken["users_differ_in_scores"] > 0 and broken["mean_overlap"] < 1.0

@@ -209,7 +209,7 @@ class TitleLMConfig:
     """Title baseline, items written as text (title_lm.py)."""
     backbone: str = "tiny"
     n_layers: int | None = None
-    prompt: str = "default"  # default | compact (generative.py)
+    prompt: str = "default"  # default | compact | ids: one learned token per history item (generative.py)
     max_title_tokens: int = 32  # per title, in the history and as the label (then an end token)
     max_field_tokens: int = 16  # brand and category in the history
 
@@ -219,7 +219,7 @@ class SemanticIDConfig:
     """Semantic-ID baseline, items written as code tuples (semantic_ids.py)."""
     backbone: str = "tiny"
     n_layers: int | None = None
-    prompt: str = "default"
+    prompt: str = "default"  # default | compact | ids: one learned token per history item (generative.py)
     levels: int = 3  # residual k-means levels; one collision code follows
     codebook_size: int = 256  # codes per level (capped at the number of items)
     embeddings: str = "auto"  # auto | text | ials: what the codes are clustered from
@@ -532,9 +532,10 @@ def validate(cfg: Config) -> None:
                                              "(LoRA trains adapters on a frozen backbone)"),
         (cfg.sasrec.layout in ("pre_ln", "post_ln"), "sasrec.layout: pre_ln|post_ln"),
         (cfg.sasrec.hidden % cfg.sasrec.n_heads == 0, "sasrec.hidden must be divisible by sasrec.n_heads"),
-        (cfg.title.prompt in ("default", "compact"), "title.prompt: default|compact"),
+        (cfg.title.prompt in ("default", "compact", "ids"), "title.prompt: default|compact|ids"),
         (cfg.title.max_title_tokens >= 1, "title.max_title_tokens must be >= 1"),
-        (cfg.semantic_ids.prompt in ("default", "compact"), "semantic_ids.prompt: default|compact"),
+        (cfg.semantic_ids.prompt in ("default", "compact", "ids"),
+         "semantic_ids.prompt: default|compact|ids"),
         (cfg.semantic_ids.levels >= 1, "semantic_ids.levels must be >= 1"),
         (cfg.semantic_ids.codebook_size >= 2, "semantic_ids.codebook_size must be >= 2"),
         (cfg.semantic_ids.embeddings in ("auto", "text", "ials"), "semantic_ids.embeddings: auto|text|ials"),

@@ -185,6 +185,18 @@ class TwoLevelHead(nn.Module):
         """(I, H) e_c(t) + e_t: log P(t | h) = h . this - log Z_1(h) - log Z_c(t)(h) (used by ANN)."""
         return self.item_out + self.centroids[self.assign]
 
+    @torch.no_grad()
+    def set_item_vectors(self, vectors: torch.Tensor) -> None:
+        """Start both levels from given item vectors v (I, H) (a trained SASRec's, item_init.py):
+        each centroid e_c = the mean of its members' v, each item's e_t = v_t - e_c(t). Then
+        e_c(t) + e_t = v_t, so the joint score h . (e_c + e_t) (ANN's) is the given geometry, the
+        within-cluster softmax is that of v (it ignores a shift shared by a cluster), and level 1
+        starts from each cluster's mean score instead of random centroids."""
+        v = vectors.to(self.item_out)  # (I, H)
+        sums = torch.zeros_like(self.centroids).index_add_(0, self.assign, v)  # (C, H)
+        self.centroids.copy_(sums / self.sizes[:, None].to(v))
+        self.item_out.copy_(v - self.centroids[self.assign])
+
     def cluster_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (N, H) -> (N, V + C) level-1 logits, text tokens first (two matmuls: no weight concat)."""
         item = h @ self.centroids.T  # (N, C)

@@ -6,6 +6,11 @@ ItemLM is measured against (method.md sections 1, 5 and 7).
 A subclass supplies, per item, the input tokens that write it in a history and the output
 tokens that spell it as a label (ending so that no item's label is a prefix of another's),
 plus the output space: label tokens index rows ``out_offset ..`` of the LM's output embedding.
+
+With the ``ids`` prompt (ItemLM's recipe template, data/prompts.py) a history item is instead ONE
+learned input vector (``item_in``), so the prompt is token for token ItemLM's; only the answer
+is spelled in the method's own tokens. Comparisons of decoding (benchmarks/latency.py) then
+differ in nothing but the decode steps.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from itemgen.data.prompts import Encoded, collate
 from itemgen.models.backbones import cache_kwargs, output_cache
@@ -23,7 +29,11 @@ STYLES = {
     "default": dict(prefix="The user has interacted with the following items in chronological order:",
                     item_open="", item_close=";", question=" Which item will the user interact with next?"),
     "compact": dict(prefix="History:", item_open="", item_close=";", question=" Next:"),
+    # ItemLM's recipe template: one item slot per history item, no separator, no question (the
+    # first answer token is read at the last item's slot)
+    "ids": dict(prefix="History:", item_open="", item_close="", question=""),
 }
+ITEM_SLOTS = ("ids",)  # styles that write a history item as one learned vector, not as its tokens
 
 
 class GenerativeItemLM(Recommender):
@@ -48,6 +58,13 @@ class GenerativeItemLM(Recommender):
         self.item_close = tok(s["item_close"]) if self.separators else []
         self.question = tok(s["question"])
         self._trie: Trie | None = None
+        # (I, H) one input vector per item (ids prompt only), drawn at the text embeddings' scale
+        self.item_in: nn.Embedding | None = None
+        if style in ITEM_SLOTS:
+            w = backbone.get_input_embeddings().weight
+            self.item_in = nn.Embedding(n_items, w.shape[1])
+            with torch.no_grad():
+                self.item_in.weight.normal_(0.0, float(w.float().std()))
 
     # ---- what a subclass defines -------------------------------------------------------
     item_tokens: list[list[int]]  # per item: input token ids that write it in a history
@@ -73,22 +90,40 @@ class GenerativeItemLM(Recommender):
         return getattr(self.backbone, self.backbone.base_model_prefix)
 
     def encode_prompt(self, history, target: int | None = None) -> Encoded:
-        """history (+ target as label tokens, for training) -> Encoded (labels = output indices)."""
+        """history (+ target as label tokens, for training) -> Encoded (labels = output indices;
+        items = the item at an item slot (ids prompt), else -1)."""
         toks = list(self.prefix)
+        slots = [-1] * len(toks)
         for i, item in enumerate(history):
-            if i:
-                toks += self.item_close
-            toks += self.item_open + self.item_tokens[int(item)]
+            piece = (self.item_close if i else []) + self.item_open
+            toks += piece
+            slots += [-1] * len(piece)
+            if self.item_in is None:
+                toks += self.item_tokens[int(item)]
+                slots += [-1] * len(self.item_tokens[int(item)])
+            else:
+                toks.append(-1)  # collate writes the pad token; embed() puts the item's vector there
+                slots.append(int(item))
         toks += self.question
+        slots += [-1] * len(self.question)
         labels = [-1] * len(toks)
         if target is not None:
             lab = self.label_tokens[int(target)]
             # the state at the last question token predicts lab[0], the state at lab[j] predicts lab[j+1]
             labels[-1] = lab[0]
             toks += [self.out_offset + t for t in lab[:-1]]
+            slots += [-1] * (len(lab) - 1)
             labels += lab[1:]
-        n = len(toks)
-        return Encoded(np.asarray(toks, np.int64), np.full(n, -1, np.int64), np.asarray(labels, np.int64))
+        return Encoded(np.asarray(toks, np.int64), np.asarray(slots, np.int64), np.asarray(labels, np.int64))
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A collated prompt batch -> inputs_embeds (B, L, H): token embeddings, and each item
+        slot's learned vector (ids prompt)."""
+        text = self.backbone.get_input_embeddings()(batch["tokens"])  # (B, L, H)
+        if self.item_in is None:
+            return text
+        is_item = batch["items"] >= 0  # (B, L)
+        return text.masked_scatter(is_item[..., None], self.item_in(batch["items"][is_item]).to(text.dtype))
 
     # ---- training ----------------------------------------------------------------------
     def train_batch(self, seqs, rng):
@@ -98,7 +133,7 @@ class GenerativeItemLM(Recommender):
         return sum(len(self.label_tokens[int(s[-1])]) for s in seqs)
 
     def loss(self, batch):
-        h = self.decoder(input_ids=batch["tokens"], attention_mask=batch["attention_mask"],
+        h = self.decoder(inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"],
                          position_ids=batch["position_ids"], use_cache=False).last_hidden_state  # (B, L, H)
         sel = batch["labels"] >= 0
         logits = F.linear(h[sel], self.out_weight())  # (N, T): only label positions reach the head
@@ -124,8 +159,8 @@ class GenerativeItemLM(Recommender):
         """Prompt batch -> (scores, ids) (B, k) by trie-constrained beam search with a KV cache."""
         batch = self.to_device(batch)
         mask, pos = batch["attention_mask"], batch["position_ids"][:, -1]  # (B, L), (B,)
-        out = self.decoder(input_ids=batch["tokens"], attention_mask=mask, position_ids=batch["position_ids"],
-                           use_cache=True)
+        out = self.decoder(inputs_embeds=self.embed(batch), attention_mask=mask,
+                           position_ids=batch["position_ids"], use_cache=True)
         cache = output_cache(out)
         state = {"mask": mask, "pos": pos}
         dev = mask.device

@@ -165,7 +165,11 @@ class ItemLM(Recommender):
         if target is not None:
             out = self.items.proj(self.all_item_inputs()) if out_vectors is None else out_vectors.float()
             out = out - out.mean(0)
-            target.copy_((out * (0.02 / out.std().clamp_min(1e-8))).to(target))
+            out = out * (0.02 / out.std().clamp_min(1e-8))
+            if isinstance(self.head, TwoLevelHead):  # both levels from the given geometry
+                self.head.set_item_vectors(out)
+            else:
+                target.copy_(out.to(target))
 
     def embed(self, tokens: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """tokens, items (B, L) -> inputs_embeds (B, L, H)."""
