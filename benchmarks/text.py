@@ -77,6 +77,9 @@ VARIANTS = {
     # the same with a random 20% of items' ID part hidden each step (DropoutNet): the text-match
     # path alone has to rank them, as it must rank a new item
     "itemlm-match-drop": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2}}, "itemlm"),
+    # the same once the learned repeat bias joined ITEMLM_CPU (models/repeat_bias.py): the text recipe as
+    # shipped; the row above was trained before it (its config in text.json has no `repeat` section)
+    "itemlm-match-drop-repeat": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2}}, "itemlm"),
     # the same with the item-side gate (items.text_gate, models/text_match.py TextGate): the text
     # part weighed and biased per item bucket (ID closed / 1-4 / 5-19 / 20+ training interactions)
     "itemlm-match-gate": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2, "text_gate": [5, 20]}},
