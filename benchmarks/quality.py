@@ -416,7 +416,12 @@ def decode_latency(checkpoints: dict[str, tuple[Path, str]], data: Path, users: 
     torch.set_num_threads(1)
     models: dict[Path, tuple] = {}
     with open(BENCH_LOCK, "w") as lock, torch.inference_mode():
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # say why it waits: wrapped in `flock BENCH_LOCK` it would wait forever
+            print(f"waiting for {BENCH_LOCK} (another benchmark is timing; --latency takes this lock "
+                  "itself, so do not run it under `flock` on the same file)", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         for name, (ckpt, dec) in checkpoints.items():
             if ckpt not in models:
                 model, cfg, _ = load_checkpoint(ckpt)
