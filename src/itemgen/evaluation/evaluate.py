@@ -124,8 +124,9 @@ def decoder_ranks(model: Recommender, decoder, examples: list[Example], *, max_h
         idx = order[start:start + batch_size]
         hist = [examples[i].history[-max_history:] for i in idx]
         query = model.encode(model.to_device(model.query_batch(hist)))
+        # histories: the repeat bias, which cannot change a ranking whose history items are masked
         _, top = decoder.topk(query, k, exclude=[examples[i].history for i in idx] if exclude_history else None,
-                              histories=hist)
+                              histories=None if exclude_history else hist)
         top = top.cpu().numpy()
         if top_out is not None:
             top_out[idx] = top[:, :top_out.shape[1]]

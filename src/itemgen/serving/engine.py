@@ -137,9 +137,11 @@ class Engine:
         k = max(rows[i].k for i in idx)
         exclude = [rows[i].history if rows[i].exclude_history else np.zeros(0, np.int64) for i in idx]
         sel = torch.as_tensor(idx, device=query.device)
-        # histories: the repeat bias (models/repeat_bias.py), if the model has one
+        # histories: the repeat bias (models/repeat_bias.py), if the model has one; a row whose history
+        # is masked needs none (the bias only moves items it removes), which spares ANN re-scoring them
+        none = np.zeros(0, np.int64)
         scores, ids = decoder.topk(query.index_select(0, sel), k, exclude=exclude,
-                                   histories=[rows[i].history for i in idx])  # (b, k)
+                                   histories=[none if rows[i].exclude_history else rows[i].history for i in idx])  # (b, k)
         scores, ids = scores.float().cpu().numpy(), ids.cpu().numpy()
         out: list[Ranked | Exception] = []
         for j, i in enumerate(idx):
