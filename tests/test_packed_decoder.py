@@ -204,3 +204,37 @@ def test_positions_past_the_first_rope_table(data):
     long = [np.arange(150) % data.n_items, np.asarray([4, 5])]
     assert_same_queries(m, long)
     assert m._packed.decoder._rot[0].shape[0] >= 150
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_first_layer_projections_from_the_item_table(data, monkeypatch, n_layers):
+    """ids prompt: the first layer's q|k|v of every item come from a table computed once per
+    weights; the queries equal the reference with and without it (over the budget: per request),
+    and the table saves exactly that matmul per token (counted FLOPs)."""
+    import itemgen.models.itemlm as itemlm_module
+
+    m, cfg = built(data, itemlm={"n_layers": n_layers})
+    assert len(m.decoder.layers) == n_layers
+    hist = mixed_histories(data)
+    assert_same_queries(m, hist)
+    assert m._packed.item_first is not None and m._packed.item_first.shape[0] == m.n_items
+    pred = Predictor(m, cfg, data.items, "unused")
+
+    def flops():
+        with FlopCounterMode(display=False) as fc:
+            pred.topk_indices(hist, 5)
+        return fc.get_total_flops()
+
+    with_table = flops()
+    monkeypatch.setattr(itemlm_module, "FIRST_LAYER_TABLE_BYTES", 0)
+    m._packed = None
+    assert_same_queries(m, hist)
+    assert m._packed.item_first is None
+    without = flops()
+    c = m.backbone.config
+    head = c.hidden_size // c.num_attention_heads
+    q, kv2 = c.num_attention_heads * head, 2 * c.num_key_value_heads * head
+    tokens, rows = sum(len(h) for h in hist), sum(1 for h in hist if len(h))
+    # one layer: it is also the last, whose queries are computed at each row's last token only
+    saved = tokens * (q + kv2) if n_layers > 1 else tokens * kv2 + rows * q
+    assert without - with_table == 2 * c.hidden_size * saved

@@ -31,6 +31,10 @@ from itemgen.models.item_encoder import add_lora
 from itemgen.models.item_repr import ItemRepr, compute_text_view, text_dim_of, text_encoder, upgrade_state_dict, uses_text
 from itemgen.models.recommender import Recommender
 
+# The packed path keeps every item's first-layer q|k|v (with the (I, H) input table) up to this
+# size; a larger catalog computes them per request (SmolLM2: 6 KiB an item, 1 GiB ~ 175k items).
+FIRST_LAYER_TABLE_BYTES = 1 << 30
+
 
 class ItemLM(Recommender):
     name = "itemlm"
@@ -339,13 +343,15 @@ class ItemLM(Recommender):
             tokens = torch.from_numpy(np.concatenate([enc[b].tokens[P:] for b in order])).to(dev)  # (T,)
             items = torch.from_numpy(np.concatenate([enc[b].items[P:] for b in order])).to(dev)  # (T,)
             is_item = items >= 0
+            first = None
             if bool(is_item.all()):  # the ids prompt: one item token per slot, no text after the prefix
                 x = state.item_inputs[items]  # (T, H)
+                first = None if state.item_first is None else state.item_first[items]  # (T, Q + 2 KV)
             else:
                 x = self.backbone.get_input_embeddings()(tokens.clamp(min=0))  # (T, H); item slots' -1 replaced next
                 x[is_item] = state.item_inputs[items[is_item]].to(x.dtype)
             h = x.new_empty(len(enc), x.shape[1])  # (B, H) in the callers' order
-            h[torch.tensor(order, device=dev)] = state.decoder.last_states(x, lengths)  # (B, H)
+            h[torch.tensor(order, device=dev)] = state.decoder.last_states(x, lengths, first)  # (B, H)
             return self.finish_query(h, histories)
 
     @torch.inference_mode()
@@ -357,7 +363,8 @@ class ItemLM(Recommender):
 
     def _packed_state(self) -> "_PackedState":
         """What depends on the weights only, computed once per weights: every item's projected input
-        vector (I, H) (ItemRepr's MLP then runs once per catalog, not once per history slot), the
+        vector (I, H) (ItemRepr's MLP then runs once per catalog, not once per history slot) and
+        what the first layer projects it to (I, Q + 2 KV) (up to FIRST_LAYER_TABLE_BYTES), the
         layers' weights as the packed forward reads them and the prompt prefix's keys/values (no
         decoder: the layers are not the ones it computes). Kept while every parameter and buffer it
         was computed from is unchanged (in-place updates bump versions, moving devices changes
@@ -376,7 +383,11 @@ class ItemLM(Recommender):
                 packed_decoder.Prefix([], [], None)
             decoder = packed_decoder.PackedDecoder(self.decoder, prefix)
         items = self.items(torch.arange(self.n_items, device=self.device)) if decoder is not None else None  # (I, H)
-        self._packed = _PackedState(deps, _PackedState.key_of(deps, autocast), items, decoder)
+        first = None
+        if decoder is not None and \
+                items.shape[0] * (items.shape[1] + decoder.first_width) * items.element_size() <= FIRST_LAYER_TABLE_BYTES:
+            first = decoder.first_projections(items)  # (I, Q + 2 KV)
+        self._packed = _PackedState(deps, _PackedState.key_of(deps, autocast), items, decoder, first)
         return self._packed
 
     @staticmethod
@@ -403,6 +414,8 @@ class _PackedState:
     key: tuple  # their versions and storage, and whether autocast was on
     item_inputs: torch.Tensor | None  # (I, H) every item's projected input vector
     decoder: packed_decoder.PackedDecoder | None  # the layers as it reads them, the prompt prefix's keys/values
+    # (I, Q + 2 KV) what the first layer projects each item's input to, or None: over the budget
+    item_first: torch.Tensor | None = None
 
     @staticmethod
     def key_of(deps: list[torch.Tensor], autocast: bool) -> tuple:

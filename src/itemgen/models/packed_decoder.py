@@ -14,7 +14,12 @@ whose state nobody reads. This forward removes all three and nothing else:
 - the prefix's keys/values per layer come from a cache (computed once per weights, ``Prefix``);
   rows hold only the tokens after it, at the positions they have in the full prompt;
 - the last layer computes keys/values for every token (earlier tokens are attended to) but its
-  query, output projection, MLP and the final norm at each row's last token only.
+  query, output projection, MLP and the final norm at each row's last token only;
+- the first layer's norm and q|k|v projection of a token depend on that token alone (RoPE comes
+  after them): for a vocabulary of inputs (ItemLM's `ids` prompt: items only after the prefix)
+  the caller may compute them once per weights (``first_projections``) and pass each token's
+  row, so that layer does not recompute them per request (office, 2 layers, 10 tokens: 15% of
+  the FLOPs).
 
 It reads the layers' own weights and modules (norm weights and epsilon, rotary embedding,
 projections, activation), so it is the same arithmetic as the HF forward up to float summation
@@ -180,6 +185,7 @@ class _Layer:
         self.norm1, self.norm2, self.act = layer.input_layernorm, layer.post_attention_layernorm, m.act_fn
         self.hd, self.scaling = a.head_dim, a.scaling
         self.nq = a.q_proj.out_features
+        self.width = self.nq + a.k_proj.out_features + a.v_proj.out_features  # of projections()' rows
         if last:  # queries at the last tokens only, keys/values everywhere
             self.q, self.kv = _Linear(a.q_proj), _Linear(a.k_proj, a.v_proj)
         else:
@@ -187,6 +193,11 @@ class _Layer:
         self.o = _Linear(a.o_proj)
         self.gate_up, self.down = _Linear(m.gate_proj, m.up_proj), _Linear(m.down_proj)
         self.inter = m.gate_proj.out_features
+
+    def projections(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, H) the layer's input -> (N, Q + 2 KV) its queries, keys and values before RoPE."""
+        h = _rms(self.norm1, x)
+        return self.qkv(h) if hasattr(self, "qkv") else torch.cat([self.q(h), self.kv(h)], dim=1)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_up(x)  # (N, 2 * inter)
@@ -220,11 +231,22 @@ class PackedDecoder:
             self._rot = cos[0], sin[0] * sign
         return self._rot[0][pos], self._rot[1][pos]
 
-    def last_states(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    @property
+    def first_width(self) -> int:
+        """Q + 2 KV: the width of first_projections' rows."""
+        return self.layers[0].width
+
+    def first_projections(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, H) input vectors (a vocabulary's) -> (N, Q + 2 KV) what the first layer projects
+        each to before RoPE: pass the rows of a batch's tokens to ``last_states`` as ``first``."""
+        return self.layers[0].projections(x)
+
+    def last_states(self, x: torch.Tensor, lengths: list[int], first: torch.Tensor | None = None) -> torch.Tensor:
         """x (T, H) the embedded tokens after the prefix of B rows, packed row after row, the rows
         sorted by length (shortest first); lengths (B,) tokens per row (sum T) -> (B, H) each
         row's last token's final state, as the HF forward gives it on the full prompt (prefix +
-        row). A row with no tokens (the prefix alone) gets the prefix's last state."""
+        row). A row with no tokens (the prefix alone) gets the prefix's last state. ``first``
+        (T, Q + 2 KV): first_projections(x), when the caller has them from a table."""
         prefix, P, dev = self.prefix, self.prefix.length, x.device
         B, T = len(lengths), x.shape[0]
         if list(lengths) != sorted(lengths):
@@ -239,12 +261,13 @@ class PackedDecoder:
         groups, last = lay.groups, lay.last
         cos, sin = self._rotation(lay.pos, P + max(lengths), x.dtype)  # (T, d) each
         for i, ly in enumerate(self.layers):
-            h = _rms(ly.norm1, x)  # (T, H)
             final = ly is self.layers[-1]
+            given = first if i == 0 and first is not None else None  # (T, Q + 2 KV)
+            h = _rms(ly.norm1, x) if given is None else None  # (T, H)
             if final:
-                q, kv = None, ly.kv(h)  # (T, 2 KV)
+                q, kv = None, ly.kv(h) if given is None else given[:, ly.nq:]  # (T, 2 KV)
             else:
-                qkv = ly.qkv(h)  # (T, Q + 2 KV)
+                qkv = ly.qkv(h) if given is None else given  # (T, Q + 2 KV)
                 q, kv = _rope(qkv[:, :ly.nq].view(T, -1, ly.hd), cos, sin), qkv[:, ly.nq:]  # q (T, heads, d)
             k, v = kv.view(T, 2, -1, ly.hd).unbind(1)  # (T, kv, d) each
             k = _rope(k, cos, sin)
@@ -261,7 +284,8 @@ class PackedDecoder:
                 x = x + ly.mlp(_rms(ly.norm2, x))
                 continue
             # the last layer: only each row's last token goes on
-            ql = _rope(ly.q(h[last]).view(len(last), -1, ly.hd), cos[last], sin[last])  # (B', heads, d)
+            ql = ly.q(h[last]) if given is None else given[last, :ly.nq]  # (B', Q)
+            ql = _rope(ql.view(len(last), -1, ly.hd), cos[last], sin[last])  # (B', heads, d)
             o = ql.new_empty(len(last), ly.nq)
             for g in groups:
                 og = F.scaled_dot_product_attention(ql[g.rows, :, None], g.padded(k[g.tokens], pk),
