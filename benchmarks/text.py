@@ -104,6 +104,13 @@ VARIANTS = {
     "text-knn": ("text_knn", {"text_knn": {"encoder": "minilm", "last_n": 3}}, "itemlm"),
     "text-knn-tfidf": ("text_knn", {"text_knn": {"encoder": "tfidf", "last_n": 3}}, "itemlm"),
 }
+# The recipes gained the learned repeat bias (models/repeat_bias.py) after the first rounds: those
+# rounds' SASRec, ID-only and text recipe rows are kept as VARIANT-no-repeat-bias (without it,
+# started from the SASRec without it), and the rows measured against them name them as reference.
+NO_BIAS = "-no-repeat-bias"
+VARIANTS.update({v + NO_BIAS: (VARIANTS[v][0], merge(VARIANTS[v][1], {"repeat": {"bias": "none"}}),
+                               VARIANTS[v][2] and VARIANTS[v][2] + NO_BIAS)
+                 for v in ("sasrec", "itemlm", "itemlm-match-drop")})
 # the recipe for datasets with text (recipes.ITEMLM_TEXT) is itemlm-match-drop (a test keeps them equal)
 DEFAULT_VARIANTS = ["sasrec", "itemlm", "text-knn", "text-knn-tfidf", "itemlm-match-drop", "sasrec-576"]
 TABLE_SEGMENTS = ("all", "head", "tail", "pop:0", "hist:short", "hist:long", "warm", "cold")
@@ -119,21 +126,22 @@ def prepare(name: str, split: str, data_root: Path, cache: Path) -> Path:
     return out
 
 
-def sasrec_dropout(dname: str) -> float:
-    """The dropout benchmarks/quality.py chose for this dataset by validation (its sasrec row)."""
+def sasrec_dropout(dname: str, row: str = "sasrec") -> float:
+    """The dropout benchmarks/quality.py chose for this dataset by validation (its ``row``)."""
     rows = json.loads(QUALITY.read_text())["rows"] if QUALITY.is_file() else []
     for r in rows:
-        if r["dataset"] == dname and r["variant"] == "sasrec" and r.get("grid"):
+        if r["dataset"] == dname and r["variant"] == row and r.get("grid"):
             return float(r["grid"]["chosen"])
     sys.exit(f"no tuned SASRec for {dname} in {QUALITY}: run benchmarks/quality.py --datasets {dname} "
-             "--variants sasrec first")
+             f"--variants {row} first")
 
 
 def config_values(dname: str, vname: str, path: Path, work: Path) -> dict:
     model, extra, _ = VARIANTS[vname]
-    dropout = sasrec_dropout(dname)
+    sasrec = "sasrec" + (NO_BIAS if vname.endswith(NO_BIAS) else "")  # the SASRec it starts from
+    dropout = sasrec_dropout(dname, sasrec)
     base = {"sasrec": merge(SASREC, {"sasrec": {"dropout": dropout}}), "text_knn": {"model": "text_knn"},
-            "itemlm": merge(ITEMLM_CPU, itemlm_from_sasrec(str(work / "sasrec" / "best"), dropout))}[model]
+            "itemlm": merge(ITEMLM_CPU, itemlm_from_sasrec(str(work / sasrec / "best"), dropout))}[model]
     values = merge(merge(base, extra), {"data": {"path": str(path), "max_history": 50}})
     return merge(values, {"train": {"out": str(work / vname), "progress": False, "eval_users": None,
                                     "eval_exclude_history": True}})
@@ -305,7 +313,7 @@ def main() -> None:
             variants = args.variants.split(",")
             # references first: every paired difference needs its reference's gains
             order = [v for v in VARIANTS if v in variants or any(VARIANTS[w][2] == v for w in variants)
-                     and v in ("sasrec", "itemlm")]
+                     and v in ("sasrec", "itemlm", "sasrec" + NO_BIAS, "itemlm" + NO_BIAS)]
             for vname in order:
                 result = run(dname, split, vname, path, work, ds, info, args.reuse)
                 masks = user_segments(result["checkpoint"], split="test", data=path)
