@@ -88,6 +88,11 @@ def weight_bytes(pred: Predictor) -> int:
         items = m.item_vectors()  # (I, D)
     if pred.cfg.model == "itemlm":
         layers = list(m.decoder.layers.parameters()) + list(m.decoder.norm.parameters())
+        state = m._packed_state()
+        if state.item_first is not None:  # the first layer's q|k|v come from a table: rows, not weights
+            attn = m.decoder.layers[0].self_attn
+            first = {id(p) for mod in (attn.q_proj, attn.k_proj, attn.v_proj) for p in mod.parameters()}
+            layers = [p for p in layers if id(p) not in first]
     else:
         layers = [p for n, p in m.named_parameters() if not n.startswith("items.")]
     return sum(p.numel() * p.element_size() for p in layers) + items.numel() * items.element_size()
