@@ -279,9 +279,9 @@ TOP_K = 10
 class CachedQueries:
     """A model whose query states are computed once: every decoder and both protocols are
     evaluated on the same states (one LM pass over the test users instead of one per cell).
-    ``encode`` returns the states the model gives for the same histories in the batches
-    evaluate_decoder forms (sorted by length, ``batch_size``), so the figures equal
-    evaluate_checkpoint's."""
+    ``encode_histories`` returns the states the model's own ``encode_histories`` gives for the same
+    histories in the batches evaluate_decoder forms (sorted by length, ``batch_size``), so the
+    figures equal evaluate_checkpoint's."""
 
     def __init__(self, model, examples: list, max_history: int, batch_size: int = 128):
         import torch
@@ -292,19 +292,13 @@ class CachedQueries:
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 hist = [examples[i].history[-max_history:] for i in order[start:start + batch_size]]
-                for h, q in zip(hist, model.encode(model.to_device(model.query_batch(hist)))):
+                for h, q in zip(hist, model.encode_histories(hist)):
                     self.states[tuple(h.tolist())] = q
 
-    def query_batch(self, histories):
-        return [tuple(np.asarray(h).tolist()) for h in histories]
-
-    def to_device(self, keys):
-        return keys
-
-    def encode(self, keys):
+    def encode_histories(self, histories):
         import torch
 
-        return torch.stack([self.states[k] for k in keys])  # (B, H)
+        return torch.stack([self.states[tuple(np.asarray(h).tolist())] for h in histories])  # (B, H)
 
     def eval(self):
         return self
@@ -370,7 +364,7 @@ def topk_vs_exact(best: Path, data: Path, decoders: list[str], model=None, cache
     with torch.inference_mode():
         for start in range(0, len(examples), 128):
             batch = examples[start:start + 128]
-            query = cached.encode(cached.query_batch([e.history[-cached.max_history:] for e in batch]))  # (B, H)
+            query = cached.encode_histories([e.history[-cached.max_history:] for e in batch])  # (B, H)
             full = model.score_items(query).float()  # (B, I) exact log P (two-level) or logits
             for proto, excl in (("history_kept", None), ("history_masked", [e.history for e in batch])):
                 _, ref = decs["exact"].topk(query, TOP_K, exclude=excl)  # (B, k)

@@ -123,7 +123,7 @@ def decoder_ranks(model: Recommender, decoder, examples: list[Example], *, max_h
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         hist = [examples[i].history[-max_history:] for i in idx]
-        query = model.encode(model.to_device(model.query_batch(hist)))
+        query = model.encode_histories(hist)  # (B, D); ItemLM: the packed path
         # histories: the repeat bias, which cannot change a ranking whose history items are masked
         _, top = decoder.topk(query, k, exclude=[examples[i].history for i in idx] if exclude_history else None,
                               histories=None if exclude_history else hist)
