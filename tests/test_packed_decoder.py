@@ -90,7 +90,7 @@ def assert_same_top_k(m, cfg, data, hist, k=10):
 @pytest.mark.parametrize("prompt", ["ids", "compact", "default"])
 def test_queries_and_top_k_equal_the_reference(data, prompt):
     m, cfg = built(data, itemlm={"prompt": prompt})
-    assert packed_decoder.supported(m.decoder)
+    assert packed_decoder.supported(m.decoder) and m.packs_histories is True
     hist = mixed_histories(data)
     assert_same_queries(m, hist)
     assert_same_top_k(m, cfg, data, hist)
@@ -143,6 +143,7 @@ def test_unsupported_layers_keep_the_reference(data):
                                          head_dim=8))
     m, _ = _with_backbone(data, qwen3)
     assert not packed_decoder.supported(m.decoder)  # q/k norms: not the layers the packed forward computes
+    assert m.packs_histories is False  # a server keeps its own prefix cache for it (serving/engine.py)
     assert_same_queries(m, mixed_histories(data))
     assert m._packed.decoder is None
 

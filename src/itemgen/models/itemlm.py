@@ -354,7 +354,6 @@ class ItemLM(Recommender):
             h[torch.tensor(order, device=dev)] = state.decoder.last_states(x, lengths, first)  # (B, H)
             return self.finish_query(h, histories)
 
-    @torch.inference_mode()
     @property
     def packs_histories(self) -> bool:
         """Whether encode_histories takes the packed path (its layers are ones packed_decoder.py
