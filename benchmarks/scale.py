@@ -316,7 +316,7 @@ def write_doc(results: dict) -> None:
              "## Using it", "",
              "```bash",
              "itemgen clusters build DATA --method kmeans        # or frequency | random; DATA/clusters/kmeans.json",
-             "itemgen train configs/itemlm-cpu.yaml data.path=DATA itemlm.head=two_level itemlm.cluster_method=kmeans repeat.bias=none",
+             "itemgen train configs/itemlm-cpu.yaml data.path=DATA itemlm.head=two_level itemlm.cluster_method=kmeans items.dropout=0.3 itemlm.hidden_dropout=0.3",
              "itemgen evaluate RUN/best --decode structure       # exact top-k, clusters opened in the report",
              "itemgen index build RUN/best --type ivf            # flat | ivf | hnsw, saved as RUN/best/ann.faiss",
              "itemgen evaluate RUN/best --decode ann",

@@ -105,13 +105,24 @@ def _sequences(rng, n_items: int, repeat: bool, n: int = 64, length: int = 8):
     return out
 
 
-@pytest.mark.parametrize("model", ["sasrec", "itemlm"])
+def two_level_cfg(tmp_path, n_items: int, bias: str = "recency", n_clusters: int = 4):
+    """A tiny two-level ItemLM's config with a random cluster file of n_items items."""
+    from itemgen.heads.clusters import Clusters, random_clusters
+
+    path = Clusters(random_clusters(n_items, n_clusters, seed=0), "random").save(tmp_path / "clusters.json")
+    return tiny_cfg("itemlm", bias, itemlm={"backbone": "tiny", "prompt": "ids", "item_dim": 8,
+                                            "text_vocab_in_softmax": False, "head": "two_level",
+                                            "clusters": str(path)})
+
+
+@pytest.mark.parametrize("model", ["sasrec", "itemlm", "itemlm-two-level"])
 @pytest.mark.parametrize("repeat", [False, True])
-def test_training_learns_the_sign_of_the_data(model, repeat):
+def test_training_learns_the_sign_of_the_data(model, repeat, tmp_path):
     """No user repeats: the bias goes negative; users mostly repeat: positive."""
     ds = make_dataset(n_users=30, n_items=20, min_len=4, max_len=6, seed=3)
     torch.manual_seed(0)
-    m = build_model(tiny_cfg(model, bias="scalar"), ds.items).train()
+    cfg = two_level_cfg(tmp_path, 20, "scalar") if model == "itemlm-two-level" else tiny_cfg(model, bias="scalar")
+    m = build_model(cfg, ds.items).train()
     opt = torch.optim.Adam(m.parameters(), lr=3e-2)  # the bias moves about 10 x lr per step
     rng = np.random.default_rng(0)
     for _ in range(15):
@@ -196,8 +207,8 @@ def test_repeat_config_is_checked():
         from_dict({"model": "sasrec", "repeat": {"bias": "scalar"}, "loss": {"kind": "warp"}})
     with pytest.raises(ConfigError, match="next-item labels"):
         from_dict({"model": "bert4rec", "repeat": {"bias": "scalar"}})
-    with pytest.raises(ConfigError, match="head=full"):
-        from_dict({"model": "itemlm", "itemlm": {"head": "two_level"}, "repeat": {"bias": "scalar"}})
+    # a two-level head carries it in its level-2 softmax (tests/test_two_level.py)
+    assert from_dict({"model": "itemlm", "itemlm": {"head": "two_level"}, "repeat": {"bias": "scalar"}}).repeat.bias == "scalar"
 
 
 def test_itemlm_started_from_a_sasrec_starts_from_its_repeat_bias(tmp_path):
@@ -214,3 +225,95 @@ def test_itemlm_started_from_a_sasrec_starts_from_its_repeat_bias(tmp_path):
                                          "text_vocab_in_softmax": False}), ds.items)
     init_items(other, cfg, ds)  # another shape: stays at zero, learned from scratch
     assert torch.equal(other.repeat.values(), torch.zeros(1))
+
+
+def test_two_level_itemlm_carries_the_bias_in_its_level2_softmax(tmp_path):
+    """A two-level head's bias enters the softmax over the item's cluster: scores stay
+    log-probabilities (they sum to 1), members of a cluster keep their logit differences plus the
+    bias, clusters without a history item are untouched; training's loss is -log of the same
+    probabilities, and Structure's top-k (exact by construction) equals the exact one."""
+    from itemgen.topk.exact import ExactTopK
+    from itemgen.topk.structure import StructureTopK
+
+    ds = make_dataset(n_users=20, n_items=24, min_len=4, max_len=6, seed=5)
+    m = build_model(two_level_cfg(tmp_path, 24), ds.items).eval()
+    with torch.no_grad():
+        m.repeat.raw.copy_(torch.linspace(-0.8, 0.4, len(m.repeat.raw)))  # -8 .. +4: both signs
+    hist = [np.array([3, 8, 3, 11, 20]), np.array([0]), np.array([5, 6, 7, 8, 9, 10, 23])]
+    with torch.no_grad():
+        base = m.score_items(m.encode_histories(hist))  # (B, I) log P without the bias
+        got = m.scores(hist)
+        assert torch.allclose(got.exp().sum(1), torch.ones(3), atol=1e-5)
+        assign = m.head.assign
+        for b, h in enumerate(hist):
+            bias = torch.zeros(24)
+            pairs = m.repeat.pairs([h])
+            bias[pairs[:, 1]] = m.repeat.bias(pairs[:, 2])
+            for c in range(m.head.n_clusters):
+                mem = torch.nonzero(assign == c)[:, 0]
+                want = base[b, mem] + bias[mem]
+                assert torch.allclose(got[b, mem] - got[b, mem[0]], want - want[0], atol=1e-5)
+                if not torch.isin(mem, torch.as_tensor(h)).any():
+                    assert torch.equal(got[b, mem], base[b, mem])
+        q = m.encode_histories(hist)
+        for kk in (1, 5, 24):
+            ref = ExactTopK(m).topk(q, kk, histories=hist)
+            s, i = StructureTopK(m, normalized=True).topk(q, kk, histories=hist)
+            assert torch.equal(i, ref[1]) and torch.allclose(s, ref[0], atol=1e-5), kk
+        # without the histories (served masked, or unknown) both decode the unbiased model
+        assert torch.equal(StructureTopK(m).topk(q, 5)[1], torch.topk(base, 5, dim=1).indices)
+        # the training loss is -log of the biased probabilities at each label
+        seqs = [np.array([1, 2, 1, 3, 4]), np.array([5, 6, 7])]
+        batch = m.train_batch(seqs, np.random.default_rng(0))
+        lp = m.label_scores(batch)  # (N, I)
+        labels = batch["labels"][batch["labels"] >= 0]
+        assert m.loss(batch).item() == pytest.approx(-float(lp[torch.arange(len(labels)), labels].sum()), rel=1e-5)
+
+
+def test_two_level_ann_scores_history_items_with_their_bias(tmp_path):
+    """A flat two-level index: each history item's score is the index's own score plus its bias,
+    so a strongly negative bias keeps every history item out of the top-k."""
+    from itemgen.topk.ann import AnnIndex, AnnTopK
+
+    ds = make_dataset(n_users=20, n_items=24, min_len=4, max_len=6, seed=5)
+    m = build_model(two_level_cfg(tmp_path, 24), ds.items).eval()
+    hist = [np.array([3, 8, 11, 20]), np.array([0, 1])]
+    with torch.no_grad():
+        q = m.encode_histories(hist)
+        index = AnnIndex.build(m, "flat", log_norm=np.linspace(-1, 1, m.head.n_clusters))
+        plain = AnnTopK(m, index=index).topk(q, 24)  # no histories: index scores of every item
+        m.repeat.raw.fill_(0.5)  # +5 on every history item
+        s, i = AnnTopK(m, index=index).topk(q, 24, histories=hist)
+        for b, h in enumerate(hist):
+            before = dict(zip(plain[1][b].tolist(), plain[0][b].tolist()))
+            after = dict(zip(i[b].tolist(), s[b].tolist()))
+            for t in range(24):
+                assert after[t] == pytest.approx(before[t] + (5.0 if t in h else 0.0), abs=1e-4)
+        m.repeat.raw.fill_(-3.0)  # -30
+        s, i = AnnTopK(m, index=index).topk(q, 10, histories=hist)
+        for b, h in enumerate(hist):
+            assert not set(i[b].tolist()) & set(h.tolist())
+
+
+def test_two_level_rankings_with_the_history_masked_keep_the_bias(tmp_path):
+    """With the history masked, a two-level model still ranks by its biased probabilities (the
+    bias renormalises the clusters of the history items): Structure, given the histories by
+    Recommender.decode_histories, ranks every target exactly where the full-catalog scores do.
+    A full-softmax model needs no histories there (its bias moves only masked items)."""
+    from itemgen.evaluation.evaluate import decoder_ranks, rank_examples
+    from itemgen.topk.structure import StructureTopK
+
+    ds = make_dataset(n_users=40, n_items=24, min_len=4, max_len=8, seed=6)
+    m = build_model(two_level_cfg(tmp_path, 24), ds.items).eval()
+    with torch.no_grad():
+        m.repeat.raw.fill_(-1.0)  # -10: the clusters of the history items are renormalised
+    examples = ds.examples("test")
+    hist = [e.history for e in examples[:3]]
+    assert m.decode_histories(hist, True) is hist and m.decode_histories(hist, False) is hist
+    full = build_model(tiny_cfg("itemlm"), ds.items)
+    assert full.decode_histories(hist, True) is None and full.decode_histories(hist, False) is hist
+    assert build_model(tiny_cfg("itemlm", bias="none"), ds.items).decode_histories(hist, False) is None
+    for masked in (False, True):
+        exact = rank_examples(m, examples, max_history=8, exclude_history=masked)
+        structure = decoder_ranks(m, StructureTopK(m), examples, max_history=8, exclude_history=masked, cutoff=24)
+        assert np.array_equal(structure, exact), masked

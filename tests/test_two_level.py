@@ -67,6 +67,47 @@ def test_probabilities_sum_to_one_and_match_brute_force(n_items, n_clusters, n_t
         assert torch.allclose(head.loss(h, targets).double(), want, rtol=1e-5)
 
 
+def brute_force_biased_probs(head, text, assign, h, bias):
+    """P over V u I with bias[b, t] added to item t's level-2 logit for row b (float64)."""
+    h = h.double()
+    level1 = torch.cat([h @ text.double().T, h @ head.centroids.double().T], dim=1) if text is not None \
+        else h @ head.centroids.double().T
+    p_cluster = torch.softmax(level1, dim=1)  # (B, V + C)
+    V = 0 if text is None else text.shape[0]
+    out = torch.zeros(h.shape[0], V + head.n_items, dtype=torch.float64)
+    out[:, :V] = p_cluster[:, :V]
+    for t in range(head.n_items):
+        c = int(assign[t])
+        members = torch.nonzero(assign == c)[:, 0]
+        within = torch.softmax(h @ head.item_out.double()[members].T + bias[:, members], dim=1)
+        out[:, V + t] = p_cluster[:, V + c] * within[:, int(torch.nonzero(members == t)[0, 0])]
+    return out
+
+
+def test_item_bias_enters_the_level2_softmax_as_brute_force():
+    """The repeat bias on a two-level head: with_item_bias (from log-probabilities alone) and the
+    loss's level-2 term both equal the definition, P(c | h) * softmax over c of (h . e_u + b_u)."""
+    head, text, assign = random_head(30, 5, n_text=4, seed=7)
+    h = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    rows = torch.tensor([0, 0, 0, 1, 3, 3])
+    items = torch.tensor([2, 9, 17, 2, 0, 29])
+    values = torch.tensor([-3.0, 1.5, -30.0, 2.0, 0.7, -1.0])
+    dense = torch.zeros(4, 30, dtype=torch.float64)
+    dense[rows, items] = values.double()
+    ref = brute_force_biased_probs(head, text, assign, h, dense)  # (B, V + I)
+    assert torch.allclose(ref.sum(1), torch.ones(4, dtype=torch.float64))
+    with torch.no_grad():
+        got = head.with_item_bias(head.item_log_probs(h), (rows, items, values))  # (B, I)
+        assert torch.allclose(got.double(), torch.log(ref[:, 4:]), atol=1e-5)
+        # untouched rows and untouched clusters are bit-identical
+        assert torch.equal(got[2], head.item_log_probs(h)[2])
+        untouched = ~torch.isin(assign, assign[items[rows == 1]])
+        assert torch.equal(got[1, untouched], head.item_log_probs(h)[1, untouched])
+        targets = torch.tensor([9, 2, 5, 29])  # 9 and 2: biased items of their own label; 5: none
+        want = -torch.log(ref[torch.arange(4), 4 + targets]).sum()
+        assert torch.allclose(head.loss(h, targets, (rows, items, values)).double(), want, rtol=1e-5)
+
+
 def test_loss_gradient_touches_only_the_labels_clusters():
     head, _, assign = random_head(60, 8, seed=3)
     head.sparse_grad = True

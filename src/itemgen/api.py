@@ -63,9 +63,8 @@ class Predictor:
         max_h = self.cfg.data.max_history
         hist = [h[-max_h:] for h in histories]
         query = self.model.encode_histories(hist)  # (B, D)
-        # histories: the repeat bias, which cannot change a ranking whose history items are masked
         scores, ids = self.decoder(decode).topk(query, k, exclude=histories if exclude_history else None,
-                                                histories=None if exclude_history else hist)
+                                                histories=self.model.decode_histories(hist, exclude_history))
         return scores.float().cpu().numpy(), ids.cpu().numpy()
 
     def recommend(self, histories: list[list[str]], k: int = 10, exclude_history: bool = True,

@@ -561,8 +561,6 @@ def validate(cfg: Config) -> None:
          "repeat.bias: itemlm, sasrec or gru4rec (next-item labels)"),
         (cfg.repeat.bias == "none" or cfg.loss.kind == "full",
          "repeat.bias needs loss.kind=full (the bias is learned in the full-catalog softmax)"),
-        (cfg.repeat.bias == "none" or cfg.model != "itemlm" or cfg.itemlm.head == "full",
-         "repeat.bias needs itemlm.head=full (a two-level head has no repeat bias: set repeat.bias=none)"),
         (0.0 <= cfg.distill.weight <= 1.0, "distill.weight must be in [0, 1]"),
         (cfg.distill.temperature > 0, "distill.temperature must be > 0"),
         (not cfg.distill.teacher or cfg.loss.kind == "full", "distill.teacher needs loss.kind=full "

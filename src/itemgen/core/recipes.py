@@ -20,8 +20,8 @@ SASREC_DROPOUTS = (0.1, 0.2, 0.3, 0.5)
 # Both recipes learn a bias on the scores of the user's history items (repeat.bias=recency,
 # models/repeat_bias.py): on instruments it raised validation NDCG@10 with the history kept from
 # 0.1042 to 0.1242 (SASRec, dropout 0.3) and with it masked from 0.1214 to 0.1244 (docs/quality.md,
-# "A learned awareness of repeats"). A two-level head has none: add repeat.bias=none to
-# itemlm.head=two_level.
+# "A learned awareness of repeats"). A two-level head adds it to the level-2 logits of the
+# history items (heads/softmax.TwoLevelHead.with_item_bias).
 REPEAT = {"repeat": {"bias": "recency"}}
 SASREC = {"model": "sasrec", "data": {"max_history": 50}, **REPEAT,
           "sasrec": {"hidden": 64, "n_layers": 2, "n_heads": 2, "dropout": 0.5, "ffn": 256},

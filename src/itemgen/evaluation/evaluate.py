@@ -124,9 +124,8 @@ def decoder_ranks(model: Recommender, decoder, examples: list[Example], *, max_h
         idx = order[start:start + batch_size]
         hist = [examples[i].history[-max_history:] for i in idx]
         query = model.encode_histories(hist)  # (B, D); ItemLM: the packed path
-        # histories: the repeat bias, which cannot change a ranking whose history items are masked
         _, top = decoder.topk(query, k, exclude=[examples[i].history for i in idx] if exclude_history else None,
-                              histories=None if exclude_history else hist)
+                              histories=model.decode_histories(hist, exclude_history))
         top = top.cpu().numpy()
         if top_out is not None:
             top_out[idx] = top[:, :top_out.shape[1]]

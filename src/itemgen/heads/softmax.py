@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# (rows (P,), items (P,), values (P,)): values added to the scores of those items in those rows
+ItemBias = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 def exclude_pairs(logits: torch.Tensor, pairs: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
     """logits (N, V + I) with -inf at (label, offset + item) for each row of pairs (P, 2): items a
@@ -204,8 +207,11 @@ class TwoLevelHead(nn.Module):
             return item
         return torch.cat([h @ self._text_weight().T, item], dim=1)
 
-    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """h (N, H), targets (N,) item indices -> summed cross-entropy of both levels."""
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, bias: ItemBias | None = None) -> torch.Tensor:
+        """h (N, H), targets (N,) item indices -> summed cross-entropy of both levels. ``bias``
+        (label, item, value) triples: values added to those items' level-2 logits at those labels
+        (the repeat bias, models/repeat_bias.py); only the triples whose item shares the label's
+        cluster enter this loss, the only level-2 softmax a label computes."""
         cl = self.cluster_logits(h).float()  # (N, V + C)
         c = self.assign[targets]  # (N,)
         loss = F.cross_entropy(cl, c + (cl.shape[1] - self.n_clusters), reduction="sum")
@@ -214,19 +220,43 @@ class TwoLevelHead(nn.Module):
         valid = slot[None] < size[:, None]  # (N, S)
         idx = (self.offsets[c][:, None] + slot[None]).clamp(max=self.n_items - 1)
         within = _GatherDot.apply(h, self.item_out, self.order[idx], self.sparse_grad).float()  # (N, S)
+        if bias is not None:
+            label, item, value = bias
+            same = self.assign[item] == c[label]  # (P,) the item is in its label's cluster
+            within = within.index_put((label[same], self.pos[item[same]]), value[same].to(within.dtype),
+                                      accumulate=True)
         within = within.masked_fill(~valid, float("-inf"))
         return loss + F.cross_entropy(within, self.pos[targets], reduction="sum")
+
+    def with_item_bias(self, log_probs: torch.Tensor, bias: ItemBias) -> torch.Tensor:
+        """log_probs (B, I) = log P(t | h) -> log P(c(t) | h) + log softmax over the members u of
+        c(t) of (h . e_u + b_u): ``bias`` (row, item, value) triples b added to level-2 logits, each
+        cluster holding a biased item renormalised (a level-2 softmax is over its cluster only).
+        Needs nothing but the log-probabilities: within c, h . e_u - log Z_c = log P(u) - log P(c),
+        so the new log-probability is log P(t) + b_t - logsumexp_{u in c}(log P(u) + b_u) +
+        logsumexp_{u in c} log P(u). Not in place."""
+        row, item, value = bias
+        if not len(row):
+            return log_probs
+        biased = log_probs.index_put((row, item), value.to(log_probs.dtype), accumulate=True)  # (B, I)
+        # (B, C) the change of each cluster's log-mass; exactly 0 where no member is biased
+        shift = self._cluster_logsumexp(biased) - self._cluster_logsumexp(log_probs)
+        return biased - shift[:, self.assign]
+
+    def _cluster_logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, I) -> (B, C) logsumexp over each cluster's members."""
+        a = self.assign.expand_as(x)
+        m = torch.full((x.shape[0], self.n_clusters), float("-inf"), device=x.device, dtype=x.dtype)
+        m = m.scatter_reduce(1, a, x, reduce="amax")  # (B, C) per-cluster max
+        z = torch.zeros_like(m).scatter_add_(1, a, torch.exp(x - m.gather(1, a)))
+        return m + torch.log(z)
 
     def cluster_log_normalizers(self, h: torch.Tensor, il: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, H) -> (B, C) log Z_c(h) = logsumexp over members t of c of h . e_t (brute force);
         ``il`` (B, I) = h . e_t when the caller has it already."""
         if il is None:
             il = (h @ self.item_out.T).float()  # (B, I)
-        a = self.assign.expand_as(il)
-        m = torch.full((h.shape[0], self.n_clusters), float("-inf"), device=h.device)
-        m = m.scatter_reduce(1, a, il, reduce="amax")  # (B, C) per-cluster max
-        z = torch.zeros_like(m).scatter_add_(1, a, torch.exp(il - m.gather(1, a)))
-        return m + torch.log(z)
+        return self._cluster_logsumexp(il)
 
     def item_log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, H) -> (B, I) log P(item | h), normalised over V u I (brute force: the reference)."""

@@ -219,14 +219,38 @@ class ItemLM(Recommender):
                                  reduction="sum")
             return self.distillation(ce, logits[:, offset:], batch["teacher_scores"])
         if not isinstance(self.head, FullSoftmaxHead):  # two-level: neither exclusion applies
-            return self.head.loss(hs, batch["labels"][sel])
+            return self.head.loss(hs, batch["labels"][sel], self.repeat_triples(batch.get("repeat")))
         return self.head.loss(hs, batch["labels"][sel], batch.get("exclude"), self.items.unseen_in_training(),
                               adjust=None if self.repeat is None else lambda z, offset: self.with_repeat(z, batch, offset))
 
     def with_repeat(self, logits: torch.Tensor, batch, offset: int = 0) -> torch.Tensor:
         """logits (N, V + I) at a train_batch's labels + the repeat bias at each label's earlier
-        items (models/repeat_bias.py; items start at ``offset``)."""
-        return logits if self.repeat is None else self.repeat.add_pairs(logits, batch.get("repeat"), offset)
+        items (models/repeat_bias.py; items start at ``offset``). A two-level head's bias enters
+        its level-2 softmax (TwoLevelHead.with_item_bias: those logits are its log-probabilities)."""
+        if self.repeat is None or not isinstance(self.head, TwoLevelHead):
+            return logits if self.repeat is None else self.repeat.add_pairs(logits, batch.get("repeat"), offset)
+        triples = self.repeat_triples(batch.get("repeat"))
+        if triples is None:
+            return logits
+        return torch.cat([logits[:, :offset], self.head.with_item_bias(logits[:, offset:], triples)], dim=1)
+
+    def repeat_triples(self, pairs: torch.Tensor | None):
+        """(P, 3) (row, item, recency) pairs -> (rows, items, bias values) on the model's device,
+        or None without a repeat bias or pairs."""
+        if self.repeat is None or pairs is None or not len(pairs):
+            return None
+        pairs = pairs.to(self.device)
+        return pairs[:, 0], pairs[:, 1], self.repeat.bias(pairs[:, 2])
+
+    @property
+    def bias_moves_other_items(self) -> bool:
+        return self.repeat is not None and isinstance(self.head, TwoLevelHead)
+
+    def history_scores(self, scores: torch.Tensor, histories: list[np.ndarray] | None) -> torch.Tensor:
+        if self.repeat is None or histories is None or not isinstance(self.head, TwoLevelHead):
+            return super().history_scores(scores, histories)
+        triples = self.repeat_triples(self.repeat.pairs(histories))
+        return scores if triples is None else self.head.with_item_bias(scores, triples)
 
     def label_scores(self, batch):
         h = self.hidden(batch)  # (B, L, H)

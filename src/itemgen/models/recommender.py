@@ -34,6 +34,18 @@ class Recommender(nn.Module):
         config ``repeat`` (``model.repeat = ...`` registers a submodule; a class attribute would hide it)."""
         return self._modules.get("repeat")
 
+    def decode_histories(self, histories: list[np.ndarray], exclude_history: bool) -> list[np.ndarray] | None:
+        """The histories a decoder is given with these rows (its ``histories``): for the repeat bias.
+        With the history masked a plain bias moves only items the mask removes, so none are needed
+        (sparing ANN re-scoring them); a two-level head's bias also renormalises the clusters it
+        touches (ItemLM.history_scores), so it needs them either way. None: no bias to apply."""
+        if self.repeat is None or (exclude_history and not self.bias_moves_other_items):
+            return None
+        return histories
+
+    # whether the repeat bias changes the scores of items outside the history (ItemLM with a two-level head)
+    bias_moves_other_items: bool = False
+
     # ---- training ----------------------------------------------------------------------
     def train_batch(self, seqs: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """seqs: item sequences (history + label, already truncated) -> a CPU batch."""

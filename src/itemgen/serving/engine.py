@@ -137,11 +137,11 @@ class Engine:
         k = max(rows[i].k for i in idx)
         exclude = [rows[i].history if rows[i].exclude_history else np.zeros(0, np.int64) for i in idx]
         sel = torch.as_tensor(idx, device=query.device)
-        # histories: the repeat bias (models/repeat_bias.py), if the model has one; a row whose history
-        # is masked needs none (the bias only moves items it removes), which spares ANN re-scoring them
+        # histories: the repeat bias (models/repeat_bias.py), if the model has one; Recommender.decode_histories
+        # says which rows need theirs (an empty one: none)
         none = np.zeros(0, np.int64)
-        scores, ids = decoder.topk(query.index_select(0, sel), k, exclude=exclude,
-                                   histories=[none if rows[i].exclude_history else rows[i].history for i in idx])  # (b, k)
+        hist = [(self.model.decode_histories([rows[i].history], rows[i].exclude_history) or [none])[0] for i in idx]
+        scores, ids = decoder.topk(query.index_select(0, sel), k, exclude=exclude, histories=hist)  # (b, k)
         scores, ids = scores.float().cpu().numpy(), ids.cpu().numpy()
         out: list[Ranked | Exception] = []
         for j, i in enumerate(idx):

@@ -231,6 +231,21 @@ class AnnIndex:
             scores, ids = self.index.search(q, k)
         return torch.from_numpy(scores), torch.from_numpy(ids.astype(np.int64))
 
+    def item_scores(self, model, query: torch.Tensor, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The index's score of given items, computed exactly: query (B, H), rows and items (P,) ->
+        (P,) query[row] . x_item, x the item's database vector ([e_c + e_t, -b_c] . [h, 1] for a
+        two-level head)."""
+        q = query.detach().float().cpu()[rows]  # (P, H)
+        head = _head(model)
+        with torch.inference_mode():
+            if head is None:
+                v = model.item_vectors().detach().float().cpu()[items]  # (P, H), the vectors the index holds
+                return (q * v).sum(1)
+            c = head.assign.cpu()[items]
+            v = (head.item_out.detach()[items.to(head.item_out.device)].float().cpu()
+                 + head.centroids.detach().float().cpu()[c])  # (P, H)
+            return (q * v).sum(1) - torch.as_tensor(np.asarray(self.log_norm), dtype=torch.float32)[c]
+
     # ---- persistence -------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         import faiss  # the ann extra (faiss-cpu)
@@ -320,9 +335,11 @@ class AnnTopK:
 
     def _with_repeat(self, query, scores, ids, pairs, repeat):
         """The candidates (B, kk) without the history items, plus every history item scored exactly
-        (the index's inner product, full-softmax heads only) with its repeat bias: exact whatever
-        the bias's sign, for a flat index, since at most len(history) history items outrank a
-        non-history item of the top k -> (B, kk + max history) candidates, unsorted."""
+        (the index's score) with its repeat bias: exact whatever the bias's sign, for a flat index
+        over a full-softmax head, since at most len(history) history items outrank a non-history
+        item of the top k -> (B, kk + max history) candidates, unsorted. A two-level head's bias
+        also renormalises the level-2 softmax of the clusters it touches, which the index's
+        per-cluster constant b_c does not follow (as it does not follow log Z_c(h) itself)."""
         rows, items = pairs[:, 0], pairs[:, 1]
         B = len(scores)
         n = torch.bincount(rows, minlength=B)  # (B,) history items per row
@@ -330,9 +347,8 @@ class AnnTopK:
         hist_ids = torch.full((B, int(n.max())), -1, dtype=torch.long)
         hist_ids[rows, col] = items
         hist_scores = torch.full(hist_ids.shape, float("-inf"))
-        v = self.model.item_vectors().detach().float().cpu()  # (I, D), the vectors the index holds
-        q = query.detach().float().cpu()
-        hist_scores[rows, col] = (q[rows] * v[items]).sum(1) + repeat.bias(pairs[:, 2]).detach().float().cpu()
+        hist_scores[rows, col] = (self.index.item_scores(self.model, query, rows, items)
+                                  + repeat.bias(pairs[:, 2]).detach().float().cpu())
         in_hist = torch.zeros_like(ids, dtype=torch.bool)
         for b in range(B):
             in_hist[b] = torch.from_numpy(np.isin(ids[b].numpy(), hist_ids[b].numpy()))

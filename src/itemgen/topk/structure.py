@@ -37,11 +37,13 @@ class StructureTopK:
 
     @torch.inference_mode()
     def topk(self, query: torch.Tensor, k: int, exclude=None, histories=None) -> tuple[torch.Tensor, torch.Tensor]:
-        # histories: unused, a two-level model has no repeat bias (config repeat.bias needs itemlm.head=full)
         check_k(k, self.model.n_items)
         head = self.head
         h = query.to(head.item_out.dtype)  # (B, H)
         B, C, dev = h.shape[0], head.n_clusters, h.device
+        # the repeat bias enters the level-2 logits of the history items (TwoLevelHead.with_item_bias):
+        # level 2 stays a softmax, so P(t | h) <= P(c(t) | h) still bounds every member
+        bias = self.history_bias(histories, dev)
         lpc = (h @ head.centroids.T).float()  # (B, C) unnormalised cluster scores
         if self.normalized:
             log_z1 = torch.logsumexp(lpc, dim=1)
@@ -67,6 +69,8 @@ class StructureTopK:
             valid = slot[None] < size[:, None]  # (A, S)
             mem = head.order[(head.offsets[cs][:, None] + slot[None]).clamp(max=head.n_items - 1)]  # (A, S)
             logit = _GatherDot.apply(h[active], head.item_out, mem, False).float()  # (A, S), chunked gather
+            if bias is not None:
+                logit = logit + bias.lookup(active, mem, valid)
             logit = logit.masked_fill(~valid, float("-inf"))
             mem = mem.masked_fill(~valid, -1)  # padding slots never name an item
             lp = lpc[active, cs][:, None] + logit - torch.logsumexp(logit, dim=1, keepdim=True)
@@ -85,3 +89,30 @@ class StructureTopK:
         self.queries += B
         self.last_opened = opened
         return best, best_ids
+
+    def history_bias(self, histories, device) -> "_SparseBias | None":
+        repeat = getattr(self.model, "repeat", None)
+        if repeat is None or histories is None:
+            return None
+        pairs = repeat.pairs(histories).to(device)  # (P, 3) row, item, recency
+        if not len(pairs):
+            return None
+        return _SparseBias(pairs[:, 0], pairs[:, 1], repeat.bias(pairs[:, 2]).float(), self.head.n_items)
+
+
+class _SparseBias:
+    """Values at (row, item) pairs, looked up for a padded (A, S) block of items without an
+    (B, I) table: keys row * I + item sorted, found by binary search."""
+
+    def __init__(self, rows: torch.Tensor, items: torch.Tensor, values: torch.Tensor, n_items: int):
+        keys = rows * n_items + items  # (P,) distinct: a history lists each item once
+        order = torch.argsort(keys)
+        self.keys, self.values, self.n_items = keys[order], values[order], n_items
+
+    def lookup(self, rows: torch.Tensor, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """rows (A,), items (A, S), valid (A, S) -> (A, S) the value at each (row, item), 0 where none."""
+        q = rows[:, None] * self.n_items + items.clamp(min=0)  # (A, S)
+        at = torch.searchsorted(self.keys, q).clamp(max=len(self.keys) - 1)
+        hit = (self.keys[at] == q) & valid
+        return torch.where(hit, self.values[at], torch.zeros((), dtype=self.values.dtype, device=q.device))
+
