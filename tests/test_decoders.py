@@ -80,7 +80,23 @@ def test_structure_opens_few_clusters_when_one_dominates():
     dec = StructureTopK(model, normalized=True)
     scores, ids = dec.topk(h, 5)
     assert_valid_topk(scores, ids, model.head.item_log_probs(h), 5)
-    assert dec.stats() == {"clusters": 20, "queries": 1, "clusters_opened_mean": 1.0}
+    assert dec.stats() == {"clusters": 20, "queries": 1, "clusters_opened_mean": 1.0, "rounds": 1}
+
+
+def test_structure_opens_more_clusters_a_round_for_a_lone_query():
+    """A query that must open most clusters takes about log2 of that many rounds alone; in a large
+    batch each query opens one cluster a round (the gather stays under max_slots)."""
+    model = two_level_model(600, 30, seed=4, item_scale=0.2)
+    h = torch.randn(1, 8, generator=torch.Generator().manual_seed(0)) * 0.1  # flat P(c | h): most clusters open
+    dec = StructureTopK(model, normalized=True)
+    scores, ids = dec.topk(h, 10)
+    assert_valid_topk(scores, ids, model.head.item_log_probs(h), 10)
+    opened = int(dec.last_opened[0])
+    assert opened >= 16 and dec.stats()["rounds"] <= 6
+    one_by_one = StructureTopK(model, normalized=True)
+    one_by_one.max_slots = 0  # never widens: one cluster a round
+    s1, i1 = one_by_one.topk(h, 10)
+    assert torch.equal(i1, ids) and one_by_one.stats()["rounds"] == int(one_by_one.last_opened[0]) <= opened
 
 
 def test_structure_unnormalized_and_exclusions():

@@ -17,10 +17,17 @@ class StructureTopK:
     (the level-1 normaliser over text tokens and clusters is the same for every item, so the ranking
     is exact, and skipping it saves a (B, V) product); ``normalized=True`` returns exact log P(t | h).
     ``stats()`` reports how many clusters were opened per query. Batched in rounds: each round,
-    every query still running opens its next cluster (one padded, chunked gather for all)."""
+    every query still running opens its next w clusters (one padded, chunked gather for all), w
+    doubling from 1 while the round's gather stays under ``max_slots`` member vectors: a lone
+    query that needs n clusters takes about log2(n) rounds instead of n, and opens at most about
+    twice as many as it needs (an extra cluster only adds candidates scored exactly: the top-k
+    stays exact)."""
 
     name = "structure"
     margin = 1e-4  # open a cluster even if its bound is this far below: float rounding never cuts one
+    # a round gathers at most about this many member vectors over all running queries (w clusters x
+    # largest size x queries): a lone query opens many clusters a round, a batch one each
+    max_slots = 8192
 
     def __init__(self, model: Recommender, normalized: bool = False, **_):
         self.head = getattr(model, "head", None)
@@ -28,12 +35,12 @@ class StructureTopK:
             raise ValueError("decoder 'structure' needs a two-level head (itemlm.head=two_level); "
                              f"{model.name} with this head decodes with 'exact' or 'ann'")
         self.model, self.normalized = model, normalized
-        self.opened, self.queries = 0, 0
+        self.opened, self.queries, self.rounds = 0, 0, 0
         self.last_opened: torch.Tensor | None = None  # (B,) clusters opened for the last batch
 
     def stats(self) -> dict:
         return {"clusters": self.head.n_clusters, "queries": self.queries,
-                "clusters_opened_mean": round(self.opened / max(self.queries, 1), 3)}
+                "clusters_opened_mean": round(self.opened / max(self.queries, 1), 3), "rounds": self.rounds}
 
     @torch.inference_mode()
     def topk(self, query: torch.Tensor, k: int, exclude=None, histories=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,63 +63,92 @@ class StructureTopK:
         best_ids = torch.full((B, k), -1, dtype=torch.long, device=dev)
         ptr = torch.zeros(B, dtype=torch.long, device=dev)  # next cluster to open, per query
         opened = torch.zeros(B, dtype=torch.long, device=dev)
-        excl = None if exclude is None else [torch.as_tensor(np.asarray(e, dtype=np.int64), device=dev)
-                                             for e in exclude]
+        excl = None if exclude is None else _PairLookup.of(exclude, head.n_items, dev)
         active = torch.arange(B, device=dev)
+        width = 1  # clusters each running query opens this round: 1, 2, 4, ... (fewer rounds, each batched)
+        max_size = int(head.sizes.max())
         while active.numel():
             active = active[bound[active, ptr[active]] + self.margin >= best[active, k - 1]]
             if not active.numel():
                 break
-            cs = order[active, ptr[active]]  # (A,) cluster each active query opens now
-            size = head.sizes[cs]  # (A,)
-            slot = torch.arange(int(size.max()), device=dev)  # (S,)
-            valid = slot[None] < size[:, None]  # (A, S)
-            mem = head.order[(head.offsets[cs][:, None] + slot[None]).clamp(max=head.n_items - 1)]  # (A, S)
-            logit = _GatherDot.apply(h[active], head.item_out, mem, False).float()  # (A, S), chunked gather
+            w = min(width, C)
+            self.rounds += 1
+            col = ptr[active][:, None] + torch.arange(w, device=dev)[None]  # (A, w) opening positions
+            live = col < C  # (A, w) a query near its last cluster opens fewer
+            cs = order[active[:, None], col.clamp(max=C - 1)]  # (A, w) clusters opened now
+            size = torch.where(live, head.sizes[cs], 0)  # (A, w)
+            S = int(size.max())
+            slot = torch.arange(S, device=dev)  # (S,)
+            valid = slot[None, None] < size[:, :, None]  # (A, w, S)
+            mem = head.order[(head.offsets[cs][:, :, None] + slot[None, None]).clamp(max=head.n_items - 1)]  # (A, w, S)
+            A = len(active)
+            logit = _GatherDot.apply(h[active], head.item_out, mem.view(A, w * S), False).float().view(A, w, S)
             if bias is not None:
-                logit = logit + bias.lookup(active, mem, valid)
+                logit = logit + bias.values_at(active, mem, valid)
             logit = logit.masked_fill(~valid, float("-inf"))
+            # (A, w, S) log P(c | h) + log softmax within each cluster; -inf at padding and past C
+            lp = (lpc[active[:, None], cs][:, :, None] + logit
+                  - torch.logsumexp(logit, dim=2, keepdim=True).nan_to_num(neginf=0.0))
+            lp = lp.masked_fill(~valid, float("-inf"))
             mem = mem.masked_fill(~valid, -1)  # padding slots never name an item
-            lp = lpc[active, cs][:, None] + logit - torch.logsumexp(logit, dim=1, keepdim=True)
             if excl is not None:
-                for j, r in enumerate(active.tolist()):
-                    if excl[r].numel():
-                        lp[j, torch.isin(mem[j], excl[r])] = float("-inf")
-            cand = torch.cat([best[active], lp], dim=1)  # (A, k + S)
-            cand_ids = torch.cat([best_ids[active], mem], dim=1)
+                lp = lp.masked_fill(excl.hits(active, mem, valid), float("-inf"))
+            cand = torch.cat([best[active], lp.view(A, w * S)], dim=1)  # (A, k + w S)
+            cand_ids = torch.cat([best_ids[active], mem.view(A, w * S)], dim=1)
             top = torch.topk(cand, k, dim=1)
             best[active], best_ids[active] = top.values, cand_ids.gather(1, top.indices)
-            opened[active] += 1
-            ptr[active] += 1
+            n_open = live.sum(1)  # (A,)
+            opened[active] += n_open
+            ptr[active] += n_open
             active = active[ptr[active] < C]
+            # double while the round's gather stays small: w S member vectors for each running query
+            width = width * 2 if 2 * width * max_size * len(active) <= self.max_slots else width
         self.opened += int(opened.sum())
         self.queries += B
         self.last_opened = opened
         return best, best_ids
 
-    def history_bias(self, histories, device) -> "_SparseBias | None":
+    def history_bias(self, histories, device) -> "_PairLookup | None":
         repeat = getattr(self.model, "repeat", None)
         if repeat is None or histories is None:
             return None
         pairs = repeat.pairs(histories).to(device)  # (P, 3) row, item, recency
         if not len(pairs):
             return None
-        return _SparseBias(pairs[:, 0], pairs[:, 1], repeat.bias(pairs[:, 2]).float(), self.head.n_items)
+        return _PairLookup(pairs[:, 0], pairs[:, 1], self.head.n_items, repeat.bias(pairs[:, 2]).float())
 
 
-class _SparseBias:
-    """Values at (row, item) pairs, looked up for a padded (A, S) block of items without an
+class _PairLookup:
+    """(row, item) pairs, with a value each, looked up for a padded block of items without a
     (B, I) table: keys row * I + item sorted, found by binary search."""
 
-    def __init__(self, rows: torch.Tensor, items: torch.Tensor, values: torch.Tensor, n_items: int):
-        keys = rows * n_items + items  # (P,) distinct: a history lists each item once
+    def __init__(self, rows: torch.Tensor, items: torch.Tensor, n_items: int, values: torch.Tensor | None = None):
+        keys = rows * n_items + items  # (P,)
         order = torch.argsort(keys)
-        self.keys, self.values, self.n_items = keys[order], values[order], n_items
+        self.keys, self.n_items = keys[order], n_items
+        self.values = None if values is None else values[order]
 
-    def lookup(self, rows: torch.Tensor, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """rows (A,), items (A, S), valid (A, S) -> (A, S) the value at each (row, item), 0 where none."""
-        q = rows[:, None] * self.n_items + items.clamp(min=0)  # (A, S)
-        at = torch.searchsorted(self.keys, q).clamp(max=len(self.keys) - 1)
-        hit = (self.keys[at] == q) & valid
-        return torch.where(hit, self.values[at], torch.zeros((), dtype=self.values.dtype, device=q.device))
+    @classmethod
+    def of(cls, lists, n_items: int, device) -> "_PairLookup":
+        """Per-row item lists (exclusions) -> their pairs."""
+        items = [torch.as_tensor(np.asarray(e, dtype=np.int64), device=device) for e in lists]
+        rows = torch.repeat_interleave(torch.arange(len(items), device=device),
+                                       torch.tensor([len(e) for e in items], device=device))
+        return cls(rows, torch.cat(items) if items else torch.zeros(0, dtype=torch.long, device=device), n_items)
 
+    def _find(self, rows: torch.Tensor, items: torch.Tensor, valid: torch.Tensor):
+        """rows (A,), items (A, ...), valid like items -> (position in keys, hit) like items."""
+        if not len(self.keys):
+            return torch.zeros_like(items), torch.zeros_like(valid)
+        q = rows.view(-1, *([1] * (items.dim() - 1))) * self.n_items + items.clamp(min=0)
+        at = torch.searchsorted(self.keys, q.reshape(-1)).view(q.shape).clamp(max=len(self.keys) - 1)
+        return at, (self.keys[at] == q) & valid
+
+    def hits(self, rows: torch.Tensor, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Whether each (row, item) is a listed pair."""
+        return self._find(rows, items, valid)[1]
+
+    def values_at(self, rows: torch.Tensor, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The value at each (row, item), 0 where none is listed."""
+        at, hit = self._find(rows, items, valid)
+        return torch.where(hit, self.values[at], torch.zeros((), dtype=self.values.dtype, device=items.device))
