@@ -166,6 +166,15 @@ def per_user_cost_section(r: dict | None) -> list[str]:
                             f"; weights a batch-1 query reads (layers and output item vectors): ItemLM "
                             f"{w['itemlm'] / 2**20:.1f} MiB, SASRec {w['sasrec'] / 2**20:.2f} MiB")(
                   r.get("weight_bytes_per_query")) + ".", ""]
+    earlier = r.get("earlier_runs") or []
+    if earlier:  # timing on shared cores is noisy: every run is listed, the targets read the latest
+        key = f"batch{p['batch']}_ratio"
+        lines += ["Earlier runs (ItemLM / SASRec per user, wall clock; the table above is the latest run):", "",
+                  f"| date | commit | load | batch 1 | batch {p['batch']} |", "|---|---|---|---:|---:|"]
+        for e in earlier:
+            lines.append(f"| {e['date']} | {str(e['git_commit'])[:8]} | {e['load_average_1min'][0]} -> "
+                         f"{e['load_average_1min'][1]} | {e['batch1_ratio']:.2f}x | {e[key]:.2f}x |")
+        lines.append("")
     return lines
 
 

@@ -70,6 +70,15 @@ def parity(itemlm: Predictor, hists: list[np.ndarray], k: int, batch: int) -> di
     return {"users": len(hists), "users_with_identical_top_k": same, "max_abs_score_difference": max_diff}
 
 
+def run_summary(r: dict) -> dict:
+    """A run's date, commit, load, checkpoints and ItemLM / SASRec ratios (what earlier_runs keeps)."""
+    p = r["profile"]
+    return {"date": r["date"], "git_commit": r["git_commit"], "checkpoints": r["checkpoints"],
+            "load_average_1min": p["load_average_1min"],
+            "batch1_ratio": r["batch1_p50_ms_per_user"]["itemlm"]["ratio_to_sasrec"],
+            f"batch{p['batch']}_ratio": r[f"batch{p['batch']}_ms_per_user"]["itemlm"]["ratio_to_sasrec"]}
+
+
 def flops_per_user(fn, hists: list[np.ndarray], batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -191,6 +200,9 @@ def main(argv=None) -> int:
                           "batch1_met": b1["itemlm"]["ratio_to_sasrec"] <= TARGETS["batch1"],
                           "batch64_met": args.batch == 64 and bn["itemlm"]["ratio_to_sasrec"] <= TARGETS["batch64"]}}
     allres = json.loads(args.out.read_text()) if args.out.is_file() else {}  # read late: others write it too
+    # the runs before this one, in brief: timing on shared cores is noisy, so the report shows them all
+    before = allres.get(KEY) or {}
+    result["earlier_runs"] = [*before.get("earlier_runs", []), *([run_summary(before)] if before else [])]
     allres[KEY] = result
     atomic_write_text(args.out, json.dumps(allres, indent=2) + "\n")
     if args.out.resolve() == RESULTS.resolve():  # docs follow the project's results file only

@@ -72,6 +72,26 @@ def test_the_report_renders_its_own_section(run):
     assert report.per_user_cost_section(None) == []
 
 
+def test_a_second_run_keeps_the_first_in_brief(run):
+    """Timing on shared cores is noisy: a new run keeps the earlier ones' ratios, and the report lists them."""
+    _, res, ckpt, root = run
+    out = root / "twice.json"
+    out.write_text(json.dumps(res))
+    first = res["per_user_cost"]
+    assert first["earlier_runs"] == []
+    rc = _script("per_user_cost").main(["--data", str(root / "data"), "--itemlm", str(ckpt["itemlm"]),
+                                        "--sasrec", str(ckpt["sasrec"]), "--users", "6", "--batch", "4",
+                                        "--repeats", "1", "--out", str(out)])
+    assert rc == 0
+    second = json.loads(out.read_text())["per_user_cost"]
+    assert second["profile"]["users"] == 6 and len(second["earlier_runs"]) == 1
+    e = second["earlier_runs"][0]
+    assert e["date"] == first["date"] and e["batch1_ratio"] == first["batch1_p50_ms_per_user"]["itemlm"]["ratio_to_sasrec"]
+    assert e["batch4_ratio"] == first["batch4_ms_per_user"]["itemlm"]["ratio_to_sasrec"]
+    text = "\n".join(_script("latency_report").per_user_cost_section(second))
+    assert "Earlier runs" in text and f"{e['batch1_ratio']:.2f}x" in text
+
+
 def test_swapped_checkpoints_are_a_one_line_error(run, capsys):
     _, _, ckpt, root = run
     rc = _script("per_user_cost").main(["--data", str(root / "data"), "--itemlm", str(ckpt["sasrec"]),
