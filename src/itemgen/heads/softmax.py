@@ -89,6 +89,15 @@ class FullSoftmaxHead(nn.Module):
         logits = self.logits(h).float()
         return logits[:, logits.shape[1] - self.n_items:] - torch.logsumexp(logits, dim=1, keepdim=True)
 
+    # an item bias moves only the biased items' scores (the normaliser is shared by the whole row)
+    bias_renormalises = False
+
+    def with_item_bias(self, scores: torch.Tensor, bias: ItemBias) -> torch.Tensor:
+        """scores (B, I) item logits or log-probabilities -> the same with ``bias`` (row, item,
+        value) triples added (one softmax over the row: nothing else moves). Not in place."""
+        row, item, value = bias
+        return scores.index_put((row, item), value.to(scores.dtype), accumulate=True)
+
 
 class _GatherDot(torch.autograd.Function):
     """out[n, s] = h[n] . W[idx[n, s]] for h (N, H), W (I, H), idx (N, S), in chunks of labels, so
@@ -227,6 +236,9 @@ class TwoLevelHead(nn.Module):
                                       accumulate=True)
         within = within.masked_fill(~valid, float("-inf"))
         return loss + F.cross_entropy(within, self.pos[targets], reduction="sum")
+
+    # an item bias enters its cluster's level-2 softmax: the other members of that cluster move too
+    bias_renormalises = True
 
     def with_item_bias(self, log_probs: torch.Tensor, bias: ItemBias) -> torch.Tensor:
         """log_probs (B, I) = log P(t | h) -> log P(c(t) | h) + log softmax over the members u of

@@ -225,14 +225,13 @@ class ItemLM(Recommender):
 
     def with_repeat(self, logits: torch.Tensor, batch, offset: int = 0) -> torch.Tensor:
         """logits (N, V + I) at a train_batch's labels + the repeat bias at each label's earlier
-        items (models/repeat_bias.py; items start at ``offset``). A two-level head's bias enters
-        its level-2 softmax (TwoLevelHead.with_item_bias: those logits are its log-probabilities)."""
-        if self.repeat is None or not isinstance(self.head, TwoLevelHead):
-            return logits if self.repeat is None else self.repeat.add_pairs(logits, batch.get("repeat"), offset)
+        items (models/repeat_bias.py; items start at ``offset``), as the head takes an item bias
+        (a two-level head's enters its level-2 softmax: heads/softmax.TwoLevelHead.with_item_bias)."""
         triples = self.repeat_triples(batch.get("repeat"))
         if triples is None:
             return logits
-        return torch.cat([logits[:, :offset], self.head.with_item_bias(logits[:, offset:], triples)], dim=1)
+        items = self.head.with_item_bias(logits[:, offset:], triples)
+        return items if offset == 0 else torch.cat([logits[:, :offset], items], dim=1)
 
     def repeat_triples(self, pairs: torch.Tensor | None):
         """(P, 3) (row, item, recency) pairs -> (rows, items, bias values) on the model's device,
@@ -244,12 +243,10 @@ class ItemLM(Recommender):
 
     @property
     def bias_moves_other_items(self) -> bool:
-        return self.repeat is not None and isinstance(self.head, TwoLevelHead)
+        return self.repeat is not None and self.head.bias_renormalises
 
     def history_scores(self, scores: torch.Tensor, histories: list[np.ndarray] | None) -> torch.Tensor:
-        if self.repeat is None or histories is None or not isinstance(self.head, TwoLevelHead):
-            return super().history_scores(scores, histories)
-        triples = self.repeat_triples(self.repeat.pairs(histories))
+        triples = None if self.repeat is None or histories is None else self.repeat_triples(self.repeat.pairs(histories))
         return scores if triples is None else self.head.with_item_bias(scores, triples)
 
     def label_scores(self, batch):

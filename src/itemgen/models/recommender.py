@@ -39,9 +39,11 @@ class Recommender(nn.Module):
         With the history masked a plain bias moves only items the mask removes, so none are needed
         (sparing ANN re-scoring them); a two-level head's bias also renormalises the clusters it
         touches (ItemLM.history_scores), so it needs them either way. None: no bias to apply."""
-        if self.repeat is None or (exclude_history and not self.bias_moves_other_items):
-            return None
-        return histories
+        return histories if self.needs_histories(exclude_history) else None
+
+    def needs_histories(self, exclude_history: bool) -> bool:
+        """Whether a decoder needs the histories of rows ranked with (or without) the history masked."""
+        return self.repeat is not None and (not exclude_history or self.bias_moves_other_items)
 
     # whether the repeat bias changes the scores of items outside the history (ItemLM with a two-level head)
     bias_moves_other_items: bool = False

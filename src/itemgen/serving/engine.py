@@ -140,7 +140,7 @@ class Engine:
         # histories: the repeat bias (models/repeat_bias.py), if the model has one; Recommender.decode_histories
         # says which rows need theirs (an empty one: none)
         none = np.zeros(0, np.int64)
-        hist = [(self.model.decode_histories([rows[i].history], rows[i].exclude_history) or [none])[0] for i in idx]
+        hist = [rows[i].history if self.model.needs_histories(rows[i].exclude_history) else none for i in idx]
         scores, ids = decoder.topk(query.index_select(0, sel), k, exclude=exclude, histories=hist)  # (b, k)
         scores, ids = scores.float().cpu().numpy(), ids.cpu().numpy()
         out: list[Ranked | Exception] = []
