@@ -96,10 +96,11 @@ def test_with_the_id_part_zeroed_scores_are_scale_times_text_knn(data, model, in
             m.items.id_emb.weight.zero_()
     hist = histories(data)
     with torch.inference_mode():
-        query = m.encode(m.to_device(m.query_batch(hist)))  # (B, H + F)
+        query = m.encode(m.to_device(m.query_batch(hist)))  # (B, H + F + 1)
         dot = query @ m.item_vectors().T  # (B, I)
         scores = m.score_items(query)
-    assert query.shape[1] == m.item_vectors().shape[1] == (16 if model == "sasrec" else 64) + m.items.text_view.shape[1]
+    # [h ; M q ; 1] . [v ; t ; prior]: the last column is the closed-item prior (0 here)
+    assert query.shape[1] == m.item_vectors().shape[1] == (16 if model == "sasrec" else 64) + m.items.text_view.shape[1] + 1
     want = SCALE * knn_scores(m, hist)
     torch.testing.assert_close(dot, want, atol=1e-4, rtol=1e-4)
     # ItemLM's scores are log-probabilities: the same up to one constant per row
@@ -231,10 +232,10 @@ def test_items_without_an_id_part_are_scored_by_text_alone(data):
     with torch.no_grad():
         m.head.item_out.normal_()
         m.items.id_known[:5] = False
-    F_ = m.items.text_view.shape[1]
+    F_ = m.items.text_view.shape[1] + 1  # the text, then the closed-item prior's column
     v = m.item_vectors()
     assert torch.equal(v[:5, :-F_], torch.zeros_like(v[:5, :-F_])) and (v[5:, :-F_] != 0).any(1).all()
-    assert torch.equal(v[:, -F_:], m.items.text_view)
+    assert torch.equal(v[:, -F_:-1], m.items.text_view) and not v[:, -1].any()  # prior 0
     m.train()
     m.items.begin_step()
     gate = m.items.id_gate()
@@ -255,7 +256,7 @@ def test_checkpoint_round_trip_keeps_m_and_the_text_view(data, tmp_path):
     hist = histories(data)
     again, _, _ = load_checkpoint(res.out / "last")
     assert torch.equal(loaded.scores(hist), again.scores(hist))
-    assert loaded.item_vectors().shape == (data.n_items, 64 + sd["items.text_view"].shape[1])
+    assert loaded.item_vectors().shape == (data.n_items, 64 + sd["items.text_view"].shape[1] + 1)  # + the prior
 
 
 def test_an_itemlm_starts_from_a_text_match_sasrec_s_id_vectors(data, tmp_path):
@@ -306,7 +307,7 @@ def test_items_add_on_a_text_match_model_ranks_a_near_duplicate_new_item_first(f
     result = add_items(ckpt, new, tmp_path / "with-new")
     m, _, items = load_checkpoint(result.out)
     assert items.ids[-2:] == ["NEW-stapler", "NEW-lamp"] and not m.items.id_known[-2:].any()
-    F_ = m.items.text_view.shape[1] + int(gate)  # the gate's bias column after the text
+    F_ = m.items.text_view.shape[1] + 1  # the bias column (the gate's, the closed-item prior) after the text
     assert torch.equal(m.item_vectors()[-2:, :-F_], torch.zeros(2, m.item_vectors().shape[1] - F_))
     pred = Predictor.load(result.out)
     for fam, new_id in ((0, "NEW-stapler"), (1, "NEW-lamp")):

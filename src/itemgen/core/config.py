@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -101,6 +102,14 @@ class ItemsConfig:
     # good (training and scoring), as a new item: an ID vector trained on 1-4 examples ranks its item
     # worse than its text does (tail targets, measured); 1 = every trained item keeps its ID part
     id_min_count: int = 1
+    # with text_match: a logit added to the score of every ID-closed item (a new item, one added by
+    # `items add`) when scoring, never in training: the training loss leaves new items far below
+    # where their text would rank them well (docs/text_notes.md)
+    closed_prior: float = 0.0
+    # > 0: at every validation, closed_prior is chosen from 0, 0.25, ..., this by validation NDCG@10
+    # (as the run evaluates: train.eval_exclude_history), and the best checkpoint keeps its value;
+    # it needs validation targets that are new items (`data prepare --cold-valid-items`) to see them
+    closed_prior_search: float = 0.0
 
 
 # ItemLMConfig's item fields before the `items` section existed, translated when a config is read
@@ -507,6 +516,10 @@ def validate(cfg: Config) -> None:
         (not it.text_gate or it.id_dropout > 0, "items.text_gate needs items.id_dropout > 0 (its closed bucket, "
                                                 "a new item's, is learned from the items id_dropout hides)"),
         (it.id_min_count >= 1, "items.id_min_count must be >= 1"),
+        (it.text_match > 0 or it.closed_prior == 0 and it.closed_prior_search == 0,
+         "items.closed_prior / items.closed_prior_search need items.text_match (new items are scored by it)"),
+        (math.isfinite(it.closed_prior), "items.closed_prior must be a finite number of logits"),
+        (0 <= it.closed_prior_search <= 100, "items.closed_prior_search must be in [0, 100] logits (0 = off)"),
         (it.id_min_count == 1 or bool(it.text_gate), "items.id_min_count > 1 needs items.text_gate (the closed "
                                                      "bucket that scores those items)"),
         (all(isinstance(e, int) and e >= 2 for e in it.text_gate) and list(it.text_gate) == sorted(set(it.text_gate)),

@@ -159,6 +159,11 @@ class ItemRepr(nn.Module):
             if self.match is not None and cfg.text_gate else None
         if self.gate is not None:
             self.register_buffer("item_bucket", torch.ones(n_items, dtype=torch.long))  # (I,) 1..: open buckets
+        if self.match is not None:
+            # a logit added to every ID-closed item's score when scoring (never in training):
+            # items.closed_prior, or chosen on validation (items.closed_prior_search). The training
+            # loss leaves new items far below where they rank well (docs/text_notes.md, section 6)
+            self.register_buffer("closed_prior", torch.tensor(float(cfg.closed_prior)))
         # an output view without a text part of its own: the ID gate applies to v_i in match_items
         self._gate_matched = self.output_view == "untied" or self.output_view == "tied" and self.input_view == "id"
         self._match_cache = None
@@ -341,7 +346,7 @@ class ItemRepr(nn.Module):
 
     # ---- the text-match path (models/text_match.py) ---------------------------------------------
     def match_items(self, v: torch.Tensor) -> torch.Tensor:
-        """(I, H) the model's item vectors -> (I, H + F) [v_i ; t_i], v_i zero where the ID gate is
+        """(I, H) the model's item vectors -> (I, H + F + 1) [v_i ; t_i ; c_i], v_i zero where the ID gate is
         closed for an output without a text part (an output with one gates its ID part itself).
         Scoring keeps the result until v, the text view or the gate changes (output_vectors' rule)."""
         training = torch.is_grad_enabled() or self._step_gate is not None
@@ -357,30 +362,41 @@ class ItemRepr(nn.Module):
         if self._gate_matched and not bool(open_.all()):
             v = v * open_[:, None].to(v.dtype)
         text = self.text_view.to(v.dtype)  # (I, F)
+        # (I,) the closed-item prior, when scoring: on ID-closed items (new, unknown, added)
+        prior = v.new_zeros(len(v)) if training else (~open_).to(v.dtype) * self.closed_prior.to(v.dtype)
         if self.gate is None:
-            out = torch.cat([v, text], 1)  # (I, H + F)
+            out = torch.cat([v, text, prior[:, None]], 1)  # (I, H + F + 1)
         else:  # ID closed (new, unknown or dropped this step): bucket 0, as a new item's
             g, c = self.gate(torch.where(open_, self.item_bucket, torch.zeros_like(self.item_bucket)))
-            out = torch.cat([v, text * g[:, None].to(v.dtype), c[:, None].to(v.dtype)], 1)  # (I, H + F + 1)
+            out = torch.cat([v, text * g[:, None].to(v.dtype), (c.to(v.dtype) + prior)[:, None]], 1)  # (I, H + F + 1)
         if key is not None:
             self._match_cache = (key, out)
         return out
 
     def match_at(self, h: torch.Tensor, items: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """h (N, H) query states at the positions ``at`` (B, L) of a batch whose item slots are
-        ``items`` (B, L) (-1 elsewhere) -> (N, H + F [+ 1]) [h ; M q (; 1)], q over the slots up to
+        ``items`` (B, L) (-1 elsewhere) -> (N, H + F + 1) [h ; M q ; 1], q over the slots up to
         each position."""
         return self._match_query(h, self.match.slot_means(self.text_view, items, at))  # q (N, F)
 
     def match_histories(self, h: torch.Tensor, histories) -> torch.Tensor:
-        """h (B, H) query states at the end of ``histories`` -> (B, H + F [+ 1]) [h ; M q (; 1)]."""
+        """h (B, H) query states at the end of ``histories`` -> (B, H + F + 1) [h ; M q ; 1]."""
         return self._match_query(h, self.match.history_means(self.text_view, histories))  # q (B, F)
 
     def _match_query(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        parts = [h, self.match(q).to(h.dtype)]
-        if self.gate is not None:  # the 1 that reads every item's bias c(b_i)
-            parts.append(h.new_ones(h.shape[0], 1))
-        return torch.cat(parts, 1)
+        # the 1 reads every item's bias: the gate's c(b_i) and the closed-item prior
+        return torch.cat([h, self.match(q).to(h.dtype), h.new_ones(h.shape[0], 1)], 1)
+
+    def closed(self) -> torch.Tensor | None:
+        """(I,) bool: items scored without an ID part (new, unknown, added), which the closed-item
+        prior lifts; None for a model without the text-match path (it has no prior)."""
+        return None if self.match is None else ~self.id_gate()
+
+    @torch.no_grad()
+    def set_closed_prior(self, value: float) -> None:
+        if self.match is None:
+            raise ValueError("the closed-item prior needs the text-match path (items.text_match)")
+        self.closed_prior.fill_(float(value))
 
     def train(self, mode: bool = True):
         self._cache = self._match_cache = None  # see output_vectors
@@ -422,6 +438,8 @@ def upgrade_state_dict(state: dict[str, torch.Tensor], renames: dict[str, str], 
     an old text feature table was stored standardised (centre 0, scale 1), and every item had its
     ID part then (id_known all True). State dicts already in today's layout come back unchanged."""
     if any(k.startswith(prefix) for k in state):
+        if prefix + "match.scale" in state and prefix + "closed_prior" not in state:  # before the prior: none
+            state = {**state, prefix + "closed_prior": torch.tensor(0.0)}
         return state
     out = {}
     for key, value in state.items():
