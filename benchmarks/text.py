@@ -129,7 +129,7 @@ def prepare(name: str, split: str, data_root: Path, cache: Path) -> Path:
     if not (out / "manifest.json").is_file():
         ds = load_lcrec(data_root / DATASETS[name], name=name)
         if SPLITS[split] is not None:
-            ds = make_cold(ds, *SPLITS[split], seed=0)
+            ds = make_cold(ds, SPLITS[split][0], seed=0, valid_fraction=SPLITS[split][1])
         ds.save(out)
     return out
 
