@@ -116,6 +116,13 @@ VARIANTS = {
     **{f"two-level-{m}": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m, "hidden_dropout": 0.3},
                                      "items": {"dropout": 0.3}})
        for m in ("kmeans", "frequency", "random")},
+    # the same, distilled from the full-softmax recipe (`itemlm` of the same dataset, TEACHER): the
+    # student matches its distribution over the whole catalog at every label (training/distill.py,
+    # weight 0.5), so training costs O(I) a label as the full softmax's; decoding is unchanged
+    **{f"two-level-{m}-distill": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m,
+                                                        "hidden_dropout": 0.3},
+                                             "items": {"dropout": 0.3}, "distill": {"teacher": "itemlm"}})
+       for m in ("kmeans", "frequency", "random")},
     # the same before the repeat bias (measured against `itemlm-no-repeat-bias`; REPEAT_START)
     **{f"two-level-{m}" + "-no-repeat-bias": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m},
                                                          "repeat": {"bias": "none"}})
@@ -225,6 +232,8 @@ def main() -> None:
                 # the variant's own levers win over what it inherits from SASRec (abl-no-dropout)
                 values = merge(merge(values, from_selected_sasrec(args.work / dname / sasrec_name, dname, row_name)),
                                extra)
+            if values.get("distill", {}).get("teacher") in VARIANTS:  # a row's name: its checkpoint here
+                values["distill"]["teacher"] = str(args.work / dname / values["distill"]["teacher"] / "best")
             for kv in args.set:
                 key, _, raw = kv.partition("=")
                 set_path(values, key, raw)
@@ -737,7 +746,7 @@ def write_table(results: dict, path: Path) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-TWO_LEVEL = re.compile(r"^two-level-(kmeans|frequency|random)(-dropout-[0-9.]+)?$")
+TWO_LEVEL = re.compile(r"^two-level-(kmeans|frequency|random)(-dropout-[0-9.]+|-distill)?$")
 # the paper's Tables 4-5 claim, as issue 21 sets it: the two-level model within 3% of the full
 # softmax's NDCG@10, ANN within 5%, Structure's top-10 the exact top-10 for every test user
 TWO_LEVEL_BAR, ANN_BAR = 0.97, 0.95

@@ -26,7 +26,7 @@ def cfg_for(out, model="itemlm", distill=None, max_history=6, **extra):
                       "itemlm": {"backbone": "tiny", "prompt": "ids", "item_dim": 16, "id_only_share": 1.0,
                                  **extra.pop("itemlm", {})},
                       "sasrec": {"hidden": 16, "n_heads": 2}, "gru4rec": {"hidden": 16},
-                      "distill": distill or {},
+                      "distill": distill or {}, "repeat": extra.pop("repeat", {}),
                       "train": {"out": str(out), "max_steps": 2, "eval_every": 2, "eval_users": 10,
                                 "progress": False, "batch_size": 16, "warmup_steps": 0, **extra}})
 
@@ -110,10 +110,33 @@ def test_bad_teachers_and_students_are_refused(data, tmp_path, teacher_ckpt):
     cfg = cfg_for(tmp_path, model="bert4rec", distill={"teacher": str(teacher_ckpt)})
     with pytest.raises(ValueError, match="cannot learn from a teacher"):
         attach_distillation(build_model(cfg, data.items), cfg, data, seqs)
-    cfg = cfg_for(tmp_path, distill={"teacher": str(teacher_ckpt)},
-                  itemlm={"head": "two_level", "cluster_method": "random", "n_clusters": 4})
-    with pytest.raises(ValueError, match="head=two_level"):
-        attach_distillation(build_model(cfg, data.items), cfg, data, seqs)
+
+
+@pytest.mark.parametrize("repeat", ["none", "recency"])
+def test_a_two_level_student_learns_from_a_teacher(data, tmp_path, teacher_ckpt, repeat):
+    """Its objective is over its exact log P(item): with weight 0 it is the two-level loss itself
+    (the repeat bias in level 2), and training with a teacher moves it towards the teacher."""
+    two = {"head": "two_level", "cluster_method": "random", "n_clusters": 4}
+    data.save(tmp_path / "data")  # the clusters are built from the prepared dataset
+
+    def cfg_at(out, **kw):
+        values = cfg_for(out, itemlm=two, **kw).to_dict()
+        values["data"]["path"] = str(tmp_path / "data")
+        return from_dict(values)
+
+    cfg = cfg_at(tmp_path, distill={"teacher": str(teacher_ckpt), "weight": 0.0}, repeat={"bias": repeat})
+    torch.manual_seed(0)
+    student = build_model(cfg, data.items).eval()
+    seqs = [s for s in data.split.train if len(s) >= 2][:8]
+    teacher = attach_distillation(student, cfg, data, seqs)
+    rng = np.random.default_rng(0)
+    batch = student.train_batch(seqs, rng)
+    batch["teacher_scores"] = teacher.scores(seqs, rng)
+    with_teacher = student.loss(batch).item()
+    student.distillation = None
+    assert with_teacher == pytest.approx(student.loss(batch).item(), rel=1e-5)
+    res = train(cfg_at(tmp_path / "run", distill={"teacher": str(teacher_ckpt), "weight": 0.5}), dataset=data)
+    assert res.step == 2 and load_checkpoint(res.best)[0].distillation is None
 
 
 @pytest.mark.parametrize("bad,msg", [({"weight": 1.5}, "distill.weight"), ({"temperature": 0}, "distill.temperature"),

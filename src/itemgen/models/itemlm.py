@@ -39,7 +39,7 @@ FIRST_LAYER_TABLE_BYTES = 1 << 30
 class ItemLM(Recommender):
     name = "itemlm"
 
-    distillable = True  # with the full head (training/distill.py checks)
+    distillable = True  # a student or a teacher, with either head (training/distill.py)
 
     def __init__(self, backbone, tokenizer, items: ItemTable, cfg: ItemLMConfig, items_cfg: ItemsConfig | None = None,
                  clusters=None, text_dim: int | None = None):
@@ -211,6 +211,12 @@ class ItemLM(Recommender):
         hs = self.with_text_match(self.hidden_drop(h[sel]), batch, sel)
         if self.sampled_loss is not None:  # loss.kind != full: sampled items only, text tokens left out
             return self.sampled_loss(hs, batch["labels"][sel], self.head.item_vectors())
+        if self.distillation is not None and not isinstance(self.head, FullSoftmaxHead):
+            # two-level: its exact log P(item) over the whole catalog (the repeat bias in level 2),
+            # O(I) a label as the teacher's own scores are; the CE is the two-level loss's value
+            logp = self.with_repeat(self.head.item_log_probs(hs).float(), batch)  # (N, I)
+            ce = F.nll_loss(logp, batch["labels"][sel], reduction="sum")
+            return self.distillation(ce, logp, batch["teacher_scores"])
         if self.distillation is not None:  # full head: the teacher is matched over items only
             logits = self.head.logits(hs).float()  # (N, V + I) or (N, I)
             offset = logits.shape[1] - self.n_items

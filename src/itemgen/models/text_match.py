@@ -10,10 +10,12 @@ s times text-kNN's score (models/text_knn.py: the mean cosine with the last n it
 learns from the warm items how a history's text predicts the next item (M = s I + D, D starts at
 zero; weight decay pulls D, not s, so it pulls towards text-kNN, not towards no text).
 
-MIPS-compatible by concatenation: a query is [h ; M q] (H + F,) and an item vector [v_i ; t_i]
-(H + F,), so exact top-k, the ANN index over item_vectors(), evaluation and serving stay one dot
-product. An item with no ID part (no training interaction, items.id_dropout, or added by
-``itemgen items add``) has v_i = 0: it is scored by its text alone, at once.
+MIPS-compatible by concatenation: a query is [h ; M q ; 1] (H + F + 1,) and an item vector
+[v_i ; t_i ; c_i] (H + F + 1,), so exact top-k, the ANN index over item_vectors(), evaluation and
+serving stay one dot product. An item with no ID part (no training interaction, items.id_dropout,
+or added by ``itemgen items add``) has v_i = 0: it is scored by its text alone, at once, plus
+c_i = the closed-item prior (items.closed_prior, chosen on validation: evaluation/closed_prior.py;
+0 for the others and in training).
 
 The item-side gate (``items.text_gate``, :class:`TextGate`): one text weight cannot serve every
 item. An item with a well-trained ID vector needs little of its text, one seen a few times or never
@@ -24,7 +26,7 @@ validation). So item i's text part is weighed by g(b_i) and gets a bias c(b_i), 
 
 b_i is "ID closed" (an item with no training interaction, one items.id_dropout hides in this
 training step, one added by ``itemgen items add``) or the item's training-count bucket. Still
-MIPS: the item vector is [v_i ; g(b_i) t_i ; c(b_i)], the query [h ; M q ; 1]. The closed bucket
+MIPS: the item vector is [v_i ; g(b_i) t_i ; c(b_i) (+ the closed prior)], the query [h ; M q ; 1]. The closed bucket
 is learned from the id_dropout draws, where a warm item is scored exactly as a new item will be:
 how much a text-only candidate should weigh, and how likely it is a priori, are learned from the
 warm items, which raw cosine cannot. g starts at 1 and c at 0, the ungated scores exactly.

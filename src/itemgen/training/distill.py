@@ -67,10 +67,9 @@ def attach_distillation(model: Recommender, cfg: Config, ds: SequenceDataset,
     model.distillation = None
     if not d.teacher:
         return None
-    head = getattr(getattr(model, "cfg", None), "head", "full")
-    if not model.distillable or head != "full":
-        raise ValueError(f"distill.teacher: a {model.name} model{' with itemlm.head=' + head if head != 'full' else ''}"
-                         " cannot learn from a teacher (distillable: sasrec, gru4rec, itemlm with head=full)")
+    if not model.distillable:
+        raise ValueError(f"distill.teacher: a {model.name} model cannot learn from a teacher "
+                         "(distillable: sasrec, gru4rec, itemlm)")
     teacher = Teacher(d.teacher, ds, model.device)
     if not callable(getattr(type(teacher.model), "label_scores", None)) or not teacher.model.distillable:
         raise ValueError(f"distill.teacher={d.teacher}: a {teacher.model.name} checkpoint cannot be a teacher "
