@@ -276,7 +276,9 @@ def write_doc(results: dict, path: Path) -> None:
                     by = {r["segment"]: r for r in sel if r["dataset"] == d and r["variant"] == v}
                     cells = [f"{by[s]['ndcg@10']:.4f} ({by[s]['users']})" if s in by else "" for s in segs]
                     run_ = runs.get((d, v, split), {})
-                    out.append(f"| {d} | {v} | " + " | ".join(cells) +
+                    prior = run_.get("best_valid", {}).get("closed_prior")  # chosen on validation
+                    name = v if prior is None else f"{v} (prior {prior:g})"
+                    out.append(f"| {d} | {name} | " + " | ".join(cells) +
                                f" | {run_.get('best_valid', {}).get('ndcg@10', float('nan')):.4f} | {run_.get('train_seconds', 0):.0f} |")
             out += ["", "Paired differences (NDCG@10, this row minus its reference, same users):", "",
                     "| dataset | variant | " + " | ".join(segs) + " |", "|---|---|" + "---:|" * len(segs)]
