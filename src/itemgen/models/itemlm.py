@@ -360,25 +360,31 @@ class ItemLM(Recommender):
         if state is None or state.decoder is None:
             return super().encode_histories(histories)
         with torch.inference_mode():
-            P = state.decoder.prefix.length
-            enc = [self.prompts.inference_prompt(h) for h in histories]
-            if P == 0 and any(len(e) == 0 for e in enc):  # an empty prompt: the reference says what it does
+            P, dev = state.decoder.prefix.length, state.item_inputs.device
+            slots = self.prompts.slots_only  # the ids prompt: after the prefix, the history's items as they are
+            if slots:
+                rows = [np.asarray(h, dtype=np.int64) for h in histories]  # each row's items after the prefix
+            else:
+                enc = [self.prompts.inference_prompt(h) for h in histories]
+                rows = [e.items[P:] for e in enc]
+            if P == 0 and any(len(r) == 0 for r in rows):  # an empty prompt: the reference says what it does
                 return super().encode_histories(histories)
-            dev = self.device
-            order = sorted(range(len(enc)), key=lambda b: len(enc[b]))  # by length: less padding in attention
-            lengths = [len(enc[b]) - P for b in order]
-            tokens = torch.from_numpy(np.concatenate([enc[b].tokens[P:] for b in order])).to(dev)  # (T,)
-            items = torch.from_numpy(np.concatenate([enc[b].items[P:] for b in order])).to(dev)  # (T,)
-            is_item = items >= 0
+            order = sorted(range(len(rows)), key=lambda b: len(rows[b]))  # by length: less padding in attention
+            lengths = [len(rows[b]) for b in order]
+            items_np = np.ascontiguousarray(rows[0]) if len(rows) == 1 else np.concatenate([rows[b] for b in order])
+            items = torch.from_numpy(items_np).to(dev)  # (T,)
             first = None
-            if bool(is_item.all()):  # the ids prompt: one item token per slot, no text after the prefix
+            if slots or bool((items_np >= 0).all()):  # one item token per slot, no text after the prefix
                 x = state.item_inputs[items]  # (T, H)
                 first = None if state.item_first is None else state.item_first[items]  # (T, Q + 2 KV)
             else:
+                tokens = torch.from_numpy(np.concatenate([enc[b].tokens[P:] for b in order])).to(dev)  # (T,)
+                is_item = items >= 0
                 x = self.backbone.get_input_embeddings()(tokens.clamp(min=0))  # (T, H); item slots' -1 replaced next
                 x[is_item] = state.item_inputs[items[is_item]].to(x.dtype)
-            h = x.new_empty(len(enc), x.shape[1])  # (B, H) in the callers' order
-            h[torch.tensor(order, device=dev)] = state.decoder.last_states(x, lengths, first)  # (B, H)
+            h = state.decoder.last_states(x, lengths, first)  # (B, H) in length order
+            if any(b != i for i, b in enumerate(order)):  # back to the callers' order
+                h = h.new_empty(h.shape).index_copy_(0, torch.tensor(order, device=dev), h)
             return self.finish_query(h, histories)
 
     @property
@@ -395,7 +401,8 @@ class ItemLM(Recommender):
         decoder: the layers are not the ones it computes). Kept while every parameter and buffer it
         was computed from is unchanged (in-place updates bump versions, moving devices changes
         storage); train(), loading a state dict and append_items drop it."""
-        autocast = torch.is_autocast_enabled(self.device.type)
+        # the device of the state kept: were the model moved, its storages (in the key) would differ
+        autocast = torch.is_autocast_enabled((self.device if self._packed is None else self._packed.device).type)
         if self._packed is not None and self._packed.current(autocast):
             return self._packed
         deps = [*self.parameters(), *self.buffers()]
@@ -413,7 +420,7 @@ class ItemLM(Recommender):
         if decoder is not None and \
                 items.shape[0] * (items.shape[1] + decoder.first_width) * items.element_size() <= FIRST_LAYER_TABLE_BYTES:
             first = decoder.first_projections(items)  # (I, Q + 2 KV)
-        self._packed = _PackedState(deps, _PackedState.key_of(deps, autocast), items, decoder, first)
+        self._packed = _PackedState(deps, _PackedState.key_of(deps, autocast), self.device, items, decoder, first)
         return self._packed
 
     @staticmethod
@@ -438,6 +445,7 @@ class _PackedState:
 
     deps: list[torch.Tensor]  # every parameter and buffer of the model when computed
     key: tuple  # their versions and storage, and whether autocast was on
+    device: torch.device  # the model's when computed
     item_inputs: torch.Tensor | None  # (I, H) every item's projected input vector
     decoder: packed_decoder.PackedDecoder | None  # the layers as it reads them, the prompt prefix's keys/values
     # (I, Q + 2 KV) what the first layer projects each item's input to, or None: over the budget

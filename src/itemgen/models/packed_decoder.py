@@ -55,7 +55,7 @@ def supported(decoder) -> bool:
     if getattr(decoder.rotary_emb, "rope_type", "default") not in STATIC_ROPE:  # e.g. dynamic: depends on length
         return False
     norms = [decoder.norm] + [n for ly in decoder.layers for n in (ly.input_layernorm, ly.post_attention_layernorm)]
-    if not all(hasattr(n, "variance_epsilon") for n in norms):  # RMSNorm as _rms computes it
+    if not all(hasattr(n, "variance_epsilon") for n in norms):  # RMSNorm as _Norm computes it
         return False
     for layer in decoder.layers:
         attn = layer.self_attn
@@ -85,19 +85,28 @@ class Prefix:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, d), cos (T, d), sin (T, d) with its first half negated -> RoPE applied: HF's
+    """x (T, heads, d), cos (T, 1, d), sin (T, 1, d) with its first half negated -> RoPE applied: HF's
     x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] = [x2, x1] * [-1, 1] (the sign
-    moved onto sin: the same products, exactly)."""
+    moved onto sin: the same products; the sum in one fused multiply-add, equal to float rounding)."""
     T, heads, d = x.shape
     swapped = x.view(T, heads, 2, d // 2).flip(2).view(T, heads, d)  # [x2, x1]
-    return x * cos[:, None] + swapped * sin[:, None]
+    return torch.addcmul(x * cos, swapped, sin)
 
 
-def _rms(norm, x: torch.Tensor) -> torch.Tensor:
-    """An RMSNorm module's output (Llama/Qwen2: weight * x / sqrt(mean(x^2) + eps), in float32)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
+class _Norm:
+    """An RMSNorm module's output (Llama/Qwen2: weight * x / sqrt(mean(x^2) + eps), in float32):
+    float32 rows in one fused op (F.rms_norm: a batch-1 query runs 4 norms, and the 6 ops of the
+    step-by-step form cost more than the norm's arithmetic), other dtypes as HF computes them."""
+
+    def __init__(self, norm):
+        self.w, self.eps = norm.weight, norm.variance_epsilon
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.w.dtype == torch.float32:
+            return F.rms_norm(x, self.w.shape, self.w, self.eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.w * h.to(x.dtype)
 
 
 @dataclass
@@ -115,16 +124,16 @@ class _Group:
 
     def padded(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """x (t, heads, d) this group's packed tokens -> (rows, heads, [P +] L, d), zero where a
-        row is shorter than L; ``prefix`` (heads, P, d) first when given."""
-        n, P = self.rows.stop - self.rows.start, 0 if prefix is None else prefix.shape[1]
+        row is shorter than L; ``prefix`` (P, heads, d) first when given."""
+        n, P = self.rows.stop - self.rows.start, 0 if prefix is None else prefix.shape[0]
         if self.dense:
             out = x.view(n, self.L, *x.shape[1:])
             if P:
-                out = torch.cat([prefix.transpose(0, 1)[None].expand(n, -1, -1, -1).to(x.dtype), out], dim=1)
+                out = torch.cat([prefix[None].expand(n, -1, -1, -1).to(x.dtype), out], dim=1)
             return out.transpose(1, 2)
         out = x.new_zeros(n, P + self.L, *x.shape[1:])  # (rows, P + L, heads, d)
         if P:
-            out[:, :P] = prefix.transpose(0, 1).to(x.dtype)
+            out[:, :P] = prefix.to(x.dtype)
         out.view(n * (P + self.L), *x.shape[1:])[self.flat_p if P else self.flat] = x
         return out.transpose(1, 2)
 
@@ -165,6 +174,29 @@ def _layout(lengths: tuple[int, ...], P: int, dev: torch.device) -> _Layout:
     return _Layout(groups, starts + n - 1, P + torch.arange(int(n.sum()), device=dev) - starts[row])
 
 
+def _additive(see: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask -> the additive one SDPA makes of it on every call (0 / -inf)."""
+    return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill_(~see, float("-inf"))
+
+
+@dataclass
+class _Plan:
+    """What a batch of rows of the same lengths reuses on one decoder, in one dtype: the layout,
+    RoPE's cos/sin at every token and at each row's last one, and each group's attention masks
+    in the additive form SDPA would convert a bool mask to (at batch 1 each of these is a few
+    small ops per call, and a query's matmuls take about half its time)."""
+
+    layout: _Layout
+    cos: torch.Tensor  # (T, 1, d)
+    sin: torch.Tensor  # (T, 1, d), its first half negated (_rope)
+    cos_last: torch.Tensor  # (B', 1, d) at each row's last token
+    sin_last: torch.Tensor  # (B', 1, d)
+    see: list[torch.Tensor]  # per group (rows, 1, L, P + L) additive
+    see_last: list[torch.Tensor | None]  # per group (rows, 1, 1, P + L) additive; None: a dense group sees all
+    last: slice | torch.Tensor  # each row's last token: a slice (a view, not a gather) for a single row
+    one: bool  # a single dense group: its attention output is the packed tokens' already
+
+
 class _Linear:
     """nn.Linear modules sharing an input, as ONE (in, sum of outs) contiguous weight."""
 
@@ -174,17 +206,30 @@ class _Linear:
         self.b = None if all(b is None for b in biases) else \
             torch.cat([b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, mods)])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, in) -> (N, out) x W + b, plus ``residual`` (N, out) when given (in the same call
+        without a bias: the sum of the residual stream is the same, up to float rounding)."""
         w = self.w if self.w.dtype == x.dtype else self.w.to(x.dtype)  # autocast
-        return x @ w if self.b is None else torch.addmm(self.b.to(x.dtype), x, w)
+        if self.b is None:
+            return x @ w if residual is None else torch.addmm(residual, x, w)
+        y = torch.addmm(self.b.to(x.dtype), x, w)
+        return y if residual is None else y.add_(residual)
+
+
+def _silu_like(act) -> bool:
+    """Whether an activation module is SiLU (torch's or transformers' SiLUActivation): called as
+    F.silu it skips a module call per layer."""
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 class _Layer:
     def __init__(self, layer, last: bool):
         a, m = layer.self_attn, layer.mlp
-        self.norm1, self.norm2, self.act = layer.input_layernorm, layer.post_attention_layernorm, m.act_fn
+        self.norm1, self.norm2 = _Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm)
+        self.act = F.silu if _silu_like(m.act_fn) else m.act_fn
         self.hd, self.scaling = a.head_dim, a.scaling
-        self.nq = a.q_proj.out_features
+        self.nq, self.nk = a.q_proj.out_features, a.k_proj.out_features
+        self.heads = self.nq // self.hd
         self.width = self.nq + a.k_proj.out_features + a.v_proj.out_features  # of projections()' rows
         if last:  # queries at the last tokens only, keys/values everywhere
             self.q, self.kv = _Linear(a.q_proj), _Linear(a.k_proj, a.v_proj)
@@ -196,26 +241,33 @@ class _Layer:
 
     def projections(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, H) the layer's input -> (N, Q + 2 KV) its queries, keys and values before RoPE."""
-        h = _rms(self.norm1, x)
+        h = self.norm1(x)
         return self.qkv(h) if hasattr(self, "qkv") else torch.cat([self.q(h), self.kv(h)], dim=1)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x (N, H) normed -> residual + the MLP's output."""
         g = self.gate_up(x)  # (N, 2 * inter)
-        return self.down(self.act(g[:, :self.inter]).mul_(g[:, self.inter:]))  # act(gate) * up, one buffer
+        return self.down(self.act(g[:, :self.inter]).mul_(g[:, self.inter:]), residual)  # act(gate) * up, one buffer
 
 
 class PackedDecoder:
     """The decoder's layers as the packed forward reads them, and the prompt prefix's keys and
     values: build once per weights, then ``last_states`` per batch."""
 
+    PLANS = 256  # batch plans kept (_plan): batch 1 sees at most max_history of them
+
     def __init__(self, decoder, prefix: Prefix):
         if not supported(decoder):
             raise ValueError(f"{decoder.config.model_type} layers are not the ones the packed forward computes")
         n = len(decoder.layers)
         self.layers = [_Layer(layer, i == n - 1) for i, layer in enumerate(decoder.layers)]
-        self.norm, self.rotary = decoder.norm, decoder.rotary_emb
+        self.norm, self.rotary = _Norm(decoder.norm), decoder.rotary_emb
         self.prefix = prefix
+        # per layer the prefix's keys and values as (P, kv, d), the packed tokens' layout
+        self._prefix_kv = [(k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+                           for k, v in zip(prefix.keys, prefix.values)]
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._plans: dict[tuple, _Plan] = {}
 
     def _rotation(self, pos: torch.Tensor, need: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE's cos and sin (T, d) at positions ``pos`` (T,) (sin's first half negated, as _rope
@@ -230,6 +282,26 @@ class PackedDecoder:
             sign[: sin.shape[-1] // 2] = -1  # rotate_half's minus, on sin (_rope)
             self._rot = cos[0], sin[0] * sign
         return self._rot[0][pos], self._rot[1][pos]
+
+    def _plan(self, lengths: tuple[int, ...], dtype: torch.dtype, dev: torch.device) -> _Plan:
+        """The plan of a batch of non-empty rows of these lengths (sorted), computed once."""
+        key = (lengths, dtype, dev)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        P = self.prefix.length
+        lay = _layout(lengths, P, dev)
+        cos, sin = self._rotation(lay.pos, P + max(lengths), dtype)  # (T, d) each
+        g = lay.groups
+        plan = _Plan(lay, cos[:, None], sin[:, None], cos[lay.last][:, None], sin[lay.last][:, None],
+                     [_additive(x.see, dtype) for x in g],
+                     [None if x.dense else _additive(x.see_last, dtype) for x in g],
+                     slice(len(lay.pos) - 1, len(lay.pos)) if len(lengths) == 1 else lay.last,
+                     one=len(g) == 1 and g[0].dense)
+        if len(self._plans) >= self.PLANS:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
 
     @property
     def first_width(self) -> int:
@@ -247,53 +319,61 @@ class PackedDecoder:
         row's last token's final state, as the HF forward gives it on the full prompt (prefix +
         row). A row with no tokens (the prefix alone) gets the prefix's last state. ``first``
         (T, Q + 2 KV): first_projections(x), when the caller has them from a table."""
-        prefix, P, dev = self.prefix, self.prefix.length, x.device
+        prefix, P = self.prefix, self.prefix.length
         B, T = len(lengths), x.shape[0]
         if list(lengths) != sorted(lengths):
             raise ValueError("packed rows must be sorted by length")
         empty = sum(1 for n in lengths if n == 0)  # first, sorted
-        out = x.new_empty(B, x.shape[1])
-        if empty:
-            out[:empty] = prefix.last.to(out.dtype)
         if empty == B:
-            return out
-        lay = _layout(tuple(lengths[empty:]), P, dev)
-        groups, last = lay.groups, lay.last
-        cos, sin = self._rotation(lay.pos, P + max(lengths), x.dtype)  # (T, d) each
+            return prefix.last.to(x.dtype).expand(B, -1).clone()
+        plan = self._plan(tuple(lengths[empty:]), x.dtype, x.device)
+        groups, last, cos, sin = plan.layout.groups, plan.last, plan.cos, plan.sin
         for i, ly in enumerate(self.layers):
             final = ly is self.layers[-1]
             given = first if i == 0 and first is not None else None  # (T, Q + 2 KV)
-            h = _rms(ly.norm1, x) if given is None else None  # (T, H)
+            h = ly.norm1(x) if given is None else None  # (T, H)
+            pk, pv = self._prefix_kv[i] if P else (None, None)  # (P, kv, d)
             if final:
                 q, kv = None, ly.kv(h) if given is None else given[:, ly.nq:]  # (T, 2 KV)
+                k, v = kv.view(T, 2, -1, ly.hd).unbind(1)  # (T, kv, d) each
+                k = _rope(k, cos, sin)
             else:
                 qkv = ly.qkv(h) if given is None else given  # (T, Q + 2 KV)
-                q, kv = _rope(qkv[:, :ly.nq].view(T, -1, ly.hd), cos, sin), qkv[:, ly.nq:]  # q (T, heads, d)
-            k, v = kv.view(T, 2, -1, ly.hd).unbind(1)  # (T, kv, d) each
-            k = _rope(k, cos, sin)
-            pk, pv = (prefix.keys[i], prefix.values[i]) if P else (None, None)  # (kv, P, d)
+                qk = _rope(qkv[:, :ly.nq + ly.nk].view(T, -1, ly.hd), cos, sin)  # (T, heads + kv, d): one RoPE
+                q, k = qk[:, :ly.heads], qk[:, ly.heads:]
+                v = qkv[:, ly.nq + ly.nk:].view(T, -1, ly.hd)  # (T, kv, d)
             if not final:
-                o = q.new_empty(T, ly.nq)  # (T, heads * d)
-                for g in groups:
-                    t = g.tokens
-                    og = F.scaled_dot_product_attention(g.padded(q[t]), g.padded(k[t], pk), g.padded(v[t], pv),
-                                                        attn_mask=g.see, scale=ly.scaling, enable_gqa=True)
-                    og = og.transpose(1, 2).reshape(-1, ly.nq)  # (rows, heads, L, d) -> (rows * L, Q)
-                    o[t] = og if g.dense else og[g.flat]
-                x = x + ly.o(o)  # (T, H)
-                x = x + ly.mlp(_rms(ly.norm2, x))
+                if plan.one:  # one dense group: its (rows * L) positions are the packed tokens
+                    g = groups[0]
+                    o = F.scaled_dot_product_attention(g.padded(q), g.padded(k, pk), g.padded(v, pv),
+                                                       attn_mask=plan.see[0], scale=ly.scaling, enable_gqa=True)
+                    o = o.transpose(1, 2).reshape(T, ly.nq)  # (rows, heads, L, d) -> (T, Q)
+                else:
+                    o = q.new_empty(T, ly.nq)  # (T, heads * d)
+                    for g, see in zip(groups, plan.see):
+                        t = g.tokens
+                        og = F.scaled_dot_product_attention(g.padded(q[t]), g.padded(k[t], pk), g.padded(v[t], pv),
+                                                            attn_mask=see, scale=ly.scaling, enable_gqa=True)
+                        og = og.transpose(1, 2).reshape(-1, ly.nq)  # (rows, heads, L, d) -> (rows * L, Q)
+                        o[t] = og if g.dense else og[g.flat]
+                x = ly.o(o, x)  # (T, H) x + attention
+                x = ly.mlp(ly.norm2(x), x)
                 continue
             # the last layer: only each row's last token goes on
             ql = ly.q(h[last]) if given is None else given[last, :ly.nq]  # (B', Q)
-            ql = _rope(ql.view(len(last), -1, ly.hd), cos[last], sin[last])  # (B', heads, d)
-            o = ql.new_empty(len(last), ly.nq)
-            for g in groups:
+            ql = _rope(ql.view(-1, ly.heads, ly.hd), plan.cos_last, plan.sin_last)  # (B', heads, d)
+            o = ql.new_empty(ql.shape[0], ly.nq) if len(groups) > 1 else None
+            for g, see in zip(groups, plan.see_last):
                 og = F.scaled_dot_product_attention(ql[g.rows, :, None], g.padded(k[g.tokens], pk),
-                                                    g.padded(v[g.tokens], pv), attn_mask=g.see_last,
+                                                    g.padded(v[g.tokens], pv), attn_mask=see,
                                                     scale=ly.scaling, enable_gqa=True)  # (rows, heads, 1, d)
-                o[g.rows] = og.reshape(-1, ly.nq)
-            y = x[last] + ly.o(o)  # (B', H)
-            y = y + ly.mlp(_rms(ly.norm2, y))
-            out[empty:] = _rms(self.norm, y)
-            return out
+                if o is None:
+                    o = og.reshape(-1, ly.nq)
+                else:
+                    o[g.rows] = og.reshape(-1, ly.nq)
+            y = ly.o(o, x[last])  # (B', H)
+            y = self.norm(ly.mlp(ly.norm2(y), y))
+            if not empty:
+                return y
+            return torch.cat([prefix.last.to(y.dtype).expand(empty, -1), y])
         raise ValueError("the decoder has no layers")

@@ -18,14 +18,16 @@ def check_k(k: int, n_items: int) -> None:
 
 
 def mask_items(scores: torch.Tensor, exclude: list[np.ndarray] | None) -> torch.Tensor:
-    """Set excluded items (e.g. each user's history) to -inf; scores (B, I)."""
+    """Set excluded items (e.g. each user's history) to -inf; scores (B, I). Not in place."""
     if exclude is None:
         return scores
-    scores = scores.clone()
-    for b, ex in enumerate(exclude):
-        if len(ex):
-            scores[b, torch.as_tensor(np.asarray(ex, dtype=np.int64), device=scores.device)] = float("-inf")
-    return scores
+    cols = [np.asarray(ex, dtype=np.int64).reshape(-1) for ex in exclude]
+    n = [len(c) for c in cols]
+    if not sum(n):
+        return scores
+    rows = torch.from_numpy(np.repeat(np.arange(len(cols)), n)).to(scores.device)  # (P,) one put for the batch
+    cols = torch.from_numpy(np.concatenate(cols)).to(scores.device)  # (P,)
+    return scores.index_put((rows, cols), torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
 
 
 class ExactTopK:
