@@ -375,8 +375,8 @@ class ItemLM(Recommender):
             items = torch.from_numpy(items_np).to(dev)  # (T,)
             first = None
             if slots or bool((items_np >= 0).all()):  # one item token per slot, no text after the prefix
-                x = state.item_inputs[items]  # (T, H)
-                first = None if state.item_first is None else state.item_first[items]  # (T, Q + 2 KV)
+                x = state.item_inputs.index_select(0, items)  # (T, H)
+                first = None if state.item_first is None else state.item_first.index_select(0, items)  # (T, Q + 2 KV)
             else:
                 tokens = torch.from_numpy(np.concatenate([enc[b].tokens[P:] for b in order])).to(dev)  # (T,)
                 is_item = items >= 0

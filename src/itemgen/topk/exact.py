@@ -6,6 +6,8 @@ model with a repeat bias (models/repeat_bias.py) add it at their items.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -27,7 +29,15 @@ def mask_items(scores: torch.Tensor, exclude: list[np.ndarray] | None) -> torch.
         return scores
     rows = torch.from_numpy(np.repeat(np.arange(len(cols)), n)).to(scores.device)  # (P,) one put for the batch
     cols = torch.from_numpy(np.concatenate(cols)).to(scores.device)  # (P,)
-    return scores.index_put((rows, cols), torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
+    return scores.index_put((rows, cols), _minus_inf(scores.dtype, scores.device))
+
+
+@functools.lru_cache(maxsize=None)
+def _minus_inf(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """-inf as a 0-d tensor, made once (mask_items' fill value): a normal tensor, so that it may
+    also enter ops outside inference mode."""
+    with torch.inference_mode(False):
+        return torch.tensor(float("-inf"), dtype=dtype, device=device)
 
 
 class ExactTopK:
