@@ -84,13 +84,34 @@ class Prefix:
         return cls([layer.keys[0] for layer in cache.layers], [layer.values[0] for layer in cache.layers], last)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, d), cos (T, 1, d), sin (T, 1, d) with its first half negated -> RoPE applied: HF's
-    x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] = [x2, x1] * [-1, 1] (the sign
-    moved onto sin: the same products; the sum in one fused multiply-add, equal to float rounding)."""
+def _pairs(n_out: int, d: int) -> torch.Tensor:
+    """(n_out,) the output rows of a q or k projection of heads of size d, reordered so that the
+    pairs RoPE rotates together, HF's (i, i + d/2) (rotate_half), sit side by side, (2i, 2i + 1):
+    then a head is d/2 complex numbers and RoPE one complex product (_rope). Queries and keys
+    reordered alike keep every q . k (values and outputs are not reordered)."""
+    half = torch.arange(d // 2)
+    within = torch.stack([half, half + d // 2], dim=1).reshape(-1)  # (d,) new slot -> HF's
+    return (torch.arange(n_out // d)[:, None] * d + within).reshape(-1)
+
+
+def _rotations(cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE's cos and sin (N, d/2) at N positions -> what _rope multiplies pairs by: e^(i angle)
+    (N, 1, d/2) complex, or for dtypes without a complex type (half, bfloat16) (cos, cos) and
+    (-sin, sin) interleaved, (N, 1, d) each."""
+    if cos.dtype in (torch.float32, torch.float64):
+        return torch.complex(cos, sin)[:, None]
+    return cos.repeat_interleave(2, dim=-1)[:, None], torch.stack([-sin, sin], dim=-1).flatten(-2)[:, None]
+
+
+def _rope(x: torch.Tensor, rot) -> torch.Tensor:
+    """x (T, heads, d) with RoPE's pairs side by side (_pairs), rot (_rotations, T rows) -> RoPE
+    applied: each pair (a, b) becomes (a cos - b sin, a sin + b cos), HF's x * cos +
+    rotate_half(x) * sin (the same products; one complex product instead of ~5 small ops)."""
     T, heads, d = x.shape
-    swapped = x.view(T, heads, 2, d // 2).flip(2).view(T, heads, d)  # [x2, x1]
-    return torch.addcmul(x * cos, swapped, sin)
+    if not isinstance(rot, tuple):
+        return torch.view_as_real(torch.view_as_complex(x.view(T, heads, d // 2, 2)) * rot).view(T, heads, d)
+    cos, sin = rot
+    return x * cos + x.view(T, heads, d // 2, 2).flip(3).view(T, heads, d) * sin  # (a, b) -> (b, a)
 
 
 class _Norm:
@@ -182,15 +203,13 @@ def _additive(see: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @dataclass
 class _Plan:
     """What a batch of rows of the same lengths reuses on one decoder, in one dtype: the layout,
-    RoPE's cos/sin at every token and at each row's last one, and each group's attention masks
+    RoPE's rotations at every token and at each row's last one, and each group's attention masks
     in the additive form SDPA would convert a bool mask to (at batch 1 each of these is a few
     small ops per call, and a query's matmuls take about half its time)."""
 
     layout: _Layout
-    cos: torch.Tensor  # (T, 1, d)
-    sin: torch.Tensor  # (T, 1, d), its first half negated (_rope)
-    cos_last: torch.Tensor  # (B', 1, d) at each row's last token
-    sin_last: torch.Tensor  # (B', 1, d)
+    rot: object  # _rotations at every token (T rows)
+    rot_last: object  # _rotations at each row's last token (B' rows)
     see: list[torch.Tensor]  # per group (rows, 1, L, P + L) additive
     see_last: list[torch.Tensor | None]  # per group (rows, 1, 1, P + L) additive; None: a dense group sees all
     last: slice | torch.Tensor  # each row's last token: a slice (a view, not a gather) for a single row
@@ -200,11 +219,17 @@ class _Plan:
 class _Linear:
     """nn.Linear modules sharing an input, as ONE (in, sum of outs) contiguous weight."""
 
-    def __init__(self, *mods):
-        self.w = torch.cat([m.weight for m in mods]).T.contiguous()  # (in, out)
+    def __init__(self, *mods, rows: dict | None = None):
+        """``rows``: module -> the order of its output rows (_pairs), else as they are."""
+        rows = rows or {}
+
+        def cut(t, m):  # a weight's or bias's rows, reordered where asked
+            return t if m not in rows else t[rows[m]]
+
+        self.w = torch.cat([cut(m.weight, m) for m in mods]).T.contiguous()  # (in, out)
         biases = [m.bias for m in mods]
         self.b = None if all(b is None for b in biases) else \
-            torch.cat([b if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, mods)])
+            torch.cat([cut(b, m) if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, mods)])
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, in) -> (N, out) x W + b, plus ``residual`` (N, out) when given (in the same call
@@ -231,16 +256,19 @@ class _Layer:
         self.nq, self.nk = a.q_proj.out_features, a.k_proj.out_features
         self.heads = self.nq // self.hd
         self.width = self.nq + a.k_proj.out_features + a.v_proj.out_features  # of projections()' rows
+        # queries and keys with RoPE's pairs side by side (_pairs)
+        rows = {a.q_proj: _pairs(self.nq, self.hd), a.k_proj: _pairs(self.nk, self.hd)}
         if last:  # queries at the last tokens only, keys/values everywhere
-            self.q, self.kv = _Linear(a.q_proj), _Linear(a.k_proj, a.v_proj)
+            self.q, self.kv = _Linear(a.q_proj, rows=rows), _Linear(a.k_proj, a.v_proj, rows=rows)
         else:
-            self.qkv = _Linear(a.q_proj, a.k_proj, a.v_proj)
+            self.qkv = _Linear(a.q_proj, a.k_proj, a.v_proj, rows=rows)
         self.o = _Linear(a.o_proj)
         self.gate_up, self.down = _Linear(m.gate_proj, m.up_proj), _Linear(m.down_proj)
         self.inter = m.gate_proj.out_features
 
     def projections(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, H) the layer's input -> (N, Q + 2 KV) its queries, keys and values before RoPE."""
+        """x (N, H) the layer's input -> (N, Q + 2 KV) its queries, keys (RoPE's pairs side by side:
+        _pairs) and values before RoPE."""
         h = self.norm1(x)
         return self.qkv(h) if hasattr(self, "qkv") else torch.cat([self.q(h), self.kv(h)], dim=1)
 
@@ -263,24 +291,24 @@ class PackedDecoder:
         self.layers = [_Layer(layer, i == n - 1) for i, layer in enumerate(decoder.layers)]
         self.norm, self.rotary = _Norm(decoder.norm), decoder.rotary_emb
         self.prefix = prefix
-        # per layer the prefix's keys and values as (P, kv, d), the packed tokens' layout
-        self._prefix_kv = [(k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
-                           for k, v in zip(prefix.keys, prefix.values)]
+        # per layer the prefix's keys and values as (P, kv, d), the packed tokens' layout (keys: _pairs)
+        self._prefix_kv = [(k.transpose(0, 1)[..., _pairs(k.shape[-1], k.shape[-1])].contiguous(),
+                            v.transpose(0, 1).contiguous()) for k, v in zip(prefix.keys, prefix.values)]
         self._rot: tuple[torch.Tensor, torch.Tensor] | None = None
         self._plans: dict[tuple, _Plan] = {}
 
     def _rotation(self, pos: torch.Tensor, need: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE's cos and sin (T, d) at positions ``pos`` (T,) (sin's first half negated, as _rope
-        takes it), from a table of the positions seen
-        so far (the rotary module's own values: a position's rotation does not depend on the rest);
-        ``need``: 1 + the largest position."""
+        """RoPE's cos and sin (T, d/2) at positions ``pos`` (T,), one per pair (i, i + d/2), from a
+        table of the positions seen so far (the rotary module's own values: a position's rotation
+        does not depend on the rest); ``need``: 1 + the largest position."""
         if self._rot is None or self._rot[0].shape[0] < need or self._rot[0].dtype != dtype:
             n = max(need, 2 * (0 if self._rot is None else self._rot[0].shape[0]), 64)
             at = torch.arange(n, device=pos.device)[None]
             cos, sin = self.rotary(torch.zeros(1, dtype=dtype, device=pos.device), at)  # (1, n, d)
-            sign = torch.ones(sin.shape[-1], dtype=dtype, device=pos.device)
-            sign[: sin.shape[-1] // 2] = -1  # rotate_half's minus, on sin (_rope)
-            self._rot = cos[0], sin[0] * sign
+            half = cos.shape[-1] // 2
+            if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
+                raise ValueError("RoPE's angles differ between a pair's two halves: not the rotation _rope applies")
+            self._rot = cos[0, :, :half], sin[0, :, :half]
         return self._rot[0][pos], self._rot[1][pos]
 
     def _plan(self, lengths: tuple[int, ...], dtype: torch.dtype, dev: torch.device) -> _Plan:
@@ -291,9 +319,9 @@ class PackedDecoder:
             return plan
         P = self.prefix.length
         lay = _layout(lengths, P, dev)
-        cos, sin = self._rotation(lay.pos, P + max(lengths), dtype)  # (T, d) each
+        cos, sin = self._rotation(lay.pos, P + max(lengths), dtype)  # (T, d/2) each
         g = lay.groups
-        plan = _Plan(lay, cos[:, None], sin[:, None], cos[lay.last][:, None], sin[lay.last][:, None],
+        plan = _Plan(lay, _rotations(cos, sin), _rotations(cos[lay.last], sin[lay.last]),
                      [_additive(x.see, dtype) for x in g],
                      [None if x.dense else _additive(x.see_last, dtype) for x in g],
                      slice(len(lay.pos) - 1, len(lay.pos)) if len(lengths) == 1 else lay.last,
@@ -327,7 +355,7 @@ class PackedDecoder:
         if empty == B:
             return prefix.last.to(x.dtype).expand(B, -1).clone()
         plan = self._plan(tuple(lengths[empty:]), x.dtype, x.device)
-        groups, last, cos, sin = plan.layout.groups, plan.last, plan.cos, plan.sin
+        groups, last, rot = plan.layout.groups, plan.last, plan.rot
         for i, ly in enumerate(self.layers):
             final = ly is self.layers[-1]
             given = first if i == 0 and first is not None else None  # (T, Q + 2 KV)
@@ -336,10 +364,10 @@ class PackedDecoder:
             if final:
                 q, kv = None, ly.kv(h) if given is None else given[:, ly.nq:]  # (T, 2 KV)
                 k, v = kv.view(T, 2, -1, ly.hd).unbind(1)  # (T, kv, d) each
-                k = _rope(k, cos, sin)
+                k = _rope(k, rot)
             else:
                 qkv = ly.qkv(h) if given is None else given  # (T, Q + 2 KV)
-                qk = _rope(qkv[:, :ly.nq + ly.nk].view(T, -1, ly.hd), cos, sin)  # (T, heads + kv, d): one RoPE
+                qk = _rope(qkv[:, :ly.nq + ly.nk].view(T, -1, ly.hd), rot)  # (T, heads + kv, d): one RoPE
                 q, k = qk[:, :ly.heads], qk[:, ly.heads:]
                 v = qkv[:, ly.nq + ly.nk:].view(T, -1, ly.hd)  # (T, kv, d)
             if not final:
@@ -361,7 +389,7 @@ class PackedDecoder:
                 continue
             # the last layer: only each row's last token goes on
             ql = ly.q(h[last]) if given is None else given[last, :ly.nq]  # (B', Q)
-            ql = _rope(ql.view(-1, ly.heads, ly.hd), plan.cos_last, plan.sin_last)  # (B', heads, d)
+            ql = _rope(ql.view(-1, ly.heads, ly.hd), plan.rot_last)  # (B', heads, d)
             o = ql.new_empty(ql.shape[0], ly.nq) if len(groups) > 1 else None
             for g, see in zip(groups, plan.see_last):
                 og = F.scaled_dot_product_attention(ql[g.rows, :, None], g.padded(k[g.tokens], pk),
