@@ -115,19 +115,25 @@ def _rope(x: torch.Tensor, rot) -> torch.Tensor:
 
 
 class _Norm:
-    """An RMSNorm module's output (Llama/Qwen2: weight * x / sqrt(mean(x^2) + eps), in float32):
-    float32 rows in one fused op (F.rms_norm: a batch-1 query runs 4 norms, and the 6 ops of the
-    step-by-step form cost more than the norm's arithmetic), other dtypes as HF computes them."""
+    """An RMSNorm module as the packed forward applies it: x / sqrt(mean(x^2) + eps), in float32 as
+    Llama/Qwen2 compute it, times the norm's weight; ``scaled=False`` leaves the weight to the
+    projections that read the output (_Linear's ``scale``: (x * w) W = x (w W)), which a layer's
+    two norms do: a batch-1 query runs four norms, and their small ops cost more than their
+    arithmetic."""
 
-    def __init__(self, norm):
-        self.w, self.eps = norm.weight, norm.variance_epsilon
+    def __init__(self, norm, scaled: bool = True):
+        self.w, self.eps, self.scaled = norm.weight, norm.variance_epsilon, scaled
+        self._eps = torch.tensor(norm.variance_epsilon, dtype=torch.float32)  # addcmul's input
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.w.dtype == torch.float32:
-            return F.rms_norm(x, self.w.shape, self.w, self.eps)
+        """x (N, H) -> (N, H)."""
+        if x.dtype == torch.float32:  # 4 ops: mean(x^2) + eps as eps + |x|^2 / H in one addcmul
+            v = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (N, 1)
+            h = x * torch.addcmul(self._eps, v, v, value=1 / x.shape[-1]).rsqrt_()
+            return h.mul_(self.w) if self.scaled else h
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.w * h.to(x.dtype)
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.w * h if self.scaled else h
 
 
 @dataclass
@@ -219,14 +225,17 @@ class _Plan:
 class _Linear:
     """nn.Linear modules sharing an input, as ONE (in, sum of outs) contiguous weight."""
 
-    def __init__(self, *mods, rows: dict | None = None):
-        """``rows``: module -> the order of its output rows (_pairs), else as they are."""
+    def __init__(self, *mods, rows: dict | None = None, scale: torch.Tensor | None = None):
+        """``rows``: module -> the order of its output rows (_pairs), else as they are; ``scale``
+        (in,): the weight of the norm before them, applied to the input (_Norm's ``scaled``)."""
         rows = rows or {}
 
         def cut(t, m):  # a weight's or bias's rows, reordered where asked
             return t if m not in rows else t[rows[m]]
 
         self.w = torch.cat([cut(m.weight, m) for m in mods]).T.contiguous()  # (in, out)
+        if scale is not None:
+            self.w.mul_(scale.to(self.w.dtype)[:, None])
         biases = [m.bias for m in mods]
         self.b = None if all(b is None for b in biases) else \
             torch.cat([cut(b, m) if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, mods)])
@@ -250,7 +259,8 @@ def _silu_like(act) -> bool:
 class _Layer:
     def __init__(self, layer, last: bool):
         a, m = layer.self_attn, layer.mlp
-        self.norm1, self.norm2 = _Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm)
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm  # their weights: in the projections after
+        self.norm1, self.norm2 = _Norm(n1, scaled=False), _Norm(n2, scaled=False)
         self.act = F.silu if _silu_like(m.act_fn) else m.act_fn
         self.hd, self.scaling = a.head_dim, a.scaling
         self.nq, self.nk = a.q_proj.out_features, a.k_proj.out_features
@@ -259,11 +269,12 @@ class _Layer:
         # queries and keys with RoPE's pairs side by side (_pairs)
         rows = {a.q_proj: _pairs(self.nq, self.hd), a.k_proj: _pairs(self.nk, self.hd)}
         if last:  # queries at the last tokens only, keys/values everywhere
-            self.q, self.kv = _Linear(a.q_proj, rows=rows), _Linear(a.k_proj, a.v_proj, rows=rows)
+            self.q, self.kv = _Linear(a.q_proj, rows=rows, scale=n1.weight), \
+                _Linear(a.k_proj, a.v_proj, rows=rows, scale=n1.weight)
         else:
-            self.qkv = _Linear(a.q_proj, a.k_proj, a.v_proj, rows=rows)
+            self.qkv = _Linear(a.q_proj, a.k_proj, a.v_proj, rows=rows, scale=n1.weight)
         self.o = _Linear(a.o_proj)
-        self.gate_up, self.down = _Linear(m.gate_proj, m.up_proj), _Linear(m.down_proj)
+        self.gate_up, self.down = _Linear(m.gate_proj, m.up_proj, scale=n2.weight), _Linear(m.down_proj)
         self.inter = m.gate_proj.out_features
 
     def projections(self, x: torch.Tensor) -> torch.Tensor:
