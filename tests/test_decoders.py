@@ -245,6 +245,9 @@ def test_mask_items_is_one_put_for_the_batch_not_in_place():
     assert torch.equal(got, want) and torch.equal(scores, before)
     assert mask_items(scores, [np.array([], dtype=np.int64)] * 4) is scores
     assert mask_items(scores, None) is scores
+    one = scores[2:3].clone()  # a single row: its own path (a fill of its columns)
+    assert torch.equal(mask_items(one, [[0, 11, 0]]), want[2:3]) and torch.equal(one, before[2:3])
+    assert mask_items(one, [np.array([], dtype=np.int64)]) is one
 
 
 @pytest.mark.parametrize("n_text", [0, 5])

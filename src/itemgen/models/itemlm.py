@@ -375,8 +375,11 @@ class ItemLM(Recommender):
             items = torch.from_numpy(items_np).to(dev)  # (T,)
             first = None
             if slots or bool((items_np >= 0).all()):  # one item token per slot, no text after the prefix
-                x = state.item_inputs.index_select(0, items)  # (T, H)
-                first = None if state.item_first is None else state.item_first.index_select(0, items)  # (T, Q + 2 KV)
+                if state.item_first is None:
+                    x = state.item_inputs.index_select(0, items)  # (T, H)
+                else:  # both rows of each item in one gather: [input | first layer's q|k|v] (_packed_state)
+                    both = state.item_table.index_select(0, items)  # (T, H + Q + 2 KV)
+                    x, first = both[:, :state.item_inputs.shape[1]], both[:, state.item_inputs.shape[1]:]
             else:
                 tokens = torch.from_numpy(np.concatenate([enc[b].tokens[P:] for b in order])).to(dev)  # (T,)
                 is_item = items >= 0
@@ -419,8 +422,10 @@ class ItemLM(Recommender):
         first = None
         if decoder is not None and \
                 items.shape[0] * (items.shape[1] + decoder.first_width) * items.element_size() <= FIRST_LAYER_TABLE_BYTES:
-            first = decoder.first_projections(items)  # (I, Q + 2 KV)
-        self._packed = _PackedState(deps, _PackedState.key_of(deps, autocast), self.device, items, decoder, first)
+            table = torch.cat([items, decoder.first_projections(items)], dim=1)  # (I, H + Q + 2 KV): one gather
+            items, first = table[:, :items.shape[1]], table[:, items.shape[1]:]
+        self._packed = _PackedState(deps, _PackedState.key_of(deps, autocast), self.device, items, decoder, first,
+                                    None if first is None else table)
         return self._packed
 
     @staticmethod
@@ -450,6 +455,9 @@ class _PackedState:
     decoder: packed_decoder.PackedDecoder | None  # the layers as it reads them, the prompt prefix's keys/values
     # (I, Q + 2 KV) what the first layer projects each item's input to, or None: over the budget
     item_first: torch.Tensor | None = None
+
+    # (I, H + Q + 2 KV) item_inputs | item_first, the tensor both are columns of (one gather per batch)
+    item_table: torch.Tensor | None = None
 
     @staticmethod
     def key_of(deps: list[torch.Tensor], autocast: bool) -> tuple:

@@ -24,6 +24,9 @@ def mask_items(scores: torch.Tensor, exclude: list[np.ndarray] | None) -> torch.
     if exclude is None:
         return scores
     cols = [np.asarray(ex, dtype=np.int64).reshape(-1) for ex in exclude]
+    if len(cols) == 1:  # one row (batch 1): a fill of its columns, no row indices
+        return scores if not len(cols[0]) else \
+            scores.index_fill(1, torch.from_numpy(cols[0]).to(scores.device), float("-inf"))
     n = [len(c) for c in cols]
     if not sum(n):
         return scores
