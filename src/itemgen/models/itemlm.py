@@ -396,6 +396,7 @@ class ItemLM(Recommender):
         computes): a server then needs no prefix cache of its own for one-shot requests."""
         return packed_decoder.supported(self.decoder)
 
+    @torch.no_grad()  # derived tensors, no graph back to the weights
     def _packed_state(self) -> "_PackedState":
         """What depends on the weights only, computed once per weights: every item's projected input
         vector (I, H) (ItemRepr's MLP then runs once per catalog, not once per history slot) and
