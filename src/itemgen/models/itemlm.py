@@ -12,6 +12,7 @@ encode, encode_cached, sessions through finish_query), and the head's item vecto
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -396,7 +397,6 @@ class ItemLM(Recommender):
         computes): a server then needs no prefix cache of its own for one-shot requests."""
         return packed_decoder.supported(self.decoder)
 
-    @torch.no_grad()  # derived tensors, no graph back to the weights
     def _packed_state(self) -> "_PackedState":
         """What depends on the weights only, computed once per weights: every item's projected input
         vector (I, H) (ItemRepr's MLP then runs once per catalog, not once per history slot) and
@@ -409,6 +409,11 @@ class ItemLM(Recommender):
         autocast = torch.is_autocast_enabled((self.device if self._packed is None else self._packed.device).type)
         if self._packed is not None and self._packed.current(autocast):
             return self._packed
+        with torch.no_grad():  # derived tensors, no graph back to the weights
+            self._packed = self._new_packed_state(autocast)
+        return self._packed
+
+    def _new_packed_state(self, autocast: bool) -> "_PackedState":
         deps = [*self.parameters(), *self.buffers()]
         decoder = None
         if packed_decoder.supported(self.decoder):
@@ -425,9 +430,9 @@ class ItemLM(Recommender):
                 items.shape[0] * (items.shape[1] + decoder.first_width) * items.element_size() <= FIRST_LAYER_TABLE_BYTES:
             table = torch.cat([items, decoder.first_projections(items)], dim=1)  # (I, H + Q + 2 KV): one gather
             items, first = table[:, :items.shape[1]], table[:, items.shape[1]:]
-        self._packed = _PackedState(deps, _PackedState.key_of(deps, autocast), self.device, items, decoder, first,
-                                    None if first is None else table)
-        return self._packed
+        versioned = [t for t in deps if not t.is_inference()]
+        return _PackedState(deps, versioned, _PackedState.key_of(deps, versioned, autocast), self.device, items,
+                            decoder, first, None if first is None else table)
 
     @staticmethod
     def _drop_packed(module, incompatible_keys) -> None:
@@ -445,11 +450,17 @@ class ItemLM(Recommender):
         return self.head.item_vectors()
 
 
+_VERSION = operator.attrgetter("_version")
+
+
 @dataclass
 class _PackedState:
     """What ItemLM's packed path reuses, and the tensors it was computed from."""
 
     deps: list[torch.Tensor]  # every parameter and buffer of the model when computed
+    # those of them with a version counter: an inference tensor (made under inference_mode) has
+    # none, and it cannot be updated in place outside inference_mode either
+    versioned: list[torch.Tensor]
     key: tuple  # their versions and storage, and whether autocast was on
     device: torch.device  # the model's when computed
     item_inputs: torch.Tensor | None  # (I, H) every item's projected input vector
@@ -461,10 +472,9 @@ class _PackedState:
     item_table: torch.Tensor | None = None
 
     @staticmethod
-    def key_of(deps: list[torch.Tensor], autocast: bool) -> tuple:
-        # an inference tensor (made under inference_mode) has no version counter; it cannot be
-        # updated in place outside inference_mode either
-        return autocast, *((-1 if t.is_inference() else t._version, t.data_ptr()) for t in deps)
+    def key_of(deps: list[torch.Tensor], versioned: list[torch.Tensor], autocast: bool) -> tuple:
+        # map: checked on every query, a loop in C
+        return autocast, tuple(map(_VERSION, versioned)), tuple(map(torch.Tensor.data_ptr, deps))
 
     def current(self, autocast: bool) -> bool:
-        return self.key == self.key_of(self.deps, autocast)
+        return self.key == self.key_of(self.deps, self.versioned, autocast)
