@@ -29,11 +29,12 @@ another, so the products are grouped into fewer ops: a layer's norm weights are 
 projections that read the norm ((x * w) W = x (w W)), queries and keys keep each head's RoPE
 pairs side by side so that RoPE is one complex product (_pairs), residual adds ride on the
 projections' addmm, and what depends on the rows' lengths only (RoPE's rotations, attention
-masks) is computed once per set of lengths (_Plan). The projections' weights are kept transposed, (in, out) contiguous, and fused
-(q|k|v, gate|up): MKL multiplies a few rows by an (out, in) weight, as nn.Linear hands it over,
-about 2x slower than by an (in, out) one (1 thread, 10 x 576 by 576 x 1536: 1.5 ms against
-0.7 ms on the shared 2-core machine), and one call per fused group saves a call's overhead per
-projection. The copies cost the layers' size once (not the embeddings') and live as long as the
+masks) is computed once per set of lengths (_Plan).
+
+The projections' weights are kept transposed, (in, out) contiguous, and fused (q|k|v, gate|up):
+MKL multiplies a few rows by an (out, in) weight, as nn.Linear hands it over, about 2x slower
+than by an (in, out) one (1 thread, 10 x 576 by 576 x 1536: 1.5 ms against 0.7 ms on the shared
+2-core machine), and one call per fused group saves a call's overhead per projection. The copies cost the layers' size once (not the embeddings') and live as long as the
 weights do (ItemLM._packed_state). Architectures whose layers differ (extra q/k norms, sliding
 windows, other norms, a RoPE that depends on the length) are not ``supported`` and keep the HF
 forward.
@@ -128,7 +129,7 @@ class _Norm:
 
     def __init__(self, norm, scaled: bool = True):
         self.w, self.eps, self.scaled = norm.weight, norm.variance_epsilon, scaled
-        self._eps = torch.tensor(norm.variance_epsilon, dtype=torch.float32)  # addcmul's input
+        self._eps = torch.tensor(norm.variance_epsilon, dtype=torch.float32, device=norm.weight.device)  # addcmul's
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, H) -> (N, H)."""
@@ -243,7 +244,8 @@ class _Linear:
             self.w.mul_(scale.to(self.w.dtype)[:, None])
         biases = [m.bias for m in mods]
         self.b = None if all(b is None for b in biases) else \
-            torch.cat([cut(b, m) if b is not None else m.weight.new_zeros(m.out_features) for b, m in zip(biases, mods)])
+            torch.cat([cut(b, m) if b is not None else m.weight.new_zeros(m.out_features)
+                       for b, m in zip(biases, mods)])
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, in) -> (N, out) x W + b, plus ``residual`` (N, out) when given (in the same call
