@@ -227,3 +227,36 @@ def test_ann_exclusions_return_k_valid_items():
     assert not set(i[0].tolist()) & set(exclude[0].tolist()) and torch.isfinite(s).all()
     assert torch.equal(i[1], top[1])
     assert torch.equal(i[0, :2], top[0, 3:5])
+
+
+def test_mask_items_is_one_put_for_the_batch_not_in_place():
+    """mask_items (the history mask of exact top-k and evaluation) sets each row's own items to
+    -inf, whatever the rows hold (none, repeats, a list), and leaves the scores it was given alone."""
+    from itemgen.topk.exact import mask_items
+
+    scores = torch.randn(4, 12)
+    before = scores.clone()
+    exclude = [np.array([3, 3, 7]), np.array([], dtype=np.int64), [0, 11], np.array([5])]
+    got = mask_items(scores, exclude)
+    want = before.clone()
+    for b, ex in enumerate(exclude):
+        for i in ex:
+            want[b, i] = float("-inf")
+    assert torch.equal(got, want) and torch.equal(scores, before)
+    assert mask_items(scores, [np.array([], dtype=np.int64)] * 4) is scores
+    assert mask_items(scores, None) is scores
+    one = scores[2:3].clone()  # a single row: its own path (a fill of its columns)
+    assert torch.equal(mask_items(one, [[0, 11, 0]]), want[2:3]) and torch.equal(one, before[2:3])
+    assert mask_items(one, [np.array([], dtype=np.int64)]) is one
+
+
+@pytest.mark.parametrize("n_text", [0, 5])
+def test_item_log_probs_are_the_logits_less_their_log_normaliser(n_text):
+    """FullSoftmaxHead.item_log_probs (one log-softmax) = item logits - logsumexp over V u I."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(n_text, 6, generator=g)
+    head = FullSoftmaxHead(9, 6, (lambda: text) if n_text else None)
+    h = torch.randn(3, 6, generator=g)
+    logits = head.logits(h)
+    want = logits[:, n_text:] - torch.logsumexp(logits, dim=1, keepdim=True)
+    torch.testing.assert_close(head.item_log_probs(h), want, atol=1e-6, rtol=1e-6)

@@ -239,3 +239,110 @@ def test_first_layer_projections_from_the_item_table(data, monkeypatch, n_layers
     # one layer: it is also the last, whose queries are computed at each row's last token only
     saved = tokens * (q + kv2) if n_layers > 1 else tokens * kv2 + rows * q
     assert without - with_table == 2 * c.hidden_size * saved
+
+
+# ---- the batch-1 overhead cuts (issue 21, deliverable 5): plans, the ids prompt, the head's top-k ----
+
+def test_plans_beyond_the_cache_and_lengths_seen_again(data, monkeypatch):
+    """A plan (RoPE rows, masks, last-token slices) per batch of row lengths, kept up to
+    PackedDecoder.PLANS: more lengths than that empty the cache and compute again, and a plan
+    reused for the same lengths gives the same queries (batch 1 and padded batches)."""
+    monkeypatch.setattr(packed_decoder.PackedDecoder, "PLANS", 3)
+    m, _ = built(data)
+    seqs = [np.asarray(s) for s in data.split.train]
+    singles = [[s[:n]] for s, n in zip(seqs, range(1, MAX_H + 1))]  # 8 lengths: past the cache of 3
+    for hist in [*singles, mixed_histories(data), *singles[:2], mixed_histories(data)]:
+        assert_same_queries(m, hist)
+        assert len(m._packed.decoder._plans) <= 3
+
+
+@pytest.mark.parametrize("exclude_history", [True, False])
+def test_top_k_with_the_repeat_bias_masked_and_kept(data, exclude_history):
+    """With a repeat bias: Predictor's top-k (packed path, one index_put for the mask, the
+    log-softmax in one op) equals the reference's (HF forward, the bias added from the histories,
+    the history masked row by row) with the history masked and kept."""
+    cfg = from_dict({**cfg_for().to_dict(), "repeat": {"bias": "recency"}})
+    torch.manual_seed(0)
+    m = perturbed(build_model(cfg, data.items))
+    with torch.no_grad():
+        m.repeat.raw.copy_(torch.linspace(-0.3, 0.4, len(m.repeat.raw)))  # both signs, every bucket
+    hist = mixed_histories(data)
+    pred = Predictor(m, cfg, data.items, "unused")
+    for batch in [hist, *[[h] for h in hist]]:
+        scores, ids = pred.topk_indices(batch, 10, exclude_history=exclude_history)
+        with torch.inference_mode():
+            q = reference(m, batch)
+            full = m.history_scores(m.score_items(q), None if exclude_history else batch)
+            if exclude_history:
+                full = full.clone()
+                for b, h in enumerate(batch):
+                    full[b, torch.as_tensor(h, dtype=torch.long)] = float("-inf")
+            rs, ri = torch.topk(full, 10, dim=1)
+        np.testing.assert_array_equal(ids, ri.numpy())
+        np.testing.assert_allclose(scores, rs.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_layers_with_biases_everywhere_and_float64(data):
+    """Llama layers with attention and MLP biases (the residual added after the bias) and a
+    float64 model (the norms step by step, the plans in that dtype) equal the reference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(byte_tokenizer()), hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         attention_bias=True, mlp_bias=True))
+    m, cfg = _with_backbone(data, llama)
+    assert m.decoder.layers[0].mlp.down_proj.bias is not None and m.decoder.layers[0].self_attn.o_proj.bias is not None
+    hist = mixed_histories(data)
+    assert_same_queries(m, hist)
+    assert_same_top_k(m, cfg, data, hist)
+    m.double()
+    with torch.inference_mode():
+        fast = m.encode_histories(hist)
+    assert fast.dtype == torch.float64 and m._packed.decoder._plans
+    assert all(key[1] == torch.float64 for key in m._packed.decoder._plans)
+    torch.testing.assert_close(fast, reference(m, hist), atol=1e-10, rtol=1e-10)
+
+
+def test_the_ids_prompt_is_the_prefix_then_the_history():
+    """What encode_histories relies on to skip building the ids prompt: after the prefix, one
+    item slot per history item and nothing else; the other styles are not slots only."""
+    from itemgen.data.prompts import PromptBuilder
+
+    tok = byte_tokenizer()
+    for style in ("ids", "compact", "default"):
+        pb = PromptBuilder(tok, style=style)
+        assert pb.slots_only == (style == "ids")
+        if style == "ids":
+            for h in ([], [4], [7, 2, 7, 9]):
+                e = pb.inference_prompt(np.asarray(h, dtype=np.int64))
+                P = len(pb.prefix)
+                assert e.items[P:].tolist() == h and (e.tokens[P:] == -1).all() and (e.items[:P] == -1).all()
+
+
+@pytest.mark.parametrize("complex_form", [True, False])
+def test_rope_on_side_by_side_pairs_is_hf_rope(complex_form):
+    """The packed path keeps each head's RoPE pairs (i, i + d/2) side by side (_pairs) and rotates
+    them as complex numbers (float32/64) or in the real form (half dtypes): the same as HF's
+    x * cos + rotate_half(x) * sin, read through the same reordering."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    T, heads, d = 5, 3, 8
+    x = torch.randn(T, heads, d, generator=g)
+    angle = torch.rand(T, d // 2, generator=g) * 6
+    c, s = angle.cos(), angle.sin()
+    if not complex_form:  # the real form, as a bfloat16 model gets it (applied in float32 here)
+        c, s = c.bfloat16(), s.bfloat16()
+    rot = packed_decoder._rotations(c, s)
+    assert isinstance(rot, tuple) != complex_form
+    if not complex_form:
+        rot, c, s = tuple(t.float() for t in rot), c.float(), s.float()
+    cos, sin = torch.cat([c, c], -1), torch.cat([s, s], -1)  # (T, d): HF's layout
+    want = x * cos[:, None] + rotate_half(x) * sin[:, None]
+    perm = packed_decoder._pairs(heads * d, d)
+
+    def paired(t):
+        return t.reshape(T, heads * d)[:, perm].view(T, heads, d)
+
+    torch.testing.assert_close(packed_decoder._rope(paired(x), rot), paired(want), atol=1e-6, rtol=1e-6)

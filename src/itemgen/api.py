@@ -39,11 +39,14 @@ class Predictor:
         return cls(model, cfg, items, directory)
 
     def decoder(self, name: str = "exact"):
-        if name == "exact":  # models without full-catalog scores (beam search) name their own
-            name = getattr(self.model, "default_decoder", "exact")
-        if name not in self._decoders:
-            self._decoders[name] = make_decoder(name, self.model, checkpoint_dir=self.directory)
-        return self._decoders[name]
+        got = self._decoders.get(name)  # first: resolving "exact" is a failed module attribute look-up
+        if got is None:
+            # models without full-catalog scores (beam search) name their own
+            real = getattr(self.model, "default_decoder", "exact") if name == "exact" else name
+            if real not in self._decoders:
+                self._decoders[real] = make_decoder(real, self.model, checkpoint_dir=self.directory)
+            got = self._decoders[name] = self._decoders[real]
+        return got
 
     def to_indices(self, histories: list[list[str]], unknown: str = "error") -> list[np.ndarray]:
         """External ids -> index arrays; unknown ids raise KeyError listing them (or are dropped)."""

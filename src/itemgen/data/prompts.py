@@ -122,6 +122,12 @@ class PromptBuilder:
             fields = [tuple(f for f, k in zip(self.fields, row) if k) for row in keep]
         return self.encode(seq[:-1], int(seq[-1]), fields, supervise)
 
+    @property
+    def slots_only(self) -> bool:
+        """Whether an inference prompt is the prefix then one item slot per history item, nothing
+        else (the ids style): its items after the prefix are the history itself."""
+        return not (self.item_open or self.item_close or self.question)
+
     def inference_prompt(self, history) -> Encoded:
         return self.encode(np.asarray(history), None, None, "last")
 

@@ -86,8 +86,9 @@ class FullSoftmaxHead(nn.Module):
 
     def item_log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, H) -> (B, I) log P(item | h), normalised over V u I."""
-        logits = self.logits(h).float()
-        return logits[:, logits.shape[1] - self.n_items:] - torch.logsumexp(logits, dim=1, keepdim=True)
+        logits = self.logits(h).float()  # (B, V + I)
+        # one fused op (logits - logsumexp, as a batch-1 query's ~10 small ops, equal to float rounding)
+        return torch.log_softmax(logits, dim=1)[:, logits.shape[1] - self.n_items:]
 
     # an item bias moves only the biased items' scores (the normaliser is shared by the whole row)
     bias_renormalises = False

@@ -12,6 +12,7 @@ encode, encode_cached, sessions through finish_query), and the head's item vecto
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,25 +361,34 @@ class ItemLM(Recommender):
         if state is None or state.decoder is None:
             return super().encode_histories(histories)
         with torch.inference_mode():
-            P = state.decoder.prefix.length
-            enc = [self.prompts.inference_prompt(h) for h in histories]
-            if P == 0 and any(len(e) == 0 for e in enc):  # an empty prompt: the reference says what it does
-                return super().encode_histories(histories)
-            dev = self.device
-            order = sorted(range(len(enc)), key=lambda b: len(enc[b]))  # by length: less padding in attention
-            lengths = [len(enc[b]) - P for b in order]
-            tokens = torch.from_numpy(np.concatenate([enc[b].tokens[P:] for b in order])).to(dev)  # (T,)
-            items = torch.from_numpy(np.concatenate([enc[b].items[P:] for b in order])).to(dev)  # (T,)
-            is_item = items >= 0
-            first = None
-            if bool(is_item.all()):  # the ids prompt: one item token per slot, no text after the prefix
-                x = state.item_inputs[items]  # (T, H)
-                first = None if state.item_first is None else state.item_first[items]  # (T, Q + 2 KV)
+            P, dev = state.decoder.prefix.length, state.item_inputs.device
+            slots = self.prompts.slots_only  # the ids prompt: after the prefix, the history's items as they are
+            if slots:
+                rows = [np.asarray(h, dtype=np.int64) for h in histories]  # each row's items after the prefix
             else:
+                enc = [self.prompts.inference_prompt(h) for h in histories]
+                rows = [e.items[P:] for e in enc]
+            if P == 0 and any(len(r) == 0 for r in rows):  # an empty prompt: the reference says what it does
+                return super().encode_histories(histories)
+            order = sorted(range(len(rows)), key=lambda b: len(rows[b]))  # by length: less padding in attention
+            lengths = [len(rows[b]) for b in order]
+            items_np = np.ascontiguousarray(rows[0]) if len(rows) == 1 else np.concatenate([rows[b] for b in order])
+            items = torch.from_numpy(items_np).to(dev)  # (T,)
+            first = None
+            if slots or bool((items_np >= 0).all()):  # one item token per slot, no text after the prefix
+                if state.item_first is None:
+                    x = state.item_inputs.index_select(0, items)  # (T, H)
+                else:  # both rows of each item in one gather: [input | first layer's q|k|v] (_packed_state)
+                    both = state.item_table.index_select(0, items)  # (T, H + Q + 2 KV)
+                    x, first = both[:, :state.item_inputs.shape[1]], both[:, state.item_inputs.shape[1]:]
+            else:
+                tokens = torch.from_numpy(np.concatenate([enc[b].tokens[P:] for b in order])).to(dev)  # (T,)
+                is_item = items >= 0
                 x = self.backbone.get_input_embeddings()(tokens.clamp(min=0))  # (T, H); item slots' -1 replaced next
                 x[is_item] = state.item_inputs[items[is_item]].to(x.dtype)
-            h = x.new_empty(len(enc), x.shape[1])  # (B, H) in the callers' order
-            h[torch.tensor(order, device=dev)] = state.decoder.last_states(x, lengths, first)  # (B, H)
+            h = state.decoder.last_states(x, lengths, first)  # (B, H) in length order
+            if any(b != i for i, b in enumerate(order)):  # back to the callers' order
+                h = h.new_empty(h.shape).index_copy_(0, torch.tensor(order, device=dev), h)
             return self.finish_query(h, histories)
 
     @property
@@ -395,9 +405,15 @@ class ItemLM(Recommender):
         decoder: the layers are not the ones it computes). Kept while every parameter and buffer it
         was computed from is unchanged (in-place updates bump versions, moving devices changes
         storage); train(), loading a state dict and append_items drop it."""
-        autocast = torch.is_autocast_enabled(self.device.type)
+        # the device of the state kept: were the model moved, its storages (in the key) would differ
+        autocast = torch.is_autocast_enabled((self.device if self._packed is None else self._packed.device).type)
         if self._packed is not None and self._packed.current(autocast):
             return self._packed
+        with torch.no_grad():  # derived tensors, no graph back to the weights
+            self._packed = self._new_packed_state(autocast)
+        return self._packed
+
+    def _new_packed_state(self, autocast: bool) -> "_PackedState":
         deps = [*self.parameters(), *self.buffers()]
         decoder = None
         if packed_decoder.supported(self.decoder):
@@ -412,9 +428,11 @@ class ItemLM(Recommender):
         first = None
         if decoder is not None and \
                 items.shape[0] * (items.shape[1] + decoder.first_width) * items.element_size() <= FIRST_LAYER_TABLE_BYTES:
-            first = decoder.first_projections(items)  # (I, Q + 2 KV)
-        self._packed = _PackedState(deps, _PackedState.key_of(deps, autocast), items, decoder, first)
-        return self._packed
+            table = torch.cat([items, decoder.first_projections(items)], dim=1)  # (I, H + Q + 2 KV): one gather
+            items, first = table[:, :items.shape[1]], table[:, items.shape[1]:]
+        versioned = [t for t in deps if not t.is_inference()]
+        return _PackedState(deps, versioned, _PackedState.key_of(deps, versioned, autocast), self.device, items,
+                            decoder, first, None if first is None else table)
 
     @staticmethod
     def _drop_packed(module, incompatible_keys) -> None:
@@ -432,22 +450,31 @@ class ItemLM(Recommender):
         return self.head.item_vectors()
 
 
+_VERSION = operator.attrgetter("_version")
+
+
 @dataclass
 class _PackedState:
     """What ItemLM's packed path reuses, and the tensors it was computed from."""
 
     deps: list[torch.Tensor]  # every parameter and buffer of the model when computed
+    # those of them with a version counter: an inference tensor (made under inference_mode) has
+    # none, and it cannot be updated in place outside inference_mode either
+    versioned: list[torch.Tensor]
     key: tuple  # their versions and storage, and whether autocast was on
+    device: torch.device  # the model's when computed
     item_inputs: torch.Tensor | None  # (I, H) every item's projected input vector
     decoder: packed_decoder.PackedDecoder | None  # the layers as it reads them, the prompt prefix's keys/values
     # (I, Q + 2 KV) what the first layer projects each item's input to, or None: over the budget
     item_first: torch.Tensor | None = None
 
+    # (I, H + Q + 2 KV) item_inputs | item_first, the tensor both are columns of (one gather per batch)
+    item_table: torch.Tensor | None = None
+
     @staticmethod
-    def key_of(deps: list[torch.Tensor], autocast: bool) -> tuple:
-        # an inference tensor (made under inference_mode) has no version counter; it cannot be
-        # updated in place outside inference_mode either
-        return autocast, *((-1 if t.is_inference() else t._version, t.data_ptr()) for t in deps)
+    def key_of(deps: list[torch.Tensor], versioned: list[torch.Tensor], autocast: bool) -> tuple:
+        # map: checked on every query, a loop in C
+        return autocast, tuple(map(_VERSION, versioned)), tuple(map(torch.Tensor.data_ptr, deps))
 
     def current(self, autocast: bool) -> bool:
-        return self.key == self.key_of(self.deps, autocast)
+        return self.key == self.key_of(self.deps, self.versioned, autocast)
