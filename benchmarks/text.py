@@ -49,10 +49,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "text.json"
 DOC = ROOT / "docs" / "text.md"
 QUALITY = ROOT / "benchmarks" / "results" / "quality.json"
 DATASETS = {"scientific": "amazon2018-scientific", "office": "amazon2014-office"}  # the two with item text
-# split -> (share of items new at test, share new at validation) (make_cold, seed 0); cold10v: the
-# same test-new items as cold10, and another 10% new at validation, so validation can choose the
-# closed-item prior (items.closed_prior_search) at the rate new items are bought
-SPLITS = {"standard": None, "cold10": (0.1, 0.0), "cold10v": (0.1, 0.1)}
+SPLITS = {"standard": None, "cold10": 0.1}  # split -> share of items made new (make_cold, seed 0)
 PROTOCOLS = {"masked": True, "kept": False}  # protocol -> exclude_history
 
 TEXT = {"text_encoder": "minilm", "text_fields": ["title", "brand", "category"]}
@@ -98,8 +95,8 @@ VARIANTS = {
                                                            "text_gate": [20], "text_gate_open": False,
                                                            "id_min_count": 5}}, "itemlm"),
     # the text recipe with the closed-item prior chosen at every validation from 0, 0.25, ..., 12
-    # logits (evaluation/closed_prior.py): what lifts new items into the top 10, at the rate
-    # validation's own new items (split cold10v) say they are bought
+    # logits (evaluation/closed_prior.py): what lifts new items into the top 10, at the rate a
+    # random 10% of the trained items, their ID part closed during the search, is bought
     "itemlm-match-drop-prior": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2,
                                                      "closed_prior_search": 12.0}}, "itemlm"),
     # a larger start for the text term (validation before training: better tail, worse head)
@@ -129,7 +126,7 @@ def prepare(name: str, split: str, data_root: Path, cache: Path) -> Path:
     if not (out / "manifest.json").is_file():
         ds = load_lcrec(data_root / DATASETS[name], name=name)
         if SPLITS[split] is not None:
-            ds = make_cold(ds, SPLITS[split][0], seed=0, valid_fraction=SPLITS[split][1])
+            ds = make_cold(ds, SPLITS[split], seed=0)
         ds.save(out)
     return out
 
@@ -257,8 +254,7 @@ def write_doc(results: dict, path: Path) -> None:
            "config, command, commit and hardware are there). Test NDCG@10 on the full catalog, leave-one-out,",
            "profile `cpu` (2 cores). Segments: `tail` = target with <= 4 training interactions, `head` the",
            "others, `pop:0` = none, `hist:short` = history of <= 5 items, `cold` = the target is one of the",
-           "10% of items made new (split `cold10`: never in any training or validation input or target;",
-           "split `cold10v`: the same, and another 10% new at validation time, only as validation targets).",
+           "10% of items made new (split `cold10`: never in any training or validation input or target).",
            "Paired difference: the mean over the same users of this row's NDCG@10 minus its reference's,",
            "± its standard error. The reading is in [text_notes.md](text_notes.md).", ""]
     for proto, title in (("masked", "as served (history masked)"), ("kept", "published protocol (history kept)")):

@@ -74,9 +74,6 @@ def prepare(
     cold_items: Annotated[Optional[float], typer.Option(
         help="Cold-start protocol: make this fraction of the items new (in no training or validation "
              "example; test targets only). See README.")] = None,
-    cold_valid_items: Annotated[Optional[float], typer.Option(
-        help="With --cold-items: make another fraction of the items new at validation time (validation "
-             "targets only, never trained), so validation has new items of its own to choose on.")] = None,
     seed: Annotated[int, typer.Option(help="Seed drawing the --cold-items.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an --out that holds other files "
                                                                 "(never an input, nor a folder holding one).")] = False,
@@ -93,8 +90,7 @@ def prepare(
     options = dict(kcore=kcore, name=name, user_col=user_col, item_col=item_col, time_col=time_col,
                    items=items, sep=sep)
     with _user_errors():
-        ds = do_prepare(kind, inputs, out, cold_items=cold_items, cold_valid_items=cold_valid_items, seed=seed,
-                        overwrite=overwrite, **options)
+        ds = do_prepare(kind, inputs, out, cold_items=cold_items, seed=seed, overwrite=overwrite, **options)
     show_result({"path": str(out), **ds.manifest()},
                 lambda: _console().print(_counts_table(ds.manifest(), f"{ds.name} -> {out}")))
 

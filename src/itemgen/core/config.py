@@ -107,9 +107,13 @@ class ItemsConfig:
     # where their text would rank them well (docs/text_notes.md)
     closed_prior: float = 0.0
     # > 0: at every validation, closed_prior is chosen from 0, 0.25, ..., this by validation NDCG@10
-    # (as the run evaluates: train.eval_exclude_history), and the best checkpoint keeps its value;
-    # it needs validation targets that are new items (`data prepare --cold-valid-items`) to see them
+    # (as the run evaluates: train.eval_exclude_history), and the best checkpoint keeps its value.
+    # Validation has no new items (a cold split keeps them out of it), so the search closes the ID
+    # part of a random closed_prior_probe share of the trained items (drawn once with train.seed):
+    # the validation targets among them stand in for new items, at the rate that share is bought
+    # (evaluation/closed_prior.py)
     closed_prior_search: float = 0.0
+    closed_prior_probe: float = 0.1
 
 
 # ItemLMConfig's item fields before the `items` section existed, translated when a config is read
@@ -520,6 +524,7 @@ def validate(cfg: Config) -> None:
          "items.closed_prior / items.closed_prior_search need items.text_match (new items are scored by it)"),
         (math.isfinite(it.closed_prior), "items.closed_prior must be a finite number of logits"),
         (0 <= it.closed_prior_search <= 100, "items.closed_prior_search must be in [0, 100] logits (0 = off)"),
+        (0 < it.closed_prior_probe < 1, "items.closed_prior_probe must be in (0, 1) (a share of the trained items)"),
         (it.id_min_count == 1 or bool(it.text_gate), "items.id_min_count > 1 needs items.text_gate (the closed "
                                                      "bucket that scores those items)"),
         (all(isinstance(e, int) and e >= 2 for e in it.text_gate) and list(it.text_gate) == sorted(set(it.text_gate)),

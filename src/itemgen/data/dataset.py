@@ -123,19 +123,13 @@ def leave_one_out(sequences: list[np.ndarray]) -> Split:
 @dataclass
 class ColdItems:
     """The new items of a cold-start dataset (:func:`make_cold`): chosen at random (``fraction``
-    of the catalog, ``seed``); they appear only as some users' test targets. ``valid_indices``: a
-    second, disjoint set (``valid_fraction``) of items new at validation time: they appear only as
-    some users' validation targets (and so in those users' test histories), never in training, so
-    validation can weigh new items at their natural rate when it chooses anything about them (a
-    model's closed-item prior, items.closed_prior_search)."""
+    of the catalog, ``seed``); they appear only as some users' test targets."""
 
     indices: np.ndarray  # (C,) int64, sorted
     fraction: float
     seed: int
     removed_interactions: int = 0  # interactions with them dropped from the sequences
     removed_users: int = 0  # users left with no interaction at all
-    valid_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (V,) int64, sorted
-    valid_fraction: float = 0.0
 
 
 @dataclass
@@ -156,14 +150,6 @@ class SequenceDataset:
     def cold_items(self) -> np.ndarray | None:
         """(C,) indices of the new items, or None for a dataset without a cold-start split."""
         return None if self.cold is None else self.cold.indices
-
-    def new_items(self, split: str) -> np.ndarray | None:
-        """The items new at ``split`` time (their targets form its cold segment): the test's new
-        items, or validation's own (``--cold-valid-items``; none: an empty array); None for a
-        dataset without a cold-start split."""
-        if self.cold is None:
-            return None
-        return self.cold.indices if split == "test" else self.cold.valid_indices
 
     @property
     def n_items(self) -> int:
@@ -193,22 +179,15 @@ class SequenceDataset:
             if seq.min() < 0 or seq.max() >= n:
                 raise DataError(f"user {self.users[u]!r} names an item index outside 0..{n - 1}")
         if self.cold is not None:
-            c, v = np.asarray(self.cold.indices), np.asarray(self.cold.valid_indices)
-            for name, idx in (("cold_items", c), ("cold valid items", v)):
-                if idx.size and (idx.min() < 0 or idx.max() >= n):
-                    raise DataError(f"{name} names an item index outside 0..{n - 1}")
-            new, vnew = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-            new[c], vnew[v] = True, True
-            if (new & vnew).any():
-                raise DataError("an item is new both at test and at validation time")
+            c = np.asarray(self.cold.indices)
+            if c.size and (c.min() < 0 or c.max() >= n):
+                raise DataError(f"cold_items names an item index outside 0..{n - 1}")
+            new = np.zeros(n, dtype=bool)
+            new[c] = True
             for u, seq in enumerate(self.sequences):  # a new item only as an evaluated user's last item
-                evaluated = len(seq) >= MIN_EVAL_LENGTH
-                early = seq[:-1] if evaluated else seq
+                early = seq[:-1] if len(seq) >= MIN_EVAL_LENGTH else seq
                 if new[early].any():
                     raise DataError(f"user {self.users[u]!r} has a new (cold) item before its test target")
-                # validation's new items: only as an evaluated user's validation target
-                if vnew[seq[:-2] if evaluated else seq].any() or evaluated and vnew[seq[-1]]:
-                    raise DataError(f"user {self.users[u]!r} has a validation-new item outside its validation target")
 
     def content_hash(self) -> str:
         h = hashlib.sha256()
@@ -223,8 +202,6 @@ class SequenceDataset:
             h.update(np.asarray(seq, dtype=np.int64).tobytes())
         if self.cold is not None:  # only then: the hashes of datasets without new items stay as they were
             h.update(b"\3" + np.asarray(self.cold.indices, dtype=np.int64).tobytes())
-            if len(self.cold.valid_indices):  # only then, likewise
-                h.update(b"\4" + np.asarray(self.cold.valid_indices, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
     def manifest(self) -> dict:
@@ -247,16 +224,9 @@ class SequenceDataset:
         idx = [int(i) for i in c.indices]
         new = set(idx)
         test_targets = sum(1 for e in self.split.test if e.target in new)
-        out = {"fraction": c.fraction, "seed": c.seed, "count": len(idx), "cold_test_users": test_targets,
-               "removed_interactions": c.removed_interactions, "removed_users": c.removed_users,
-               "indices": idx, "ids": [self.items.ids[i] for i in idx]}
-        if len(c.valid_indices):
-            vidx = [int(i) for i in c.valid_indices]
-            vnew = set(vidx)
-            out["valid"] = {"fraction": c.valid_fraction, "count": len(vidx),
-                            "cold_valid_users": sum(1 for e in self.split.valid if e.target in vnew),
-                            "indices": vidx, "ids": [self.items.ids[i] for i in vidx]}
-        return out
+        return {"fraction": c.fraction, "seed": c.seed, "count": len(idx), "cold_test_users": test_targets,
+                "removed_interactions": c.removed_interactions, "removed_users": c.removed_users,
+                "indices": idx, "ids": [self.items.ids[i] for i in idx]}
 
     # ---- persistence -------------------------------------------------------------------
 
@@ -302,11 +272,9 @@ class SequenceDataset:
         cold = manifest.get("cold_items")
         if cold is not None:
             try:
-                valid = cold.get("valid") or {"indices": [], "fraction": 0.0}
                 cold = ColdItems(np.asarray(cold["indices"], dtype=np.int64), float(cold["fraction"]),
                                  int(cold["seed"]), int(cold.get("removed_interactions", 0)),
-                                 int(cold.get("removed_users", 0)),
-                                 np.asarray(valid["indices"], dtype=np.int64).reshape(-1), float(valid["fraction"]))
+                                 int(cold.get("removed_users", 0)))
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(f"{manifest_path}: cold_items is malformed ({type(e).__name__}: {e})") from None
         try:
@@ -330,66 +298,36 @@ class SequenceDataset:
         return ds
 
 
-def make_cold(ds: SequenceDataset, fraction: float, seed: int = 0, valid_fraction: float = 0.0) -> SequenceDataset:
+def make_cold(ds: SequenceDataset, fraction: float, seed: int = 0) -> SequenceDataset:
     """The cold-start protocol: ``fraction`` of the items, drawn at random with ``seed``, become
     NEW items. Every interaction with a new item is removed from the sequences, except a user's
     last one (the test target) when the user stays evaluated (>= MIN_EVAL_LENGTH items); so no
     training or validation input or label holds a new item, the test examples whose target is new
     form the cold segment, and the catalog keeps every item (ranking is over old and new items).
-    Users left with no interaction are dropped.
-
-    ``valid_fraction`` > 0: another, disjoint share of the items becomes new at VALIDATION time:
-    kept only as an evaluated user's validation target (its second-to-last item), so validation
-    has a cold segment of its own at the natural rate, and nothing chosen on validation about new
-    items needs the test. At test time they are still untrained (a model sees them in some test
-    histories, as it would see an item added after training)."""
-    for name, f in (("cold items", fraction), ("cold valid items", valid_fraction)):
-        if not 0.0 <= f < 1.0 or name == "cold items" and f == 0.0:
-            raise DataError(f"{name}: the fraction must be in (0, 1), not {f}")
-    if fraction + valid_fraction >= 1.0:
-        raise DataError(f"cold items: {fraction} + {valid_fraction} of the items new leaves none to train on")
-    n_cold, n_valid = int(round(fraction * ds.n_items)), int(round(valid_fraction * ds.n_items))
-    if n_cold < 1 or valid_fraction > 0 and n_valid < 1:
-        raise DataError(f"cold items: {fraction if n_cold < 1 else valid_fraction} of {ds.n_items} items is no item")
+    Users left with no interaction are dropped."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"cold items: the fraction must be in (0, 1), not {fraction}")
+    n_cold = int(round(fraction * ds.n_items))
+    if n_cold < 1:
+        raise DataError(f"cold items: {fraction} of {ds.n_items} items is no item")
     rng = np.random.default_rng(seed)
-    cold = np.sort(rng.choice(ds.n_items, n_cold, replace=False)).astype(np.int64)  # as without valid ones
-    new, vnew = np.zeros(ds.n_items, dtype=bool), np.zeros(ds.n_items, dtype=bool)
+    cold = np.sort(rng.choice(ds.n_items, n_cold, replace=False)).astype(np.int64)
+    new = np.zeros(ds.n_items, dtype=bool)
     new[cold] = True
-    # drawn after the test's, from the rest: the same seed makes the same test-new items either way
-    vcold = np.sort(rng.choice(np.flatnonzero(~new), n_valid, replace=False)).astype(np.int64)
-    vnew[vcold] = True
     users, sequences, removed = [], [], 0
     for user, seq in zip(ds.users, ds.sequences):
         seq = np.asarray(seq, dtype=np.int64)
-        kept = _without_new(seq, new, vnew)
+        kept = seq[:-1][~new[seq[:-1]]] if len(seq) else seq
+        if len(seq) and (not new[seq[-1]] or len(kept) + 1 >= MIN_EVAL_LENGTH):
+            kept = np.append(kept, seq[-1])  # an old last item, or a new one that stays a test target
         removed += len(seq) - len(kept)
         if len(kept):
             users.append(user)
             sequences.append(kept)
-    spec = ColdItems(cold, float(fraction), int(seed), removed, len(ds.users) - len(users), vcold, float(valid_fraction))
+    spec = ColdItems(cold, float(fraction), int(seed), removed, len(ds.users) - len(users))
     out = SequenceDataset(ds.name, ds.items, users, sequences, ds.source, spec)
     out.validate()
     return out
-
-
-def _without_new(seq: np.ndarray, new: np.ndarray, vnew: np.ndarray) -> np.ndarray:
-    """One user's sequence under the cold-start protocol: a test-new item (``new``) kept only as
-    the last item, a validation-new one (``vnew``) only as the second-to-last, both only for a user
-    who stays evaluated; every other occurrence removed."""
-    if not len(seq):
-        return seq
-    old = ~(new | vnew)
-    if len(seq) < 2:
-        return seq[old[seq]]
-    body = seq[:-2][old[seq[:-2]]]
-    prev, last = seq[-2], seq[-1]
-    tail = [x for x, ok in ((prev, not new[prev]), (last, not vnew[last])) if ok]
-    if tail and len(tail) == 1 and vnew[tail[0]]:
-        tail = []  # a validation-new item would become the test target: removed
-    kept = np.concatenate([body, np.asarray(tail, dtype=np.int64)])
-    if len(kept) < MIN_EVAL_LENGTH:  # a training-only user: no new item at all
-        kept = kept[old[kept]]
-    return kept
 
 
 def training_sequences(ds: SequenceDataset, max_history: int) -> list[np.ndarray]:

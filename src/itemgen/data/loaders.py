@@ -1001,8 +1001,7 @@ def check_output(out: PathLike, inputs: Sequence[PathLike], overwrite: bool = Fa
 
 
 def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, *, cold_items: float | None = None,
-            cold_valid_items: float | None = None, seed: int = 0, overwrite: bool = False,
-            **options) -> SequenceDataset:
+            seed: int = 0, overwrite: bool = False, **options) -> SequenceDataset:
     """Load ``inputs`` with the loader for ``kind`` and save the dataset to ``out`` (atomically).
 
     * ``lcrec``: one input, the LC-Rec directory (or its ``X.inter.json``).
@@ -1010,8 +1009,7 @@ def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, *, 
     * ``amazon2018``: the reviews file, optionally the meta file.
 
     ``options`` go to the loader (``kcore``, ``name``, ``user_col``, ...). ``cold_items``: the
-    fraction of items made new with ``seed`` (dataset.make_cold, the cold-start protocol), and
-    ``cold_valid_items`` the fraction new at validation time. Nothing
+    fraction of items made new with ``seed`` (dataset.make_cold, the cold-start protocol). Nothing
     is written unless loading succeeds; an existing ``out`` is replaced only by a complete dataset,
     and only when :func:`check_output` allows it (a prepared dataset or an empty folder; anything
     else needs ``overwrite``; an input never).
@@ -1020,8 +1018,6 @@ def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, *, 
         inputs = [inputs]
     inputs = list(inputs)
     options = {k: v for k, v in options.items() if v is not None}
-    if cold_valid_items is not None and cold_items is None:
-        raise DataError("--cold-valid-items needs --cold-items (the test's new items)")
     # before reading (fail fast), and again below with the files the loader actually read
     check_output(out, [*inputs, *([options["items"]] if "items" in options else [])], overwrite)
     if kind == "lcrec":
@@ -1047,7 +1043,7 @@ def prepare(kind: str, inputs: PathLike | Sequence[PathLike], out: PathLike, *, 
         raise DataError(f"unknown dataset kind {kind!r}; one of: {', '.join(KINDS)}")
     check_output(out, [p for p in ds.source.get("inputs", {}).values() if isinstance(p, str)], overwrite)
     if cold_items is not None:
-        ds = make_cold(ds, cold_items, seed, cold_valid_items or 0.0)
+        ds = make_cold(ds, cold_items, seed)
     with phase("prepare", f"write {out}", users=len(ds.users), items=ds.n_items):
         ds.save(out)
     return ds

@@ -15,8 +15,7 @@ never seen in training. Every evaluation therefore also reports these groups of 
     SHORT_HISTORY (5) items / more
 ``cold`` / ``warm``
     only for a dataset prepared with ``--cold-items``: targets that are new items (never in
-    training or validation) / the others; on validation, the items new at validation time
-    (``--cold-valid-items``: never in training; none without it)
+    training or validation) / the others
 
 Segments overlap (a user is in one pop bucket, one of tail/head, one of hist, ...); each is a
 boolean mask over the evaluated examples, in their order, so per-user scores of two models on the
@@ -53,8 +52,7 @@ def segment_rules(has_cold: bool) -> dict[str, str]:
     rules["hist:short"] = f"history of <= {SHORT_HISTORY} items"
     rules["hist:long"] = f"history of >= {SHORT_HISTORY + 1} items"
     if has_cold:
-        rules["cold"] = ("target is a new item (--cold-items: never in training or validation; on validation, "
-                         "--cold-valid-items: never in training)")
+        rules["cold"] = "target is a new item (--cold-items: never in training or validation)"
         rules["warm"] = "target is not a new item"
     return rules
 
@@ -78,9 +76,8 @@ def segment_masks(examples: list[Example], counts: np.ndarray,
 
 
 def dataset_segments(ds: SequenceDataset, split: str) -> dict[str, np.ndarray]:
-    """The segment masks of ``ds.examples(split)`` (cold/warm when ``ds`` has new items: on
-    validation, the items new at validation time, ``--cold-valid-items``)."""
-    return segment_masks(ds.examples(split), training_counts(ds), ds.new_items(split))
+    """The segment masks of ``ds.examples(split)`` (cold/warm when ``ds`` has new items)."""
+    return segment_masks(ds.examples(split), training_counts(ds), ds.cold_items)
 
 
 def segment_metrics(ranks, masks: dict[str, np.ndarray], mrr_cutoff: int | None = None) -> dict[str, dict]:

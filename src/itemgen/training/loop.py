@@ -23,7 +23,7 @@ from itemgen.core.io import atomic_write_text, clear_stale_temps
 from itemgen.core.progress import Progress
 from itemgen.data.dataset import SequenceDataset, training_sequences
 from itemgen.data.load import load_dataset
-from itemgen.evaluation.closed_prior import best_prior, prior_grid, ranks_by_prior
+from itemgen.evaluation.closed_prior import best_prior, prior_grid, probe_items, ranks_by_prior
 from itemgen.evaluation.evaluate import rank_examples, subsample
 from itemgen.evaluation.metrics import ranking_metrics
 from itemgen.models.checkpoint import load_trainer_state, load_weights, save_checkpoint
@@ -221,14 +221,20 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         if acc.is_main_process:
             append_jsonl(history_path, record)
 
-    grid = prior_grid(cfg.items.closed_prior_search) if cfg.items.closed_prior_search > 0 else None
+    grid = probe = absent = None
+    if cfg.items.closed_prior_search > 0:  # the closed-item prior, chosen at every validation (closed_prior.py)
+        grid = prior_grid(cfg.items.closed_prior_search)
+        probe = probe_items(core.items.id_known, cfg.items.closed_prior_probe, t.seed)  # stand-ins for new items
+        if ds.cold_items is not None:  # a cold split's new items do not exist yet at validation time
+            absent = torch.zeros(ds.n_items, dtype=torch.bool)
+            absent[torch.from_numpy(ds.cold_items)] = True
 
     def validate() -> dict:
         shard = valid[rank::world]
         opts = dict(max_history=cfg.data.max_history, batch_size=t.eval_batch_size,
                     exclude_history=t.eval_exclude_history)
-        if grid is not None:  # the closed-item prior is chosen here, for these weights (closed_prior.py)
-            by = ranks_by_prior(core, shard, grid, **opts)  # (G, n_shard)
+        if grid is not None:  # validation NDCG@10 with the probe closed, at the best prior of the grid
+            by = ranks_by_prior(core, shard, grid, probe=probe, absent=absent, **opts)  # (G, n_shard)
             by = np.concatenate(gather_object([by]), 1) if world > 1 else by
             value, metrics = best_prior(by, grid)  # the same on every process: the same ranks
             core.items.set_closed_prior(value)
