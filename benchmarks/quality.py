@@ -116,12 +116,15 @@ VARIANTS = {
     **{f"two-level-{m}": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m, "hidden_dropout": 0.3},
                                      "items": {"dropout": 0.3}})
        for m in ("kmeans", "frequency", "random")},
-    # the same, distilled from the full-softmax recipe (`itemlm` of the same dataset, TEACHER): the
-    # student matches its distribution over the whole catalog at every label (training/distill.py,
-    # weight 0.5), so training costs O(I) a label as the full softmax's; decoding is unchanged
+    # the same, distilled from the full-softmax recipe (the `itemlm` row of the same dataset): the
+    # student matches its distribution over the whole catalog at every label (training/distill.py),
+    # so training costs O(I) a label as the full softmax's; decoding is unchanged. Weight 0.9:
+    # office k-means validation NDCG@10 0.0743, against 0.0733 at 0.5 and 0.0741 at 1.0
+    # (two-level-kmeans-distill-w*); the same value on every dataset and clustering
     **{f"two-level-{m}-distill": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m,
                                                         "hidden_dropout": 0.3},
-                                             "items": {"dropout": 0.3}, "distill": {"teacher": "itemlm"}})
+                                             "items": {"dropout": 0.3},
+                                             "distill": {"teacher": "itemlm", "weight": 0.9}})
        for m in ("kmeans", "frequency", "random")},
     # the same before the repeat bias (measured against `itemlm-no-repeat-bias`; REPEAT_START)
     **{f"two-level-{m}" + "-no-repeat-bias": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m},
@@ -746,7 +749,7 @@ def write_table(results: dict, path: Path) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-TWO_LEVEL = re.compile(r"^two-level-(kmeans|frequency|random)(-dropout-[0-9.]+|-distill)?$")
+TWO_LEVEL = re.compile(r"^two-level-(kmeans|frequency|random)(-dropout-[0-9.]+|-distill(-w[0-9.]+)?)?$")
 # the paper's Tables 4-5 claim, as issue 21 sets it: the two-level model within 3% of the full
 # softmax's NDCG@10, ANN within 5%, Structure's top-10 the exact top-10 for every test user
 TWO_LEVEL_BAR, ANN_BAR = 0.97, 0.95
