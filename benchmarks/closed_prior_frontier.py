@@ -35,7 +35,8 @@ from itemgen.data.dataset import SequenceDataset  # noqa: E402
 from itemgen.evaluation.closed_prior import prior_grid, probe_items, ranks_by_prior  # noqa: E402
 from itemgen.evaluation.evaluate import rank_examples  # noqa: E402
 from itemgen.evaluation.metrics import ranking_metrics, target_ranks  # noqa: E402
-from itemgen.models.checkpoint import load_checkpoint  # noqa: E402
+from itemgen.core.config import from_dict  # noqa: E402
+from itemgen.models.checkpoint import load_checkpoint, read_items, save_checkpoint  # noqa: E402
 from itemgen.topk.exact import mask_items  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "closed_prior_frontier.json"
@@ -53,7 +54,12 @@ def main(argv=None) -> dict:
                          "chooses the LARGEST prior whose validation NDCG@10 on the warm users stays at least "
                          "--warm-share times the reference's on the same users, and scores test at that prior once")
     ap.add_argument("--warm-share", type=float, default=0.98)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="with --warm-floor-from: write a copy of the checkpoint whose prior is the rule's "
+                         "choice (atomically; a new folder)")
     args = ap.parse_args(argv)
+    if args.out is not None and (args.warm_floor_from is None or args.out.exists()):
+        sys.exit("error: --out needs --warm-floor-from and a folder that does not exist yet")
     model, cfg, _ = load_checkpoint(args.checkpoint)
     if model.items.closed() is None:
         sys.exit(f"error: {args.checkpoint} has no text-match path (items.text_match)")
@@ -87,6 +93,12 @@ def main(argv=None) -> dict:
         if args.split != "valid":
             sys.exit("error: --warm-floor-from chooses on validation: use --split valid")
         rule = warm_floor_rule(args, model, cfg, ds, examples, new, rows, absent)
+        if args.out is not None:  # the model now holds the rule's prior (items.closed_prior)
+            catalog, dataset = read_items(args.checkpoint)
+            values = cfg.to_dict()
+            values["items"]["closed_prior"] = rule["chosen_prior"]
+            save_checkpoint(args.out, model, from_dict(values), catalog, dataset=dataset,
+                            metrics={"closed_prior_rule": rule})
     entry = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split, "rule": rule,
              "chosen_prior": float(model.items.closed_prior), "users": len(examples), "new_users": int(new.sum()),
              "new_means": "probe-item targets (simulated)" if args.split == "valid" else "cold segment",
