@@ -256,7 +256,10 @@ def write_doc(results: dict, path: Path) -> None:
            "others, `pop:0` = none, `hist:short` = history of <= 5 items, `cold` = the target is one of the",
            "10% of items made new (split `cold10`: never in any training or validation input or target).",
            "Paired difference: the mean over the same users of this row's NDCG@10 minus its reference's,",
-           "± its standard error. The reading is in [text_notes.md](text_notes.md).", ""]
+           "± its standard error. A row named with a prior chose the closed-item prior on validation",
+           "(items.closed_prior_search); its `valid` figure is on that search's protocol, a random 10% of the",
+           "trained items scored as new items (evaluation/closed_prior.py). The reading is in",
+           "[text_notes.md](text_notes.md).", ""]
     for proto, title in (("masked", "as served (history masked)"), ("kept", "published protocol (history kept)")):
         out += [f"## {title}", ""]
         for split in SPLITS:
