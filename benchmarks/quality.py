@@ -749,7 +749,7 @@ def write_table(results: dict, path: Path) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-TWO_LEVEL = re.compile(r"^two-level-(kmeans|frequency|random)(-dropout-[0-9.]+|-distill(-w[0-9.]+)?)?$")
+TWO_LEVEL = re.compile(r"^two-level-(kmeans|frequency|random)(-dropout-[0-9.]+|-distill(-w[0-9.]+|-t[0-9.]+)?)?$")
 # the paper's Tables 4-5 claim, as issue 21 sets it: the two-level model within 3% of the full
 # softmax's NDCG@10, ANN within 5%, Structure's top-10 the exact top-10 for every test user
 TWO_LEVEL_BAR, ANN_BAR = 0.97, 0.95
@@ -773,7 +773,8 @@ def two_level_tables(by: dict, two: list[dict]) -> list[str]:
              "full-softmax recipe's (`itemlm`: the same training but for the head and its dropout, 0.3 by",
              "office validation), same protocol. Rows `*-distill` are trained to match the full-softmax recipe's",
              "distribution over the catalog too (distill.teacher = `itemlm`, weight 0.9 by office validation; the",
-             "`-w*` rows are the other weights tried): training then costs O(|I|) a label, decoding is unchanged.",
+             "`-w*` / `-t*` rows are the other weights / temperatures tried): training then costs O(|I|) a label,",
+             "decoding is unchanged.",
              f"Targets: two-level (exact) >= {TWO_LEVEL_BAR:.2f}x,",
              f"ANN >= {ANN_BAR:.2f}x, Structure's top-10 = the exact top-10 for every test user (\"users differ\":",
              "ordered lists, history kept / masked; \"beyond ties\": where the lists' exact log-probabilities",
