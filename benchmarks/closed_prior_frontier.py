@@ -4,6 +4,8 @@ history masked for all users, for the users whose target is a new item, and for 
 
     python benchmarks/closed_prior_frontier.py --checkpoint runs/text/office/cold10/itemlm-match-drop-prior/best \
         --data runs/text/data/office-cold10 --split valid --search 6
+    python benchmarks/closed_prior_frontier.py ... --split valid --warm-floor-from runs/text/office/cold10/itemlm/best \
+        --compare runs/text/office/cold10/text-knn-tfidf/best      # the warm-floor rule, paired on test
 
 On ``--split valid`` the new items are simulated as the training run's search simulates them (the
 probe: a random ``items.closed_prior_probe`` share of the trained items, their ID part closed,
@@ -30,14 +32,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from itemgen.api import run_info  # noqa: E402
+from itemgen.core.config import from_dict  # noqa: E402
 from itemgen.core.io import atomic_write_text  # noqa: E402
 from itemgen.data.dataset import SequenceDataset  # noqa: E402
 from itemgen.evaluation.closed_prior import prior_grid, probe_items, ranks_by_prior  # noqa: E402
 from itemgen.evaluation.evaluate import rank_examples  # noqa: E402
-from itemgen.evaluation.metrics import ranking_metrics, target_ranks  # noqa: E402
-from itemgen.core.config import from_dict  # noqa: E402
+from itemgen.evaluation.metrics import ndcg_gains, ranking_metrics  # noqa: E402
+from itemgen.evaluation.segments import dataset_segments, paired_by_segment  # noqa: E402
 from itemgen.models.checkpoint import load_checkpoint, read_items, save_checkpoint  # noqa: E402
-from itemgen.topk.exact import mask_items  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "closed_prior_frontier.json"
 
@@ -54,6 +56,9 @@ def main(argv=None) -> dict:
                          "chooses the LARGEST prior whose validation NDCG@10 on the warm users stays at least "
                          "--warm-share times the reference's on the same users, and scores test at that prior once")
     ap.add_argument("--warm-share", type=float, default=0.98)
+    ap.add_argument("--compare", type=Path, action="append", default=[],
+                    help="with --warm-floor-from: a checkpoint (e.g. text-kNN) the test figures at the chosen "
+                         "prior are paired with, user by user, per segment (the reference always is); repeatable")
     ap.add_argument("--out", type=Path, default=None,
                     help="with --warm-floor-from: write a copy of the checkpoint whose prior is the rule's "
                          "choice (atomically; a new folder)")
@@ -112,26 +117,13 @@ def main(argv=None) -> dict:
     return entry
 
 
-@torch.inference_mode()
-def masked_ranks(model, examples, max_history: int, absent: torch.Tensor | None) -> np.ndarray:
-    """(n,) target ranks, history masked, ``absent`` items left out (as ranks_by_prior leaves them)."""
-    model.eval()
-    out = []
-    for s in range(0, len(examples), 256):
-        b = examples[s:s + 256]
-        scores = mask_items(model.scores([e.history[-max_history:] for e in b]), [e.history for e in b])
-        if absent is not None:
-            scores[:, absent] = float("-inf")
-        out.append(target_ranks(scores, torch.as_tensor([e.target for e in b])).cpu().numpy())
-    return np.concatenate(out)
-
-
 def warm_floor_rule(args, model, cfg, ds, examples, new, rows, absent) -> dict:
     """The largest prior whose validation warm NDCG@10 stays >= warm_share x the reference's (on
     the same users, the probe's and the cold split's items treated as in the search), then test
     scored once at it (cold / warm segments of the split)."""
     ref, ref_cfg, _ = load_checkpoint(args.warm_floor_from)
-    ref_ranks = masked_ranks(ref, examples, ref_cfg.data.max_history, absent)
+    ref_ranks = rank_examples(ref, examples, max_history=ref_cfg.data.max_history, exclude_history=True,
+                              absent=absent)
     floor = args.warm_share * ranking_metrics(ref_ranks[~new])["ndcg@10"]
     ok = [r for r in rows if r["warm"] >= floor]
     chosen = max(r["prior"] for r in ok) if ok else 0.0
@@ -146,6 +138,16 @@ def warm_floor_rule(args, model, cfg, ds, examples, new, rows, absent) -> dict:
     if cold.any():
         out["test"].update(cold=round(ranking_metrics(ranks[cold])["ndcg@10"], 5),
                            warm=round(ranking_metrics(ranks[~cold])["ndcg@10"], 5))
+    # paired differences on test, user by user: this checkpoint at the chosen prior minus each other
+    masks = {**({"cold": cold, "warm": ~cold} if cold.any() else {}), **dataset_segments(ds, "test")}
+    masks = {k: masks[k] for k in ("cold", "warm", "tail", "head") if k in masks}
+    gains = ndcg_gains(ranks)
+    out["paired"] = {}
+    for other in [args.warm_floor_from, *args.compare]:
+        m, c, _ = load_checkpoint(other)
+        theirs = ndcg_gains(rank_examples(m, test, max_history=c.data.max_history, exclude_history=True))
+        out["paired"][str(other)] = {seg: {k: round(v, 5) if isinstance(v, float) else v for k, v in p.items()}
+                                     for seg, p in paired_by_segment(gains, theirs, masks).items()}
     print(json.dumps({"rule": out}), flush=True)
     return out
 

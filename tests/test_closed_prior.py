@@ -107,11 +107,12 @@ def test_grid_ranks_equal_the_slow_reference(cold, masked):
     for g in (0, 4, 12):
         want = _reference_ranks(m, cold.split.valid, float(grid[g]), masked, probe, absent)
         assert np.array_equal(by[g], want), g
-    # without a probe or absent items: the model as it scores, its prior set to the value
-    plain = ranks_by_prior(m, cold.split.valid, grid, max_history=6, exclude_history=masked)
+    # without a probe: the model as it scores, its prior set to the value (absent items left out alike)
+    plain = ranks_by_prior(m, cold.split.valid, grid, max_history=6, exclude_history=masked, absent=absent)
     m.items.set_closed_prior(float(grid[8]))
     assert np.array_equal(plain[8], rank_examples(m, cold.split.valid, max_history=6, batch_size=7,
-                                                  exclude_history=masked))
+                                                  exclude_history=masked, absent=absent))
+    assert not np.array_equal(plain[8], rank_examples(m, cold.split.valid, max_history=6, exclude_history=masked))
     value, metrics = best_prior(by, grid)
     assert metrics["closed_prior"] == value and value in grid
     assert metrics["ndcg@10"] == max(best_prior(by[g:g + 1], grid[g:g + 1])[1]["ndcg@10"] for g in range(len(grid)))

@@ -79,7 +79,7 @@ def ranks_by_prior(model: Recommender, examples: list[Example], grid: np.ndarray
             if exclude_history:
                 scores = mask_items(scores, [examples[i].history for i in idx])
             if absent is not None:
-                scores[:, absent.to(scores.device)] = float("-inf")
+                scores = scores.masked_fill(absent.to(scores.device), float("-inf"))
             targets = torch.as_tensor([examples[i].target for i in idx], device=scores.device)
             lift_ = lift.to(scores.device, scores.dtype)
             for g, value in enumerate(grid):

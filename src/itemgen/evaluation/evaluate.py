@@ -21,20 +21,25 @@ TOP = 10  # top-k lists kept per user for the collapse check (metrics.diversity)
 
 @torch.inference_mode()
 def rank_examples(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
-                  exclude_history: bool = False) -> np.ndarray:
-    """-> (n,) rank of each example's target among all items (1 = best, ties against)."""
+                  exclude_history: bool = False, absent: torch.Tensor | None = None) -> np.ndarray:
+    """-> (n,) rank of each example's target among all items (1 = best, ties against).
+    ``absent`` (I,) bool: items left out of every ranking (e.g. a cold split's new items, which do
+    not exist yet at validation time; never a target here)."""
     if getattr(model, "default_decoder", "exact") != "exact":  # no full-catalog scores (beam search)
+        if absent is not None:
+            raise ValueError(f"{model.name} ranks with {model.default_decoder}: it cannot leave items out")
         return decoder_ranks(model, make_decoder(model.default_decoder, model), examples,
                              max_history=max_history, batch_size=batch_size, exclude_history=exclude_history)
     return rank_and_top(model, examples, max_history=max_history, batch_size=batch_size,
-                        exclude_history=exclude_history, k=0)[0]
+                        exclude_history=exclude_history, k=0, absent=absent)[0]
 
 
 @torch.inference_mode()
 def rank_and_top(model: Recommender, examples: list[Example], *, max_history: int, batch_size: int = 128,
-                 exclude_history: bool = False, k: int = TOP, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """-> ranks (n,) as rank_examples, and each example's top-k items (n, k), best first.
-    ``progress``: report users done (core/progress.py; off for validation inside training)."""
+                 exclude_history: bool = False, k: int = TOP, progress: bool = False,
+                 absent: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """-> ranks (n,) as rank_examples (``absent`` as there), and each example's top-k items (n, k),
+    best first. ``progress``: report users done (core/progress.py; off for validation inside training)."""
     was_training = model.training
     model.eval()
     k = min(k, model.n_items)
@@ -49,6 +54,8 @@ def rank_and_top(model: Recommender, examples: list[Example], *, max_history: in
         scores = model.scores(hist)  # (B, I)
         if exclude_history:
             scores = mask_items(scores, [examples[i].history for i in idx])
+        if absent is not None:
+            scores = scores.masked_fill(absent.to(scores.device), float("-inf"))
         targets = torch.as_tensor([examples[i].target for i in idx], device=scores.device)
         ranks[idx] = target_ranks(scores, targets).cpu().numpy()
         if k:
