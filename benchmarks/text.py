@@ -99,6 +99,21 @@ VARIANTS = {
     # random 10% of the trained items, their ID part closed during the search, is bought
     "itemlm-match-drop-prior": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2,
                                                      "closed_prior_search": 12.0}}, "itemlm"),
+    # the recipe for datasets with text since the lexical view (models/lexical.py): the above plus each
+    # item's words (TF-IDF on a 256-dim LSA basis) scored against the user's last 3 items, weighted
+    # per item bucket (ID closed / tail / head) as validation chooses, with the prior
+    "itemlm-match-drop-lex": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2,
+                                                   "closed_prior_search": 12.0, "lexical": 256}}, "itemlm"),
+    # the same, with the closed bucket chosen by the warm-floor rule (items.closed_prior_rule): new
+    # items get as much room as costs the other validation users at most 2% (the shipped recipe)
+    "itemlm-match-drop-lex-floor": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2,
+                                                         "closed_prior_search": 12.0, "lexical": 256,
+                                                         "closed_prior_rule": "warm_floor"}}, "itemlm"),
+    # SASRec with the same text-match path, prior rule and lexical view: what the LM backbone adds
+    # over an ID model given the same text (trained from scratch, as the sasrec row)
+    "sasrec-match-drop-lex-floor": ("sasrec", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2,
+                                                         "closed_prior_search": 12.0, "lexical": 256,
+                                                         "closed_prior_rule": "warm_floor"}}, "sasrec"),
     # a larger start for the text term (validation before training: better tail, worse head)
     "itemlm-match-drop-s20": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2,
                                                   "text_match_scale": 20.0}}, "itemlm"),
@@ -116,8 +131,9 @@ NO_BIAS = "-no-repeat-bias"
 VARIANTS.update({v + NO_BIAS: (VARIANTS[v][0], merge(VARIANTS[v][1], {"repeat": {"bias": "none"}}),
                                VARIANTS[v][2] and VARIANTS[v][2] + NO_BIAS)
                  for v in ("sasrec", "itemlm", "itemlm-match-drop")})
-# the recipe for datasets with text (recipes.ITEMLM_TEXT) is itemlm-match-drop (a test keeps them equal)
-DEFAULT_VARIANTS = ["sasrec", "itemlm", "text-knn", "text-knn-tfidf", "itemlm-match-drop", "sasrec-576"]
+# the recipe for datasets with text (recipes.ITEMLM_TEXT) is itemlm-match-drop-lex-floor (a test keeps them equal)
+DEFAULT_VARIANTS = ["sasrec", "itemlm", "text-knn", "text-knn-tfidf", "itemlm-match-drop", "itemlm-match-drop-lex-floor",
+                    "sasrec-576", "sasrec-match-drop-lex-floor"]
 TABLE_SEGMENTS = ("all", "head", "tail", "pop:0", "hist:short", "hist:long", "warm", "cold")
 
 

@@ -16,7 +16,10 @@ from fastapi.testclient import TestClient
 
 from itemgen.api import Predictor
 from itemgen.core.config import from_dict
+from itemgen.data.dataset import ItemTable
+from itemgen.models.checkpoint import save_checkpoint
 from itemgen.models.new_items import add_items
+from itemgen.models.text_view import item_texts
 from itemgen.serving import engine as engine_module
 from itemgen.serving.server import ServeSettings, create_app
 from itemgen.topk.ann import AnnIndex
@@ -280,6 +283,40 @@ def test_a_gated_text_match_model_serves_added_items_as_the_offline_add(families
         ann = top(c, history, k=8, decode="ann")
     assert [x["id"] for x in ann] == [x["id"] for x in served]
     offline = Predictor.load(add_items(ckpt, write_jsonl(tmp_path / "new.jsonl", NEW), tmp_path / "out").out)
+    want = offline.recommend([history], k=8)[0]
+    assert [x["id"] for x in served] == [x["id"] for x in want]
+    np.testing.assert_allclose([x["score"] for x in served], [x["score"] for x in want], atol=1e-4)
+
+
+def test_a_lexical_view_model_serves_added_items_as_the_offline_add(families, tmp_path):
+    """items.lexical: a new item added over HTTP gets its words' vector from the checkpoint's own
+    vocabulary and basis; exact and ANN answers, and the saved `items add` checkpoint, agree (item
+    vectors [v ; t ; c ; w(b) u], queries [h ; M q ; 1 ; q])."""
+    cfg = from_dict({"model": "itemlm", "data": {"path": "x", "max_history": 6},
+                     "itemlm": {"backbone": "tiny", "prompt": "ids", "item_dim": 16, "id_only_share": 1.0,
+                                "text_vocab_in_softmax": False},
+                     "items": {"text_encoder": "tiny", "text_match": 3, "id_dropout": 0.3, "lexical": 8},
+                     "train": {"out": str(tmp_path / "run"), "max_steps": 20, "eval_every": 20, "eval_users": 50,
+                               "progress": False, "batch_size": 32, "warmup_steps": 0, "lr": 1e-2}})
+    pred0 = Predictor.load(train(cfg, dataset=families).out / "last")
+    pred0.model.items.lexical.set_weights([8.0, 4.0, 2.0], [0.0, 0.0, 0.0])  # the words weigh, whatever validation chose
+    ckpt = tmp_path / "weighted"
+    save_checkpoint(ckpt, pred0.model, pred0.cfg, pred0.items)
+    AnnIndex.build(pred0.model, "flat").save(ckpt)
+    client, pred = serve(ckpt)
+    history = ["F0M0", "F0M1", "NEW-lamp"]
+    with client as c:
+        assert c.post("/v1/items", json={"items": NEW}).status_code == 201
+        assert pred.decoder("ann").index.n_items == N_OLD + 2
+        served = top(c, history, k=8)
+        ann = top(c, history, k=8, decode="ann")
+    assert [x["id"] for x in ann] == [x["id"] for x in served]
+    offline = Predictor.load(add_items(ckpt, write_jsonl(tmp_path / "new.jsonl", NEW), tmp_path / "out").out)
+    lex = offline.model.items.lexical
+    new = ItemTable([x["id"] for x in NEW], {f: [x[f] for x in NEW] for f in ("title", "brand", "category")})
+    texts = item_texts(new, tuple(offline.cfg.items.text_fields))
+    torch.testing.assert_close(lex.vectors[-2:], lex.encode(texts))
+    assert lex.vectors[-2:].any()  # their words are in the catalog's vocabulary
     want = offline.recommend([history], k=8)[0]
     assert [x["id"] for x in served] == [x["id"] for x in want]
     np.testing.assert_allclose([x["score"] for x in served], [x["score"] for x in want], atol=1e-4)

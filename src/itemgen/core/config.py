@@ -114,6 +114,18 @@ class ItemsConfig:
     # (evaluation/closed_prior.py)
     closed_prior_search: float = 0.0
     closed_prior_probe: float = 0.1
+    # how the search chooses, with items.lexical (evaluation/score_search.py): "all" = the best
+    # NDCG@10 over all validation users; "warm_floor" = the best on the probe's stand-ins for new-item
+    # buyers while every other validation user keeps NDCG@10 >= closed_prior_warm_floor times its
+    # figure with no closed item in the ranking (new items may cost the others at most that much)
+    closed_prior_rule: str = "all"
+    closed_prior_warm_floor: float = 0.98
+    # with text_match: the lexical view's width k (models/lexical.py): each item's TF-IDF words on a
+    # k-dim LSA basis, scored against the user's last text_match items with a weight per item
+    # bucket (ID closed / 1-4 / 5+ training interactions) chosen at every validation with the
+    # closed-item prior (evaluation/score_search.py); never trained; 0 = off
+    lexical: int = 0
+    lexical_min_df: int = 2  # the vocabulary: words in at least this many items' text
 
 
 # ItemLMConfig's item fields before the `items` section existed, translated when a config is read
@@ -525,6 +537,15 @@ def validate(cfg: Config) -> None:
         (math.isfinite(it.closed_prior), "items.closed_prior must be a finite number of logits"),
         (0 <= it.closed_prior_search <= 100, "items.closed_prior_search must be in [0, 100] logits (0 = off)"),
         (0 < it.closed_prior_probe < 1, "items.closed_prior_probe must be in (0, 1) (a share of the trained items)"),
+        (it.closed_prior_rule in ("all", "warm_floor"), "items.closed_prior_rule: all or warm_floor"),
+        (it.closed_prior_rule == "all" or it.lexical > 0 and it.closed_prior_search > 0,
+         "items.closed_prior_rule=warm_floor needs items.lexical and items.closed_prior_search (it chooses the "
+         "closed bucket's weight and prior on the probe)"),
+        (0 < it.closed_prior_warm_floor <= 1, "items.closed_prior_warm_floor must be in (0, 1]"),
+        (it.lexical >= 0, "items.lexical must be >= 0 (the lexical view's width; 0 = off)"),
+        (it.lexical == 0 or it.text_match > 0,
+         "items.lexical needs items.text_match (its query is the mean over the same last history items)"),
+        (it.lexical_min_df >= 1, "items.lexical_min_df must be >= 1"),
         (it.id_min_count == 1 or bool(it.text_gate), "items.id_min_count > 1 needs items.text_gate (the closed "
                                                      "bucket that scores those items)"),
         (all(isinstance(e, int) and e >= 2 for e in it.text_gate) and list(it.text_gate) == sorted(set(it.text_gate)),

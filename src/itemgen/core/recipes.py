@@ -70,8 +70,14 @@ def merge(a: dict, b: dict) -> dict:
 # out of the training softmax, and `itemgen items add` gives a new item its text part at once).
 # Chosen by office validation NDCG@10 (history masked) over the fused views: 0.0808 against 0.0775
 # (text+id on both sides) and 0.0764 (the ID recipe) (benchmarks/text.py, docs/text.md).
+# Then the lexical view (models/lexical.py): each item's words (TF-IDF on a 256-dim LSA basis)
+# against the words of the user's last 3 items, weighed per item bucket (ID closed / tail / head),
+# with the closed-item prior, all chosen at every validation (evaluation/score_search.py); new
+# items' weight and prior by the warm-floor rule (as much room as costs the other validation users
+# at most 2%) (docs/text_notes.md, section 8).
 ITEMLM_TEXT = merge(ITEMLM_CPU, {"items": {"text_encoder": "minilm", "text_fields": ["title", "brand", "category"],
-                                           "text_match": 3, "id_dropout": 0.2}})
+                                           "text_match": 3, "id_dropout": 0.2, "closed_prior_search": 12.0,
+                                           "lexical": 256, "closed_prior_rule": "warm_floor"}})
 
 
 # ItemLM on a GPU: the same recipe with the whole pretrained backbone, the paper's prompt and item

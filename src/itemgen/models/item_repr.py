@@ -50,6 +50,7 @@ from torch import nn
 
 from itemgen.core.config import ItemsConfig
 from itemgen.data.dataset import DataError, ItemTable
+from itemgen.models.lexical import LexicalView
 from itemgen.models.text_match import TextGate, TextMatch
 from itemgen.models.text_view import TextEncoder, encode_items, load_text_encoder
 
@@ -164,6 +165,9 @@ class ItemRepr(nn.Module):
             # items.closed_prior, or chosen on validation (items.closed_prior_search). The training
             # loss leaves new items far below where they rank well (docs/text_notes.md, section 6)
             self.register_buffer("closed_prior", torch.tensor(float(cfg.closed_prior)))
+        # the lexical view (models/lexical.py): w(b_i) u_i . q + beta(b_i) when scoring, weights
+        # chosen on validation (evaluation/score_search.py); built by set_lexical, or loaded
+        self.lexical = LexicalView(n_items, cfg.lexical) if self.match is not None and cfg.lexical > 0 else None
         # an output view without a text part of its own: the ID gate applies to v_i in match_items
         self._gate_matched = self.output_view == "untied" or self.output_view == "tied" and self.input_view == "id"
         self._match_cache = None
@@ -232,6 +236,15 @@ class ItemRepr(nn.Module):
         self.set_known(counts >= self.cfg.id_min_count)
         if self.gate is not None:
             self.item_bucket.copy_(self.gate.buckets(counts))
+        if self.lexical is not None:
+            self.lexical.set_counts(counts)
+
+    @torch.no_grad()
+    def set_lexical(self, texts: list[str], seed: int = 0) -> None:
+        """Build the lexical view from every item's text (item_text over items.text_fields), once."""
+        if self.lexical is None:
+            raise ValueError("this item representation has no lexical view (items.lexical)")
+        self.lexical.fit(texts, self.cfg.lexical_min_df, seed)
 
     @torch.no_grad()
     def init_ids(self, vectors: torch.Tensor, std: float) -> None:
@@ -369,6 +382,11 @@ class ItemRepr(nn.Module):
         else:  # ID closed (new, unknown or dropped this step): bucket 0, as a new item's
             g, c = self.gate(torch.where(open_, self.item_bucket, torch.zeros_like(self.item_bucket)))
             out = torch.cat([v, text * g[:, None].to(v.dtype), (c.to(v.dtype) + prior)[:, None]], 1)  # (I, H + F + 1)
+        if self._lexical_on():  # [.. ; c_i + beta(b_i) ; w(b_i) u_i] (I, H + F + 1 + k)
+            lex = self.lexical
+            b = lex.buckets(open_)
+            out[:, -1] += lex.bias.to(v.dtype)[b]
+            out = torch.cat([out, lex.vectors.to(v.dtype) * lex.weight.to(v.dtype)[b][:, None]], 1)
         if key is not None:
             self._match_cache = (key, out)
         return out
@@ -377,15 +395,23 @@ class ItemRepr(nn.Module):
         """h (N, H) query states at the positions ``at`` (B, L) of a batch whose item slots are
         ``items`` (B, L) (-1 elsewhere) -> (N, H + F + 1) [h ; M q ; 1], q over the slots up to
         each position."""
-        return self._match_query(h, self.match.slot_means(self.text_view, items, at))  # q (N, F)
+        q_lex = self.match.slot_means(self.lexical.vectors, items, at) if self._lexical_on() else None  # (N, k)
+        return self._match_query(h, self.match.slot_means(self.text_view, items, at), q_lex)  # q (N, F)
 
     def match_histories(self, h: torch.Tensor, histories) -> torch.Tensor:
         """h (B, H) query states at the end of ``histories`` -> (B, H + F + 1) [h ; M q ; 1]."""
-        return self._match_query(h, self.match.history_means(self.text_view, histories))  # q (B, F)
+        q_lex = self.match.history_means(self.lexical.vectors, histories) if self._lexical_on() else None  # (B, k)
+        return self._match_query(h, self.match.history_means(self.text_view, histories), q_lex)  # q (B, F)
 
-    def _match_query(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        # the 1 reads every item's bias: the gate's c(b_i) and the closed-item prior
-        return torch.cat([h, self.match(q).to(h.dtype), h.new_ones(h.shape[0], 1)], 1)
+    def _match_query(self, h: torch.Tensor, q: torch.Tensor, q_lex: torch.Tensor | None = None) -> torch.Tensor:
+        # the 1 reads every item's bias: the gate's c(b_i), the closed-item prior, beta(b_i)
+        parts = [h, self.match(q).to(h.dtype), h.new_ones(h.shape[0], 1)]
+        return torch.cat(parts if q_lex is None else parts + [q_lex.to(h.dtype)], 1)
+
+    def _lexical_on(self) -> bool:
+        """The lexical columns take part when scoring (eval mode), never in training: its weights
+        are not trained, and k more columns in every training logit would cost for nothing."""
+        return self.lexical is not None and not self.training
 
     def closed(self) -> torch.Tensor | None:
         """(I,) bool: items scored without an ID part (new, unknown, added), which the closed-item
@@ -405,16 +431,21 @@ class ItemRepr(nn.Module):
 
     # ---- new items -----------------------------------------------------------------------------
     @torch.no_grad()
-    def append_items(self, view: torch.Tensor) -> None:
+    def append_items(self, view: torch.Tensor, texts: list[str] | None = None) -> None:
         """Add len(view) items at the end of the catalog from their text view (N, F) alone: no
         ID part (id_known False, zero ID rows), so their vectors come from text as an unknown
-        item's. Every item-indexed tensor grows; trained weights are unchanged."""
+        item's. Every item-indexed tensor grows; trained weights are unchanged. ``texts`` (N,):
+        their text (text_view.item_text), which the lexical view encodes (items.lexical)."""
         if not self.has_text:
             raise ValueError("this model keeps no text view (items.input / items.output have no text part)")
         n = view.shape[0]
         if view.ndim != 2 or view.shape[1] != self.text_view.shape[1]:
             raise ValueError(f"new items' text view has shape {tuple(view.shape)}, "
                              f"expected (N, {self.text_view.shape[1]})")
+        if self.lexical is not None:
+            if texts is None or len(texts) != n:
+                raise ValueError(f"items.lexical: the {n} new items' texts are needed for their lexical view")
+            self.lexical.append(self.lexical.encode(texts))
         dev = self.text_view.device
         self.text_view = torch.cat([self.text_view, view.to(dev, self.text_view.dtype)])
         self.id_known = torch.cat([self.id_known, torch.zeros(n, dtype=torch.bool, device=dev)])

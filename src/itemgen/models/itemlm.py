@@ -31,6 +31,7 @@ from itemgen.models.backbones import add_dropout, cache_kwargs, load_backbone
 from itemgen.models.item_encoder import add_lora
 from itemgen.models.item_repr import ItemRepr, compute_text_view, text_dim_of, text_encoder, upgrade_state_dict, uses_text
 from itemgen.models.recommender import Recommender
+from itemgen.models.text_view import item_texts
 
 # The packed path keeps every item's first-layer q|k|v (with the (I, H) input table) up to this
 # size; a larger catalog computes them per request (SmolLM2: 6 KiB an item, 1 GiB ~ 175k items).
@@ -114,6 +115,8 @@ class ItemLM(Recommender):
         view = compute_text_view(cfg.items, items, text_encoder(cfg.items, backbone, tokenizer))  # (I, F)
         model = cls(backbone, tokenizer, items, cfg.itemlm, cfg.items, clusters, view.shape[1])
         model.items.set_text(view)  # once; the checkpoint keeps it
+        if model.items.lexical is not None:  # the words' view, once too (models/lexical.py)
+            model.items.set_lexical(item_texts(items, cfg.items.text_fields), cfg.train.seed)
         return model
 
     # state-dict names before the item representation was one component (old checkpoints)
@@ -121,7 +124,7 @@ class ItemLM(Recommender):
                    "item_encoder.text_proj.": "items.text_proj.", "item_proj.": "items.proj.",
                    "tied_scale": "items.tied_scale", "out_proj.": "items.out_proj."}
 
-    def append_items(self, view: torch.Tensor) -> None:
+    def append_items(self, view: torch.Tensor, texts: list[str] | None = None) -> None:
         """Grow the catalog by len(view) items vectorised from their text view (N, F) alone
         (models/new_items.py, and the server's POST /v1/items in memory). The prompt builder keeps
         the old table, which only training prompts with text fields read (inference prompts are
@@ -131,7 +134,7 @@ class ItemLM(Recommender):
         untied = self.items.output_view == "untied"
         if untied and self.items.match is None:
             raise ValueError("items.output=untied: new items have no output vectors (the head's are per item)")
-        self.items.append_items(view)
+        self.items.append_items(view, texts)  # texts: the lexical view's words (items.lexical)
         if untied:
             w = self.head.item_out
             self.head.item_out = nn.Parameter(torch.cat([w, w.new_zeros(len(view), w.shape[1])]))

@@ -23,7 +23,7 @@ from itemgen.data.dataset import DataError, ItemTable
 from itemgen.data.item_file import read_item_file
 from itemgen.models.checkpoint import CheckpointError, load_checkpoint, read_config, read_items, save_checkpoint
 from itemgen.models.item_repr import output_view, uses_text
-from itemgen.models.text_view import TextEncoder, encode_items, item_text, load_text_encoder
+from itemgen.models.text_view import TextEncoder, encode_items, item_text, item_texts, load_text_encoder
 
 MAX_ITEMS = 10_000  # per file: encoding is ~1 ms an item on a CPU, and the whole file is checked first
 
@@ -109,7 +109,8 @@ def add_items(checkpoint: str | Path, new_items: str | Path, out: str | Path, *,
     fields = tuple(cfg.items.text_fields)
     check_new_items(catalog, new, fields, f"{new_items} (catalog of {checkpoint})")
     model, _, _ = load_checkpoint(checkpoint)
-    model.append_items(encode_new_items(new, load_text_encoder(cfg.items.text_encoder), fields))
+    model.append_items(encode_new_items(new, load_text_encoder(cfg.items.text_encoder), fields),
+                       item_texts(new, fields))
     merged = merge_catalog(catalog, new)
     metrics = _read_json(checkpoint / "metrics.json")
     metrics["added_items"] = metrics.get("added_items", 0) + len(new)

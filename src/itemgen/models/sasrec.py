@@ -17,6 +17,7 @@ from itemgen.core.config import Config, ItemsConfig, SASRecConfig
 from itemgen.data.dataset import ItemTable
 from itemgen.models.item_repr import ItemRepr, compute_text_view, text_dim_of, text_encoder, upgrade_state_dict, uses_text
 from itemgen.models.next_item import NextItemRecommender
+from itemgen.models.text_view import item_texts
 
 
 class SASRec(NextItemRecommender):
@@ -52,12 +53,14 @@ class SASRec(NextItemRecommender):
         view = compute_text_view(cfg.items, items, text_encoder(cfg.items))  # (I, F)
         model = cls(len(items), cfg.sasrec, cfg.data.max_history, cfg.items, view.shape[1])
         model.items.set_text(view)  # once; the checkpoint keeps it
+        if model.items.lexical is not None:  # the words' view, once too (models/lexical.py)
+            model.items.set_lexical(item_texts(items, cfg.items.text_fields), cfg.train.seed)
         return model
 
-    def append_items(self, view: torch.Tensor) -> None:
+    def append_items(self, view: torch.Tensor, texts: list[str] | None = None) -> None:
         """Grow the catalog by len(view) items vectorised from their text view (N, F) alone
         (models/new_items.py)."""
-        self.items.append_items(view)
+        self.items.append_items(view, texts)  # texts: the lexical view's words (items.lexical)
         self.n_items = self.items.n_items
 
     def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import torch
 from itemgen.api import Predictor
 from itemgen.data.dataset import ItemTable
 from itemgen.models.new_items import addable_problem, check_new_items, encode_new_items, merge_catalog
-from itemgen.models.text_view import TextEncoder, load_text_encoder
+from itemgen.models.text_view import TextEncoder, item_texts, load_text_encoder
 from itemgen.serving.sessions import Session, session_query, supports_incremental
 from itemgen.topk.ann import AnnTopK
 from itemgen.topk.factory import DECODERS
@@ -211,7 +211,7 @@ class Engine:
         if not torch.isfinite(view).all():
             raise ModelOutputError("the text encoder produced non-finite vectors for the new items")
         n_old = self.model.n_items
-        self.model.append_items(view)
+        self.model.append_items(view, item_texts(new, fields))
         ann = None
         for name, decoder in list(self.decoders.items()):
             if isinstance(decoder, AnnTopK):

@@ -24,6 +24,7 @@ from itemgen.core.progress import Progress
 from itemgen.data.dataset import SequenceDataset, training_sequences
 from itemgen.data.load import load_dataset
 from itemgen.evaluation.closed_prior import best_prior, prior_grid, probe_items, ranks_by_prior
+from itemgen.evaluation.score_search import ranks_at, score_parts, search, search_metrics
 from itemgen.evaluation.evaluate import rank_examples, subsample
 from itemgen.evaluation.metrics import ranking_metrics
 from itemgen.models.checkpoint import load_trainer_state, load_weights, save_checkpoint
@@ -222,17 +223,35 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
             append_jsonl(history_path, record)
 
     grid = probe = absent = None
+    lexical = getattr(getattr(core, "items", None), "lexical", None)  # its weights: chosen at every validation
     if cfg.items.closed_prior_search > 0:  # the closed-item prior, chosen at every validation (closed_prior.py)
         grid = prior_grid(cfg.items.closed_prior_search)
         probe = probe_items(core.items.id_known, cfg.items.closed_prior_probe, t.seed)  # stand-ins for new items
-        if ds.cold_items is not None:  # a cold split's new items do not exist yet at validation time
-            absent = torch.zeros(ds.n_items, dtype=torch.bool)
-            absent[torch.from_numpy(ds.cold_items)] = True
+    if (grid is not None or lexical is not None) and ds.cold_items is not None:
+        # a cold split's new items do not exist yet at validation time
+        absent = torch.zeros(ds.n_items, dtype=torch.bool)
+        absent[torch.from_numpy(ds.cold_items)] = True
 
     def validate() -> dict:
         shard = valid[rank::world]
         opts = dict(max_history=cfg.data.max_history, batch_size=t.eval_batch_size,
                     exclude_history=t.eval_exclude_history)
+        if lexical is not None:  # w, beta per bucket (and the prior): evaluation/score_search.py
+            parts = score_parts(core, shard, absent=absent, **opts)
+            probed = score_parts(core, shard, probe=probe, absent=absent, **opts) if probe is not None else None
+            total = (lambda x: np.sum(gather_object([x]), 0)) if world > 1 else (lambda x: x)
+            floor = cfg.items.closed_prior_warm_floor if cfg.items.closed_prior_rule == "warm_floor" else None
+            chosen, ranks = search(parts, probed, grid, float(core.items.closed_prior), reduce=total, warm_floor=floor)
+            all_ranks = np.concatenate(gather_object([ranks])) if world > 1 else ranks
+            if grid is not None:
+                core.items.set_closed_prior(chosen["prior"])
+            lexical.set_weights(chosen["weight"], chosen["bias"])
+            metrics = search_metrics(chosen, all_ranks)
+            if probed is not None:  # the figure on validation as it is, without the probe
+                plain = ranks_at(parts, chosen["weight"], chosen["bias"], chosen["prior"])
+                plain = np.concatenate(gather_object([plain])) if world > 1 else plain
+                metrics["ndcg@10_unprobed"] = ranking_metrics(plain)["ndcg@10"]
+            return metrics
         if grid is not None:  # validation NDCG@10 with the probe closed, at the best prior of the grid
             by = ranks_by_prior(core, shard, grid, probe=probe, absent=absent, **opts)  # (G, n_shard)
             by = np.concatenate(gather_object([by]), 1) if world > 1 else by
