@@ -222,3 +222,35 @@ def test_warm_floor_config_errors():
     with pytest.raises(ConfigError, match="closed_prior_warm_floor must be in"):
         _cfg(items={"closed_prior_rule": "warm_floor", "closed_prior_search": 4.0, "closed_prior_warm_floor": 1.5})
     _cfg(items={"closed_prior_rule": "warm_floor", "closed_prior_search": 4.0})
+
+
+def test_the_warm_floor_against_a_reference_model(cold, tmp_path):
+    """closed_prior_floor_from: the others' floor is a reference model's figure on the same users
+    (the ID model the recipe starts from); training ranks validation with it once."""
+    m, _ = _model(cold)
+    probe = probe_items(m.items.id_known, 0.2, seed=0)
+    plain = score_parts(m, cold.split.valid, max_history=6, exclude_history=True)
+    parts = score_parts(m, cold.split.valid, max_history=6, exclude_history=True, probe=probe)
+    closed_target = np.asarray([bool(probe[e.target]) or not bool(m.items.id_known[e.target])
+                                for e in cold.split.valid])
+    ndcg = lambda r: np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)  # noqa: E731
+    reference = np.asarray([1 if i % 3 else 50 for i in range(len(cold.split.valid))])  # a known answer
+    ref = ndcg(reference)[~closed_target].mean()
+    for floor in (0.05, 0.2, 0.3):
+        chosen, ranks = search(plain, parts, np.arange(0, 6.01, 0.5), warm_floor=floor, reference=reference)
+        feasible = ndcg(ranks)[~closed_target].mean() >= floor * ref - 1e-12
+        assert feasible or floor > 0.05  # the lowest floor is met
+        best_others = max(ndcg(ranks_at(parts, [w, *chosen["weight"][1:]], chosen["bias"], p))[~closed_target].mean()
+                          for w in WEIGHTS for p in np.arange(0, 6.01, 0.5))
+        # feasible when any setting is; otherwise the others' best figure
+        assert feasible or ndcg(ranks)[~closed_target].mean() == pytest.approx(best_others, abs=1e-12)
+    # in training: the reference is a checkpoint (here another tiny run on the same catalog)
+    ref_run = train(_cfg(tmp_path / "ref", items={"lexical": 0, "text_match": 0, "id_dropout": 0.0}), dataset=cold)
+    res = train(_cfg(tmp_path / "run", items={"closed_prior_search": 4.0, "closed_prior_rule": "warm_floor",
+                                              "closed_prior_floor_from": str(ref_run.best)}, max_steps=2,
+                     eval_every=2), dataset=cold)
+    assert "closed_prior" in res.best_valid and "lexical" in res.best_valid
+    with pytest.raises(ConfigError, match="floor_from=init needs items.init_from"):
+        _cfg(items={"closed_prior_search": 4.0, "closed_prior_rule": "warm_floor", "closed_prior_floor_from": "init"})
+    with pytest.raises(ConfigError, match="set items.closed_prior_rule=warm_floor"):
+        _cfg(items={"closed_prior_floor_from": "init", "init_from": "x"})

@@ -120,6 +120,10 @@ class ItemsConfig:
     # figure with no closed item in the ranking (new items may cost the others at most that much)
     closed_prior_rule: str = "all"
     closed_prior_warm_floor: float = 0.98
+    # warm_floor's reference for the other users: "self" = this model with no closed item in the
+    # ranking; "init" = the ID model items.init_from names (the recipe's SASRec: new items may bring
+    # the others down to 98% of what the ID model gives them, not of what text added); or a checkpoint
+    closed_prior_floor_from: str = "self"
     # with text_match: the lexical view's width k (models/lexical.py): each item's TF-IDF words on a
     # k-dim LSA basis, scored against the user's last text_match items with a weight per item
     # bucket (ID closed / 1-4 / 5+ training interactions) chosen at every validation with the
@@ -542,6 +546,10 @@ def validate(cfg: Config) -> None:
          "items.closed_prior_rule=warm_floor needs items.lexical and items.closed_prior_search (it chooses the "
          "closed bucket's weight and prior on the probe)"),
         (0 < it.closed_prior_warm_floor <= 1, "items.closed_prior_warm_floor must be in (0, 1]"),
+        (it.closed_prior_floor_from != "init" or bool(it.init_from),
+         "items.closed_prior_floor_from=init needs items.init_from (the checkpoint the ID vectors start from)"),
+        (it.closed_prior_floor_from == "self" or it.closed_prior_rule == "warm_floor",
+         "items.closed_prior_floor_from is the warm_floor rule's reference: set items.closed_prior_rule=warm_floor"),
         (it.lexical >= 0, "items.lexical must be >= 0 (the lexical view's width; 0 = off)"),
         (it.lexical == 0 or it.text_match > 0,
          "items.lexical needs items.text_match (its query is the mean over the same last history items)"),

@@ -128,7 +128,7 @@ def _ascend(parts: ScoreParts, state: dict, coords: list, reduce) -> None:
 
 def search(parts: ScoreParts, probe_parts: ScoreParts | None = None, prior_grid: np.ndarray | None = None,
            prior: float = 0.0, reduce: Callable[[np.ndarray], np.ndarray] = lambda x: x,
-           warm_floor: float | None = None) -> tuple[dict, np.ndarray]:
+           warm_floor: float | None = None, reference: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """-> (the chosen {"weight", "bias", "prior"}, the ranks there: on ``probe_parts`` when given).
 
     The open buckets first, w(tail), w(head), beta(tail), on ``parts``: the catalog as it is
@@ -140,7 +140,8 @@ def search(parts: ScoreParts, probe_parts: ScoreParts | None = None, prior_grid:
     validation targets score 0.0236 and 0.0454), so those are not chosen on it. Without
     ``probe_parts`` every coordinate is searched on ``parts``. ``reduce`` sums per-candidate NDCG
     sums over processes (distributed validation). ``warm_floor`` (with ``probe_parts``): the
-    closed bucket by :func:`_warm_floor` instead of all users' NDCG@10."""
+    closed bucket by :func:`_warm_floor` instead of all users' NDCG@10, against ``reference``
+    ranks when given."""
     state = {"weight": [0.0] * len(BUCKETS), "bias": [0.0] * len(BUCKETS), "prior": [float(prior)]}
     open_ = [("weight", 1, WEIGHTS), ("weight", 2, WEIGHTS), ("bias", 1, BIASES)]
     closed = [("weight", 0, WEIGHTS)] + ([("prior", 0, tuple(float(v) for v in prior_grid))]
@@ -152,7 +153,7 @@ def search(parts: ScoreParts, probe_parts: ScoreParts | None = None, prior_grid:
         if warm_floor is None:
             _ascend(probe_parts, state, closed, reduce)
         else:
-            _warm_floor(probe_parts, state, prior_grid, warm_floor, reduce)
+            _warm_floor(probe_parts, state, prior_grid, warm_floor, reduce, reference)
     chosen = {"weight": state["weight"], "bias": state["bias"], "prior": state["prior"][0]}
     return chosen, ranks_at(probe_parts or parts, chosen["weight"], chosen["bias"], chosen["prior"])
 
@@ -160,24 +161,30 @@ def search(parts: ScoreParts, probe_parts: ScoreParts | None = None, prior_grid:
 WITHOUT = -1e4  # a prior that puts every closed item below every other: "no new items in the catalog"
 
 
-def _warm_floor(parts: ScoreParts, state: dict, prior_grid: np.ndarray | None, floor: float, reduce) -> None:
+def _warm_floor(parts: ScoreParts, state: dict, prior_grid: np.ndarray | None, floor: float, reduce,
+                reference: np.ndarray | None = None) -> None:
     """The closed bucket by the warm-floor rule (items.closed_prior_rule=warm_floor): of every
     (w(closed), prior) on the grid, the one that ranks the closed-target examples best (the probe's
-    stand-ins for new-item buyers) while the other examples keep NDCG@10 >= ``floor`` times what
-    they score with no closed item in the ranking at all. Exhaustive: two coordinates, and the
-    constraint would stall an ascent one coordinate at a time. None feasible: the best warm figure."""
+    stand-ins for new-item buyers) while the other examples keep NDCG@10 >= ``floor`` times their
+    reference figure: ``reference`` (n,) ranks of the same examples by another model (the ID
+    model this one started from: items.closed_prior_floor_from), or this model's with no closed
+    item in the ranking at all. Exhaustive: two coordinates, and the constraint would stall an
+    ascent one coordinate at a time. None feasible: the best figure of the others."""
     priors = [float(v) for v in prior_grid] if prior_grid is not None else [state["prior"][0]]
     weight, bias = state["weight"], state["bias"]
     closed_target = np.zeros(parts.n, dtype=bool)
     for idx, _, _, targets in parts.batches:
         closed_target[idx] = parts.closed[targets.cpu()].cpu().numpy() > 0
 
+    def gains(r: np.ndarray) -> np.ndarray:
+        return np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)
+
     def sums(w: float, p: float) -> np.ndarray:  # (2,) NDCG sums: others, closed targets
-        r = ranks_at(parts, [w, *weight[1:]], bias, p)
-        g = np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)
+        g = gains(ranks_at(parts, [w, *weight[1:]], bias, p))
         return np.asarray([g[~closed_target].sum(), g[closed_target].sum()])
 
-    ref = reduce(sums(0.0, WITHOUT))[0]
+    ref = reduce(np.asarray([gains(reference)[~closed_target].sum(), 0.0]) if reference is not None
+                 else sums(0.0, WITHOUT))[0]
     cands = [(w, p) for w in WEIGHTS for p in priors]
     got = reduce(np.stack([sums(w, p) for w, p in cands]))  # (C, 2)
     ok = got[:, 0] >= floor * ref - 1e-9

@@ -27,7 +27,7 @@ from itemgen.evaluation.closed_prior import best_prior, prior_grid, probe_items,
 from itemgen.evaluation.score_search import ranks_at, score_parts, search, search_metrics
 from itemgen.evaluation.evaluate import rank_examples, subsample
 from itemgen.evaluation.metrics import ranking_metrics
-from itemgen.models.checkpoint import load_trainer_state, load_weights, save_checkpoint
+from itemgen.models.checkpoint import load_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from itemgen.models.recommender import Recommender
 from itemgen.models.registry import build_model
 from itemgen.training.distill import attach_distillation
@@ -231,6 +231,20 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         # a cold split's new items do not exist yet at validation time
         absent = torch.zeros(ds.n_items, dtype=torch.bool)
         absent[torch.from_numpy(ds.cold_items)] = True
+    floor = floor_ranks = None
+    if lexical is not None and cfg.items.closed_prior_rule == "warm_floor":
+        floor = cfg.items.closed_prior_warm_floor
+        source = cfg.items.closed_prior_floor_from
+        if source != "self":  # the reference model ranks the same validation examples once
+            ref_dir = cfg.items.init_from if source == "init" else source
+            ref_model, _, _ = load_checkpoint(ref_dir, core.device)
+            if ref_model.n_items != ds.n_items:
+                raise ValueError(f"items.closed_prior_floor_from: {ref_dir} scores {ref_model.n_items} items, "
+                                 f"the dataset has {ds.n_items}")
+            floor_ranks = rank_examples(ref_model, valid[rank::world], max_history=cfg.data.max_history,
+                                        batch_size=t.eval_batch_size, exclude_history=t.eval_exclude_history,
+                                        absent=absent)
+            del ref_model
 
     def validate() -> dict:
         shard = valid[rank::world]
@@ -240,8 +254,8 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
             parts = score_parts(core, shard, absent=absent, **opts)
             probed = score_parts(core, shard, probe=probe, absent=absent, **opts) if probe is not None else None
             total = (lambda x: np.sum(gather_object([x]), 0)) if world > 1 else (lambda x: x)
-            floor = cfg.items.closed_prior_warm_floor if cfg.items.closed_prior_rule == "warm_floor" else None
-            chosen, ranks = search(parts, probed, grid, float(core.items.closed_prior), reduce=total, warm_floor=floor)
+            chosen, ranks = search(parts, probed, grid, float(core.items.closed_prior), reduce=total, warm_floor=floor,
+                                   reference=floor_ranks)
             all_ranks = np.concatenate(gather_object([ranks])) if world > 1 else ranks
             if grid is not None:
                 core.items.set_closed_prior(chosen["prior"])
