@@ -107,18 +107,24 @@ VARIANTS = {
     "itemlm-match-drop-lex": ("itemlm", {"items": LEX}, "itemlm"),
     # the same, with the closed bucket chosen by the warm-floor rule (items.closed_prior_rule): new
     # items get as much room as keeps the other validation users at 98% of what the ID model the
-    # recipe starts from (its SASRec) gives them (the shipped recipe)
+    # recipe starts from (its SASRec) gives them
     "itemlm-match-drop-lex-floor": ("itemlm", {"items": {**LEX, "closed_prior_rule": "warm_floor",
                                                          "closed_prior_floor_from": "init"}}, "itemlm"),
     # the warm floor against this model's own figure with no new item ranked (self): measured on
     # office cold10, new items 0.0292, below the all-users choice: 2% of its own warm figure is
     # too little room
     "itemlm-match-drop-lex-floor-self": ("itemlm", {"items": {**LEX, "closed_prior_rule": "warm_floor"}}, "itemlm"),
-    # SASRec with the same text-match path, prior rule and lexical view: what the LM backbone adds
-    # over an ID model given the same text (trained from scratch, as the sasrec row; its floor's
+    # and the tail bucket held to rank tail targets at least as the words alone (items.lexical_rule):
+    # the shipped recipe
+    "itemlm-match-drop-lex-floors": ("itemlm", {"items": {**LEX, "closed_prior_rule": "warm_floor",
+                                                          "closed_prior_floor_from": "init",
+                                                          "lexical_rule": "tail_floor"}}, "itemlm"),
+    # SASRec with the same text-match path, rules and lexical view: what the LM backbone adds over
+    # an ID model given the same text (trained from scratch, as the sasrec row; its warm floor's
     # reference is the dataset's sasrec row)
-    "sasrec-match-drop-lex-floor": ("sasrec", {"items": {**LEX, "closed_prior_rule": "warm_floor",
-                                                         "closed_prior_floor_from": SASREC_ROW}}, "sasrec"),
+    "sasrec-match-drop-lex-floors": ("sasrec", {"items": {**LEX, "closed_prior_rule": "warm_floor",
+                                                          "closed_prior_floor_from": SASREC_ROW,
+                                                          "lexical_rule": "tail_floor"}}, "sasrec"),
     # a larger start for the text term (validation before training: better tail, worse head)
     "itemlm-match-drop-s20": ("itemlm", {"items": {**TEXT, "text_match": 3, "id_dropout": 0.2,
                                                   "text_match_scale": 20.0}}, "itemlm"),
@@ -136,9 +142,9 @@ NO_BIAS = "-no-repeat-bias"
 VARIANTS.update({v + NO_BIAS: (VARIANTS[v][0], merge(VARIANTS[v][1], {"repeat": {"bias": "none"}}),
                                VARIANTS[v][2] and VARIANTS[v][2] + NO_BIAS)
                  for v in ("sasrec", "itemlm", "itemlm-match-drop")})
-# the recipe for datasets with text (recipes.ITEMLM_TEXT) is itemlm-match-drop-lex-floor (a test keeps them equal)
-DEFAULT_VARIANTS = ["sasrec", "itemlm", "text-knn", "text-knn-tfidf", "itemlm-match-drop", "itemlm-match-drop-lex-floor",
-                    "sasrec-576", "sasrec-match-drop-lex-floor"]
+# the recipe for datasets with text (recipes.ITEMLM_TEXT) is itemlm-match-drop-lex-floors (a test keeps them equal)
+DEFAULT_VARIANTS = ["sasrec", "itemlm", "text-knn", "text-knn-tfidf", "itemlm-match-drop", "itemlm-match-drop-lex-floors",
+                    "sasrec-576", "sasrec-match-drop-lex-floors"]
 TABLE_SEGMENTS = ("all", "head", "tail", "pop:0", "hist:short", "hist:long", "warm", "cold")
 
 

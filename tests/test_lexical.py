@@ -254,3 +254,33 @@ def test_the_warm_floor_against_a_reference_model(cold, tmp_path):
         _cfg(items={"closed_prior_search": 4.0, "closed_prior_rule": "warm_floor", "closed_prior_floor_from": "init"})
     with pytest.raises(ConfigError, match="set items.closed_prior_rule=warm_floor"):
         _cfg(items={"closed_prior_floor_from": "init", "init_from": "x"})
+
+
+def test_the_tail_floor_ranks_tail_targets_at_least_as_the_words_alone(cold):
+    """items.lexical_rule=tail_floor: when the all-user optimum ranks tail targets below the lexical
+    view alone, (w(tail), beta(tail)) move to the best all-user setting that does not (slow
+    reference: every grid pair), w(head) held."""
+    m, _ = _model(cold)
+    m.items.lexical.item_bucket[::2] = 1  # half the catalog "tail" (every synthetic item is bought 5+ times)
+    parts = score_parts(m, cold.split.valid, max_history=6, exclude_history=True)
+    tail = np.asarray([int(parts.bucket[e.target]) <= 1 for e in cold.split.valid])
+    ndcg = lambda r: np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)  # noqa: E731
+    lex_only = np.zeros(len(tail), dtype=np.int64)
+    for idx, s, cos, t in parts.batches:
+        lex_only[idx] = ((torch.where(torch.isinf(s), s, cos) >= cos.gather(1, t[:, None])).sum(1)).numpy()
+    floor = ndcg(lex_only)[tail].mean()
+    free, _ = search(parts)
+    chosen, ranks = search(parts, tail_floor=True)
+    assert chosen["weight"][2] == free["weight"][2]  # w(head) held
+    assert chosen != free  # this catalog's all-user optimum ranks its tail below the words alone
+    if ndcg(ranks_at(parts, free["weight"], free["bias"], 0.0))[tail].mean() >= floor:
+        assert chosen == free
+    else:
+        feasible = [(ndcg(r).mean(), w, b) for w in WEIGHTS for b in BIASES
+                    if ndcg(r := ranks_at(parts, [free["weight"][0], w, free["weight"][2]],
+                                          [0.0, b, 0.0], 0.0))[tail].mean() >= floor]
+        if feasible:
+            assert ndcg(ranks)[tail].mean() >= floor
+            assert ndcg(ranks).mean() == pytest.approx(max(f[0] for f in feasible), abs=1e-12)
+    with pytest.raises(ConfigError, match="lexical_rule: all or tail_floor"):
+        _cfg(items={"lexical_rule": "tails"})

@@ -51,14 +51,14 @@ def test_winner_line():
 
 
 def test_the_text_benchmark_measures_the_text_recipe():
-    """benchmarks/text.py's itemlm-match-drop-lex-floor row is recipes.ITEMLM_TEXT (the recipe a user runs is
+    """benchmarks/text.py's itemlm-match-drop-lex-floors row is recipes.ITEMLM_TEXT (the recipe a user runs is
     the recipe that was measured)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("text_bench", Path(__file__).parents[1] / "benchmarks" / "text.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    model, extra, _ = bench.VARIANTS["itemlm-match-drop-lex-floor"]
+    model, extra, _ = bench.VARIANTS["itemlm-match-drop-lex-floors"]
     measured = from_dict(merge(merge(ITEMLM_CPU, extra), {"items": {"init_from": "x"}}))
     assert model == "itemlm" and measured == from_dict(merge(ITEMLM_TEXT, {"items": {"init_from": "x"}}))
-    assert "itemlm-match-drop-lex-floor" in bench.DEFAULT_VARIANTS
+    assert "itemlm-match-drop-lex-floors" in bench.DEFAULT_VARIANTS

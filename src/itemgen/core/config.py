@@ -130,6 +130,10 @@ class ItemsConfig:
     # closed-item prior (evaluation/score_search.py); never trained; 0 = off
     lexical: int = 0
     lexical_min_df: int = 2  # the vocabulary: words in at least this many items' text
+    # how the search sets the tail bucket: "all" = all validation users' best; "tail_floor" = the
+    # best of the settings whose tail targets (0-4 training interactions) rank at least as well as
+    # by the lexical view alone, the model's text part (evaluation/score_search.py)
+    lexical_rule: str = "all"
 
 
 # ItemLMConfig's item fields before the `items` section existed, translated when a config is read
@@ -554,6 +558,8 @@ def validate(cfg: Config) -> None:
         (it.lexical == 0 or it.text_match > 0,
          "items.lexical needs items.text_match (its query is the mean over the same last history items)"),
         (it.lexical_min_df >= 1, "items.lexical_min_df must be >= 1"),
+        (it.lexical_rule in ("all", "tail_floor"), "items.lexical_rule: all or tail_floor"),
+        (it.lexical_rule == "all" or it.lexical > 0, "items.lexical_rule=tail_floor needs items.lexical"),
         (it.id_min_count == 1 or bool(it.text_gate), "items.id_min_count > 1 needs items.text_gate (the closed "
                                                      "bucket that scores those items)"),
         (all(isinstance(e, int) and e >= 2 for e in it.text_gate) and list(it.text_gate) == sorted(set(it.text_gate)),

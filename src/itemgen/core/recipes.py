@@ -74,11 +74,12 @@ def merge(a: dict, b: dict) -> dict:
 # against the words of the user's last 3 items, weighed per item bucket (ID closed / tail / head),
 # with the closed-item prior, all chosen at every validation (evaluation/score_search.py); new
 # items' weight and prior by the warm-floor rule: as much room as keeps the other validation users
-# at 98% of what the SASRec the recipe starts from gives them (docs/text_notes.md, section 8).
+# at 98% of what the SASRec the recipe starts from gives them; the tail bucket's weight so that tail
+# targets rank at least as well as by the words alone (docs/text_notes.md, section 8).
 ITEMLM_TEXT = merge(ITEMLM_CPU, {"items": {"text_encoder": "minilm", "text_fields": ["title", "brand", "category"],
                                            "text_match": 3, "id_dropout": 0.2, "closed_prior_search": 12.0,
                                            "lexical": 256, "closed_prior_rule": "warm_floor",
-                                           "closed_prior_floor_from": "init"}})
+                                           "closed_prior_floor_from": "init", "lexical_rule": "tail_floor"}})
 
 
 # ItemLM on a GPU: the same recipe with the whole pretrained backbone, the paper's prompt and item

@@ -255,7 +255,7 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
             probed = score_parts(core, shard, probe=probe, absent=absent, **opts) if probe is not None else None
             total = (lambda x: np.sum(gather_object([x]), 0)) if world > 1 else (lambda x: x)
             chosen, ranks = search(parts, probed, grid, float(core.items.closed_prior), reduce=total, warm_floor=floor,
-                                   reference=floor_ranks)
+                                   reference=floor_ranks, tail_floor=cfg.items.lexical_rule == "tail_floor")
             all_ranks = np.concatenate(gather_object([ranks])) if world > 1 else ranks
             if grid is not None:
                 core.items.set_closed_prior(chosen["prior"])
