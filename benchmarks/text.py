@@ -119,6 +119,12 @@ VARIANTS = {
     "itemlm-match-drop-lex-floors": ("itemlm", {"items": {**LEX, "closed_prior_rule": "warm_floor",
                                                           "closed_prior_floor_from": "init",
                                                           "lexical_rule": "tail_floor"}}, "itemlm"),
+    # the same rules, but the tail floor from the lexical view alone (u . q, 256 LSA dimensions): the
+    # rows run at commit dc7cc44, before the floor also took TF-IDF text-kNN (today's tail_floor:
+    # on scientific LSA ranks tail validation targets at 0.0545, TF-IDF at 0.0618)
+    "itemlm-match-drop-lex-floors-lsa": ("itemlm", {"items": {**LEX, "closed_prior_rule": "warm_floor",
+                                                              "closed_prior_floor_from": "init",
+                                                              "lexical_rule": "tail_floor"}}, "itemlm"),
     # SASRec with the same text-match path, rules and lexical view: what the LM backbone adds over
     # an ID model given the same text (trained from scratch, as the sasrec row; its warm floor's
     # reference is the dataset's sasrec row)

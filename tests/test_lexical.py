@@ -267,7 +267,8 @@ def test_the_tail_floor_ranks_tail_targets_at_least_as_the_words_alone(cold):
     ndcg = lambda r: np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)  # noqa: E731
     lex_only = np.zeros(len(tail), dtype=np.int64)
     for idx, s, cos, t in parts.batches:
-        lex_only[idx] = ((torch.where(torch.isinf(s), s, cos) >= cos.gather(1, t[:, None])).sum(1)).numpy()
+        c = torch.where(torch.isinf(s), s, cos)  # the history (and absent items) stay out
+        lex_only[idx] = (c >= c.gather(1, t[:, None])).sum(1).numpy()
     floor = ndcg(lex_only)[tail].mean()
     free, _ = search(parts)
     chosen, ranks = search(parts, tail_floor=True)
@@ -284,3 +285,22 @@ def test_the_tail_floor_ranks_tail_targets_at_least_as_the_words_alone(cold):
             assert ndcg(ranks).mean() == pytest.approx(max(f[0] for f in feasible), abs=1e-12)
     with pytest.raises(ConfigError, match="lexical_rule: all or tail_floor"):
         _cfg(items={"lexical_rule": "tails"})
+
+
+def test_the_tail_floor_reference_and_training_with_it(cold, tmp_path):
+    m, _ = _model(cold)
+    m.items.lexical.item_bucket[::2] = 1
+    parts = score_parts(m, cold.split.valid, max_history=6, exclude_history=True)
+    tail = np.asarray([int(parts.bucket[e.target]) <= 1 for e in cold.split.valid])
+    ndcg = lambda r: np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)  # noqa: E731
+    free, _ = search(parts)
+    # a reference no setting reaches (every target first): the best tail figure of the grid
+    chosen, ranks = search(parts, tail_floor=True, tail_reference=np.ones(len(tail), dtype=np.int64))
+    best_tail = max(ndcg(ranks_at(parts, [free["weight"][0], w, free["weight"][2]], [0.0, b, 0.0], 0.0))[tail].mean()
+                    for w in WEIGHTS for b in BIASES)
+    assert ndcg(ranks)[tail].mean() == pytest.approx(best_tail, abs=1e-12)
+    # a reference every setting passes: the lexical view alone still sets the floor, as without one
+    low, _ = search(parts, tail_floor=True, tail_reference=np.full(len(tail), 10 ** 6))
+    assert low == search(parts, tail_floor=True)[0]
+    res = train(_cfg(tmp_path / "run", items={"lexical_rule": "tail_floor"}, max_steps=2, eval_every=2), dataset=cold)
+    assert "lexical" in res.best_valid

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from itemgen.core.config import Config, ConfigError
+from itemgen.core.config import Config, ConfigError, TextKNNConfig
 from itemgen.core.io import atomic_write_text, clear_stale_temps
 from itemgen.core.progress import Progress
 from itemgen.data.dataset import SequenceDataset, training_sequences
@@ -30,6 +30,7 @@ from itemgen.evaluation.metrics import ranking_metrics
 from itemgen.models.checkpoint import load_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from itemgen.models.recommender import Recommender
 from itemgen.models.registry import build_model
+from itemgen.models.text_knn import TextKNN
 from itemgen.training.distill import attach_distillation
 from itemgen.training.item_init import init_items
 from itemgen.training.losses import attach_loss, item_counts
@@ -245,6 +246,13 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
                                         batch_size=t.eval_batch_size, exclude_history=t.eval_exclude_history,
                                         absent=absent)
             del ref_model
+    tail_ranks = None
+    if lexical is not None and cfg.items.lexical_rule == "tail_floor":
+        # the tail floor's reference: TF-IDF text-kNN over the same words and last items, once
+        knn_cfg = TextKNNConfig(encoder="tfidf", last_n=cfg.items.text_match, fields=tuple(cfg.items.text_fields))
+        tail_ranks = rank_examples(TextKNN.build(replace(cfg, text_knn=knn_cfg), ds.items), valid[rank::world],
+                                   max_history=cfg.data.max_history, batch_size=t.eval_batch_size,
+                                   exclude_history=t.eval_exclude_history, absent=absent)
 
     def validate() -> dict:
         shard = valid[rank::world]
@@ -255,7 +263,7 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
             probed = score_parts(core, shard, probe=probe, absent=absent, **opts) if probe is not None else None
             total = (lambda x: np.sum(gather_object([x]), 0)) if world > 1 else (lambda x: x)
             chosen, ranks = search(parts, probed, grid, float(core.items.closed_prior), reduce=total, warm_floor=floor,
-                                   reference=floor_ranks, tail_floor=cfg.items.lexical_rule == "tail_floor")
+                                   reference=floor_ranks, tail_floor=tail_ranks is not None, tail_reference=tail_ranks)
             all_ranks = np.concatenate(gather_object([ranks])) if world > 1 else ranks
             if grid is not None:
                 core.items.set_closed_prior(chosen["prior"])
