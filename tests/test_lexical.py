@@ -12,44 +12,26 @@ import numpy as np
 import pytest
 import torch
 
-from itemgen.core.config import ConfigError, from_dict
-from itemgen.data.dataset import make_cold
-from itemgen.data.synthetic import make_dataset
+from itemgen.core.config import ConfigError
 from itemgen.evaluation.closed_prior import probe_items
 from itemgen.evaluation.evaluate import rank_examples
 from itemgen.evaluation.metrics import ranking_metrics
 from itemgen.evaluation.score_search import BIASES, WEIGHTS, ranks_at, score_parts, search
 from itemgen.models.checkpoint import load_checkpoint
 from itemgen.models.lexical import LexicalView
-from itemgen.models.registry import build_model
 from itemgen.models.text_knn import tfidf_csr
 from itemgen.models.text_view import item_texts
-from itemgen.training.item_init import init_items
 from itemgen.training.loop import train
+
+from test_closed_prior import _cfg as _prior_cfg, _model as _prior_model, cold  # noqa: F401  (cold: the synthetic cold split)
 
 
 def _cfg(out="unused", items=None, **train_):
-    return from_dict({"model": "itemlm", "data": {"path": "x", "max_history": 6},
-                      "itemlm": {"backbone": "tiny", "prompt": "compact", "item_dim": 16, "supervise": "all",
-                                 "id_only_share": 1.0, "text_vocab_in_softmax": False},
-                      "items": {"text_encoder": "tiny", "text_match": 3, "id_dropout": 0.2, "lexical": 8,
-                                **(items or {})},
-                      "train": {"out": str(out), "max_steps": 1, "eval_every": 1, "eval_users": None,
-                                "progress": False, "batch_size": 16, "warmup_steps": 0,
-                                "eval_exclude_history": True, **train_}})
-
-
-@pytest.fixture(scope="module")
-def cold():
-    return make_cold(make_dataset(n_users=300, n_items=40, noise=0.1, min_len=4, max_len=9, seed=2), 0.15, seed=1)
+    return _prior_cfg(out, items={"lexical": 8, **(items or {})}, **train_)
 
 
 def _model(ds, **items):
-    cfg = _cfg(items=items)
-    torch.manual_seed(0)
-    m = build_model(cfg, ds.items)
-    init_items(m, cfg, ds)
-    return m.eval(), cfg
+    return _prior_model(ds, **{"lexical": 8, **items})
 
 
 TEXTS = ["red stapler acme", "blue stapler acme", "red lamp globex", "green lamp globex desk",

@@ -264,45 +264,46 @@ def test_l2d_decoders_are_refused_after_an_add_saying_why(sasrec_text, families,
 def test_a_gated_text_match_model_serves_added_items_as_the_offline_add(families, tmp_path):
     """items.text_gate: a new item added over HTTP is in the closed bucket; exact and ANN answers,
     and the saved `items add` checkpoint, agree (item vectors [v ; g t ; c], queries [h ; M q ; 1])."""
-    cfg = from_dict({"model": "itemlm", "data": {"path": "x", "max_history": 6},
-                     "itemlm": {"backbone": "tiny", "prompt": "ids", "item_dim": 16, "id_only_share": 1.0,
-                                "text_vocab_in_softmax": False},
-                     "items": {"text_encoder": "tiny", "text_match": 3, "id_dropout": 0.3, "text_gate": [3]},
-                     "train": {"out": str(tmp_path / "run"), "max_steps": 20, "eval_every": 20, "eval_users": 50,
-                               "progress": False, "batch_size": 32, "warmup_steps": 0, "lr": 1e-2}})
+    cfg = text_match_cfg(tmp_path / "run", text_gate=[3])
     ckpt = train(cfg, dataset=families).out / "last"
     pred0 = Predictor.load(ckpt)
     assert pred0.model.items.gate.weights()["closed"] != (1.0, 0.0)  # the closed bucket trained
     AnnIndex.build(pred0.model, "flat").save(ckpt)
-    client, pred = serve(ckpt)
-    history = ["F0M0", "F0M1", "NEW-lamp"]
-    with client as c:
-        assert c.post("/v1/items", json={"items": NEW}).status_code == 201
-        assert pred.decoder("ann").index.n_items == N_OLD + 2
-        served = top(c, history, k=8)
-        ann = top(c, history, k=8, decode="ann")
-    assert [x["id"] for x in ann] == [x["id"] for x in served]
-    offline = Predictor.load(add_items(ckpt, write_jsonl(tmp_path / "new.jsonl", NEW), tmp_path / "out").out)
-    want = offline.recommend([history], k=8)[0]
-    assert [x["id"] for x in served] == [x["id"] for x in want]
-    np.testing.assert_allclose([x["score"] for x in served], [x["score"] for x in want], atol=1e-4)
+    served_equals_offline(ckpt, tmp_path)
 
 
 def test_a_lexical_view_model_serves_added_items_as_the_offline_add(families, tmp_path):
     """items.lexical: a new item added over HTTP gets its words' vector from the checkpoint's own
     vocabulary and basis; exact and ANN answers, and the saved `items add` checkpoint, agree (item
     vectors [v ; t ; c ; w(b) u], queries [h ; M q ; 1 ; q])."""
-    cfg = from_dict({"model": "itemlm", "data": {"path": "x", "max_history": 6},
-                     "itemlm": {"backbone": "tiny", "prompt": "ids", "item_dim": 16, "id_only_share": 1.0,
-                                "text_vocab_in_softmax": False},
-                     "items": {"text_encoder": "tiny", "text_match": 3, "id_dropout": 0.3, "lexical": 8},
-                     "train": {"out": str(tmp_path / "run"), "max_steps": 20, "eval_every": 20, "eval_users": 50,
-                               "progress": False, "batch_size": 32, "warmup_steps": 0, "lr": 1e-2}})
+    cfg = text_match_cfg(tmp_path / "run", lexical=8)
     pred0 = Predictor.load(train(cfg, dataset=families).out / "last")
     pred0.model.items.lexical.set_weights([8.0, 4.0, 2.0], [0.0, 0.0, 0.0])  # the words weigh, whatever validation chose
     ckpt = tmp_path / "weighted"
     save_checkpoint(ckpt, pred0.model, pred0.cfg, pred0.items)
     AnnIndex.build(pred0.model, "flat").save(ckpt)
+    offline = served_equals_offline(ckpt, tmp_path)
+    lex = offline.model.items.lexical
+    new = ItemTable([x["id"] for x in NEW], {f: [x[f] for x in NEW] for f in ("title", "brand", "category")})
+    texts = item_texts(new, tuple(offline.cfg.items.text_fields))
+    torch.testing.assert_close(lex.vectors[-2:], lex.encode(texts))
+    assert lex.vectors[-2:].any()  # their words are in the catalog's vocabulary
+
+
+def text_match_cfg(out, **items):
+    """A tiny ItemLM with the text-match path (and ``items`` on top) for the families catalog."""
+    return from_dict({"model": "itemlm", "data": {"path": "x", "max_history": 6},
+                      "itemlm": {"backbone": "tiny", "prompt": "ids", "item_dim": 16, "id_only_share": 1.0,
+                                 "text_vocab_in_softmax": False},
+                      "items": {"text_encoder": "tiny", "text_match": 3, "id_dropout": 0.3, **items},
+                      "train": {"out": str(out), "max_steps": 20, "eval_every": 20, "eval_users": 50,
+                                "progress": False, "batch_size": 32, "warmup_steps": 0, "lr": 1e-2}})
+
+
+def served_equals_offline(ckpt, tmp_path) -> Predictor:
+    """Add NEW over HTTP to a server of ``ckpt`` (with a flat ANN index saved there): the ANN index
+    follows, exact and ANN answers agree, and both equal the saved ``items add`` checkpoint's,
+    which is returned."""
     client, pred = serve(ckpt)
     history = ["F0M0", "F0M1", "NEW-lamp"]
     with client as c:
@@ -312,11 +313,7 @@ def test_a_lexical_view_model_serves_added_items_as_the_offline_add(families, tm
         ann = top(c, history, k=8, decode="ann")
     assert [x["id"] for x in ann] == [x["id"] for x in served]
     offline = Predictor.load(add_items(ckpt, write_jsonl(tmp_path / "new.jsonl", NEW), tmp_path / "out").out)
-    lex = offline.model.items.lexical
-    new = ItemTable([x["id"] for x in NEW], {f: [x[f] for x in NEW] for f in ("title", "brand", "category")})
-    texts = item_texts(new, tuple(offline.cfg.items.text_fields))
-    torch.testing.assert_close(lex.vectors[-2:], lex.encode(texts))
-    assert lex.vectors[-2:].any()  # their words are in the catalog's vocabulary
     want = offline.recommend([history], k=8)[0]
     assert [x["id"] for x in served] == [x["id"] for x in want]
     np.testing.assert_allclose([x["score"] for x in served], [x["score"] for x in want], atol=1e-4)
+    return offline

@@ -89,6 +89,9 @@ def score_parts(model: Recommender, examples: list[Example], *, max_history: int
         items.set_closed_prior(before[0])
         lex.set_weights(before[1], before[2])
         model.train(was_training)
+    if len(batches) > 1:  # one table: every candidate is then a few whole-table ops, not a loop of
+        # small ones (the warm-floor rule scores ~500 candidates: Python overhead dominated)
+        batches = [(np.concatenate([b[0] for b in batches]), *(torch.cat([b[j] for b in batches]) for j in (1, 2, 3)))]
     return ScoreParts(batches, closed.float(), bucket, len(examples))
 
 
