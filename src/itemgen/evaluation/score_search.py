@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from itemgen.data.dataset import Example
-from itemgen.evaluation.metrics import ranking_metrics, target_ranks
+from itemgen.evaluation.metrics import ndcg_gains, ranking_metrics, target_ranks
 from itemgen.models.lexical import BUCKETS
 from itemgen.models.recommender import Recommender
 from itemgen.topk.exact import mask_items
@@ -106,7 +106,7 @@ def ranks_at(parts: ScoreParts, weight, bias, prior: float) -> np.ndarray:
 
 
 def _ndcg_sum(ranks: np.ndarray) -> float:
-    return float(np.where(ranks <= 10, 1.0 / np.log2(ranks + 1.0), 0.0).sum())
+    return float(ndcg_gains(ranks).sum())
 
 
 def _ascend(parts: ScoreParts, state: dict, coords: list, reduce) -> None:
@@ -181,7 +181,7 @@ def _tail_floor(parts: ScoreParts, state: dict, reduce, reference: np.ndarray | 
         lex_only[idx] = target_ranks(torch.where(torch.isinf(s), s, cos), targets).cpu().numpy()  # masked stay out
 
     def sums(r: np.ndarray) -> np.ndarray:  # (2,) NDCG sums: all, tail
-        g = np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)
+        g = ndcg_gains(r)
         return np.asarray([g.sum(), g[tail].sum()])
 
     floor = reduce(sums(lex_only))[1]
@@ -216,14 +216,11 @@ def _warm_floor(parts: ScoreParts, state: dict, prior_grid: np.ndarray | None, f
     for idx, _, _, targets in parts.batches:
         closed_target[idx] = parts.closed[targets.cpu()].cpu().numpy() > 0
 
-    def gains(r: np.ndarray) -> np.ndarray:
-        return np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)
-
     def sums(w: float, p: float) -> np.ndarray:  # (2,) NDCG sums: others, closed targets
-        g = gains(ranks_at(parts, [w, *weight[1:]], bias, p))
+        g = ndcg_gains(ranks_at(parts, [w, *weight[1:]], bias, p))
         return np.asarray([g[~closed_target].sum(), g[closed_target].sum()])
 
-    ref = reduce(np.asarray([gains(reference)[~closed_target].sum(), 0.0]) if reference is not None
+    ref = reduce(np.asarray([ndcg_gains(reference)[~closed_target].sum(), 0.0]) if reference is not None
                  else sums(0.0, WITHOUT))[0]
     cands = [(w, p) for w in WEIGHTS for p in priors]
     got = reduce(np.stack([sums(w, p) for w, p in cands]))  # (C, 2)

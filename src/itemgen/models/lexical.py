@@ -30,19 +30,14 @@ measured). The vocabulary, idf and basis are kept in the checkpoint, so ``items 
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 from torch import nn
 
-_WORD = re.compile(r"[a-z0-9]+")
+from itemgen.models.text_knn import words
+
 BUCKETS = ("closed", "tail", "head")  # b_i: 0 ID closed, 1 tail, 2 head
 TAIL_MAX = 4  # tail: 1..TAIL_MAX training interactions (evaluation/segments.py's rule)
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall((text or "").lower())
 
 
 class LexicalView(nn.Module):

@@ -40,14 +40,19 @@ TFIDF = "tfidf"
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+def words(text: str) -> list[str]:
+    """An item text's words: lower-cased runs of letters and digits (TF-IDF's terms here and in
+    the lexical view, models/lexical.py)."""
+    return _WORD.findall((text or "").lower())
+
+
 def tfidf_csr(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """texts (I,) -> CSR rows of their L2-normalised TF-IDF vectors: (indptr (I+1,), term
     indices (nnz,), values (nnz,) float32, vocabulary size). Empty texts give empty rows."""
     vocab: dict[str, int] = {}
     rows = []
     for text in texts:
-        words = _WORD.findall((text or "").lower())
-        ids = np.asarray([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.int64)
+        ids = np.asarray([vocab.setdefault(w, len(vocab)) for w in words(text)], dtype=np.int64)
         terms, counts = np.unique(ids, return_counts=True)
         rows.append((terms, counts.astype(np.float64)))
     n_docs, n_terms = len(texts), len(vocab)
