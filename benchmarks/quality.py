@@ -126,11 +126,21 @@ VARIANTS = {
                                              "items": {"dropout": 0.3},
                                              "distill": {"teacher": "itemlm", "weight": 0.9}})
        for m in ("kmeans", "frequency", "random")},
+    # the same with level 1 fitted to level 2 after training (itemlm.cluster_correction: an MLP
+    # g(h) ~ log Z_c(h), training/level1_fit.py). The likelihood trains the same weights with or
+    # without it (tests/test_two_level.py), so when the `two-level-{m}` checkpoint is there the fit
+    # starts from it (LEVEL1_FROM) instead of training again. Width 256: the one value tried
+    **{f"two-level-{m}-level1": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m,
+                                                       "hidden_dropout": 0.3, "cluster_correction": 256},
+                                            "items": {"dropout": 0.3}})
+       for m in ("kmeans", "frequency", "random")},
     # the same before the repeat bias (measured against `itemlm-no-repeat-bias`; REPEAT_START)
     **{f"two-level-{m}" + "-no-repeat-bias": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m},
                                                          "repeat": {"bias": "none"}})
        for m in ("kmeans", "frequency", "random")},
 }
+# rows whose training is another row's plus the level-1 fit (training/level1_fit.fit_checkpoint)
+LEVEL1_FROM = {f"two-level-{m}-level1": f"two-level-{m}" for m in ("kmeans", "frequency", "random")}
 # ItemLM variants that start from a SASRec row other than `sasrec` (items.init=sasrec)
 REPEAT_START = {"itemlm-repeat": "sasrec-repeat", "itemlm-no-repeat-bias": "sasrec-no-repeat-bias",
                 **{f"two-level-{m}-no-repeat-bias": "sasrec-no-repeat-bias" for m in ("kmeans", "frequency", "random")}}
@@ -250,6 +260,8 @@ def main() -> None:
             grid = None
             if args.finish_interrupted:
                 res = interrupted_result(cfg)
+            elif vname in LEVEL1_FROM and (args.work / dname / LEVEL1_FROM[vname] / "best").is_dir():
+                res = level1_result(cfg, args.work / dname / LEVEL1_FROM[vname])
             elif vname in GRIDS:  # SASRec: its dropout chosen by validation (training/tune.py)
                 key, grid_values = GRIDS[vname]
                 if args.grid:
@@ -549,6 +561,24 @@ def interrupted_result(cfg):
                        f"interrupted at step {state['step']} of {cfg.train.max_steps} (session time)")
 
 
+def level1_result(cfg, source: Path):
+    """A LEVEL1_FROM row: the source row's best checkpoint with level 1 fitted to its level 2
+    (training/level1_fit.fit_checkpoint), written to this row's best/; steps and training time
+    are the source's plus the fit's."""
+    from itemgen.training.level1_fit import fit_checkpoint
+    from itemgen.training.loop import TrainResult
+
+    out = Path(cfg.train.out)
+    fit = fit_checkpoint(source / "best", out / "best", cfg.itemlm.cluster_correction, data=cfg.data.path)
+    src = json.loads((source / "best" / "metrics.json").read_text())
+    hist = [json.loads(line) for line in (source / "history.jsonl").read_text().splitlines()]
+    last = hist[-1]
+    valid = json.loads((out / "best" / "metrics.json").read_text())["valid"]
+    return TrainResult(out, out / "best", last["step"], valid, last["seconds"] + fit["seconds"],
+                       f"level 1 fitted to {source.name} (best step {src.get('step')})", last.get("epoch"),
+                       src.get("step"))
+
+
 def save_row(path: Path, row: dict) -> None:
     """Merge one row into the results file; several invocations may run side by side."""
     import fcntl
@@ -749,7 +779,7 @@ def write_table(results: dict, path: Path) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-TWO_LEVEL = re.compile(r"^two-level-(kmeans|frequency|random)(-dropout-[0-9.]+|-distill(-w[0-9.]+|-t[0-9.]+)?)?$")
+TWO_LEVEL = re.compile(r"^two-level-(kmeans|frequency|random)(-dropout-[0-9.]+|-distill(-w[0-9.]+|-t[0-9.]+)?|-level1)?$")
 # the paper's Tables 4-5 claim, as issue 21 sets it: the two-level model within 3% of the full
 # softmax's NDCG@10, ANN within 5%, Structure's top-10 the exact top-10 for every test user
 TWO_LEVEL_BAR, ANN_BAR = 0.97, 0.95

@@ -20,16 +20,21 @@ def no_grad():
         yield
 
 
-def two_level_model(n_items, n_clusters, hidden=8, n_text=0, seed=0, item_scale=1.0, duplicates=False):
+def two_level_model(n_items, n_clusters, hidden=8, n_text=0, seed=0, item_scale=1.0, duplicates=False,
+                    correction=0):
+    """``correction`` > 0: level 1 gains a ClusterCorrection of that width, with random weights."""
     g = torch.Generator().manual_seed(seed)
     assign = torch.cat([torch.arange(n_clusters),
                         torch.randint(0, n_clusters, (n_items - n_clusters,), generator=g)])
     assign = assign[torch.randperm(n_items, generator=g)]
     text = torch.randn(n_text, hidden, generator=g)
-    head = TwoLevelHead(n_items, hidden, (lambda: text) if n_text else None, assign)
+    head = TwoLevelHead(n_items, hidden, (lambda: text) if n_text else None, assign, correction=correction)
     with torch.no_grad():
         head.item_out.copy_(torch.randn(n_items, hidden, generator=g) * item_scale)
         head.centroids.copy_(torch.randn(n_clusters, hidden, generator=g) * 2)
+        if correction:
+            for p in head.correction.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
         if duplicates:  # exact ties: repeat item vectors inside clusters, and whole clusters
             for c in range(n_clusters):
                 m = torch.nonzero(assign == c)[:, 0]
@@ -60,7 +65,8 @@ def test_structure_equals_brute_force_on_many_random_cases():
         n_items = int(rng.integers(2, 250))
         n_clusters = int(rng.integers(1, min(n_items, 25) + 1))
         model = two_level_model(n_items, n_clusters, n_text=int(rng.integers(0, 12)), seed=case,
-                                item_scale=float(rng.uniform(0.1, 3.0)), duplicates=case % 3 == 0)
+                                item_scale=float(rng.uniform(0.1, 3.0)), duplicates=case % 3 == 0,
+                                correction=4 if case % 5 == 1 else 0)  # level 1 with g(h) too
         h = torch.randn(int(rng.integers(1, 9)), 8, generator=torch.Generator().manual_seed(case)) * 1.5
         k = int(rng.integers(1, n_items + 1)) if case % 4 else min(10, n_items)
         dec = StructureTopK(model, normalized=True)
@@ -178,6 +184,28 @@ def test_log_normalizer_estimate_averages_true_values_where_clusters_compete():
     fallback = float(true[0, picked].mean())
     for c in range(6):
         assert one[c] == pytest.approx(float(true[0, c]) if c in picked else fallback, abs=1e-5)
+
+
+def test_log_normalizer_estimate_with_level1_correction():
+    """With g(h) in level 1, log P(t) = h . (e_c + e_t) + g_c(h) - log Z_c(h) - log Z_1(h): b_c is
+    the mean of log Z_c - g_c where c competes (ranked by level 1's logits, g included), and the
+    flat index then ranks exactly when that gap is the same for every state."""
+    model = two_level_model(80, 6, seed=6, correction=5)
+    head = model.head
+    states = torch.randn(50, 8)
+    b = estimate_log_normalizers(head, states, top_m=2, batch_size=16)
+    gap = head.cluster_log_normalizers(states).double() - head.correction(states).double()  # (n, C)
+    top = torch.topk(head.item_cluster_logits(states), 2, dim=1).indices
+    assert not torch.equal(top, torch.topk(states @ head.centroids.T, 2, dim=1).indices)  # g moves the ranking
+    for c in range(6):
+        rows = (top == c).any(1)
+        if rows.any():
+            assert b[c] == pytest.approx(float(gap[rows, c].mean()), abs=1e-5)
+    one = states[:1]
+    b1 = estimate_log_normalizers(head, one, top_m=6)  # every cluster competes: b_c = the one state's gap
+    index = AnnIndex.build(model, "flat", log_norm=b1)
+    _, ids = index.search(model, one, 10)
+    assert torch.equal(ids, torch.topk(head.item_log_probs(one), 10, dim=1).indices)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])

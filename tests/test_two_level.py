@@ -3,6 +3,7 @@ a known rule with it, checkpoints that carry their clusters, and the CLI around 
 
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -106,6 +107,35 @@ def test_item_bias_enters_the_level2_softmax_as_brute_force():
         targets = torch.tensor([9, 2, 5, 29])  # 9 and 2: biased items of their own label; 5: none
         want = -torch.log(ref[torch.arange(4), 4 + targets]).sum()
         assert torch.allclose(head.loss(h, targets, (rows, items, values)).double(), want, rtol=1e-5)
+
+
+def test_level1_correction_probabilities_and_loss_from_the_definition():
+    """With a ClusterCorrection g, P(c | h) = softmax over V u C of [h . text ; h . e_c + g_c(h)]:
+    probabilities sum to one and equal brute force; a fresh g (last layer zero) changes nothing."""
+    head, text, assign = random_head(40, 9, n_text=4, seed=5)
+    fresh = TwoLevelHead(40, 8, lambda: text, assign, correction=6)
+    fresh.load_state_dict({**fresh.state_dict(), "item_out": head.item_out, "centroids": head.centroids})
+    h = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(fresh.log_probs(h), head.log_probs(h))
+        for p in fresh.correction.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        g = fresh.correction(h).double()  # (B, C)
+        p = torch.softmax(torch.cat([h.double() @ text.double().T, h.double() @ head.centroids.double().T + g], 1), 1)
+        il = h.double() @ head.item_out.double().T  # (B, I)
+        ref = torch.cat([p[:, :4], torch.stack([p[:, 4 + int(assign[t])] * torch.softmax(
+            il[:, assign == assign[t]], 1)[:, int((torch.nonzero(assign == assign[t])[:, 0] == t).nonzero())]
+            for t in range(40)], 1)], 1)
+        got = fresh.log_probs(h).double().exp()
+        assert torch.allclose(got.sum(1), torch.ones(6, dtype=torch.float64))
+        assert torch.allclose(got, ref, atol=1e-6)
+    # the loss is the likelihood of that model, and g is not trained with it (fitted afterwards)
+    targets = torch.tensor([0, 5, 5, 11, 39, 20])
+    assert torch.allclose(fresh.loss(h, targets).double(), -torch.log(ref[torch.arange(6), 4 + targets]).sum(),
+                          rtol=1e-5)
+    assert not any(p.requires_grad for p in fresh.correction.parameters())
+    with pytest.raises(ConfigError, match="cluster_correction"):
+        from_dict({"model": "itemlm", "itemlm": {"head": "two_level", "cluster_correction": -2}})
 
 
 def test_loss_gradient_touches_only_the_labels_clusters():
@@ -346,3 +376,76 @@ def test_quality_benchmark_counts_users_whose_structure_top10_differs(trained, m
     monkeypatch.setattr(StructureTopK, "margin", -1e9)  # stops as soon as it holds 10 items
     broken = quality.topk_vs_exact(result.best, data, ["structure"])["structure"]["history_kept"]
     assert broken["users_differ_in_scores"] > 0 and broken["mean_overlap"] < 1.0
+
+
+def test_level1_fit_after_training(trained, tmp_path, monkeypatch):
+    """itemlm.cluster_correction: training is the same as without it (same weights, bit for bit),
+    then g is fitted to log Z_c at training states, kept only if validation gains; the checkpoint
+    then reproduces its validation figure, Structure stays exact, and g moved level 1."""
+    from itemgen.evaluation.evaluate import evaluate
+    from itemgen.training import level1_fit
+
+    monkeypatch.setattr(level1_fit, "STATES", 512)
+    monkeypatch.setattr(level1_fit, "STEPS", 300)
+    ds, data, cfg, plain = trained
+    values = json.loads(cfg.to_json())
+    values["itemlm"]["cluster_correction"] = 16
+    values["train"]["out"] = str(tmp_path / "run")
+    result = train(from_dict(values), dataset=ds)
+    rows = [json.loads(line) for line in (result.out / "history.jsonl").read_text().splitlines()]
+    fit = [r["level1_fit"] for r in rows if "level1_fit" in r]
+    assert len(fit) == 1 and fit[0]["states"] == 512 and fit[0]["steps"] == 300
+    assert fit[0]["mse"] < fit[0]["mse_at_cluster_mean"] < fit[0]["mse_at_zero"]
+    model, _, _ = load_checkpoint(result.best)
+    base, _, _ = load_checkpoint(plain.best)
+    assert torch.equal(model.head.item_out, base.head.item_out)  # the likelihood trained the same weights
+    assert torch.equal(model.head.centroids, base.head.centroids)
+    m = evaluate(model, ds.split.valid, max_history=10, exclude_history=cfg.train.eval_exclude_history)
+    if fit[0]["kept"]:
+        assert result.metrics["level1_fit"]["kept"] and m["ndcg@10"] == pytest.approx(fit[0]["valid_ndcg@10"])
+        assert model.head.correction.outer.weight.abs().sum() > 0
+    else:
+        assert model.head.correction.outer.weight.abs().sum() == 0
+    # the same fit applied to the checkpoint trained without the option: the same g, the same figure
+    fitted = level1_fit.fit_checkpoint(plain.best, tmp_path / "fitted", 16)
+    again, _, _ = load_checkpoint(tmp_path / "fitted")
+    x = torch.randn(7, model.head.item_out.shape[1])
+    with torch.no_grad():  # (a dropped g is zero whatever its first layer holds)
+        assert torch.equal(again.head.correction(x), model.head.correction(x))
+    assert fitted["valid_ndcg@10"] == pytest.approx(fit[0]["valid_ndcg@10"]) and fitted["kept"] == fit[0]["kept"]
+    with pytest.raises(ValueError, match="already has a correction"):
+        level1_fit.fit_checkpoint(result.best, tmp_path / "twice", 16)
+    h = torch.randn(5, model.head.item_out.shape[1])
+    with torch.no_grad():
+        assert not torch.allclose(model.head.item_cluster_logits(h), h @ model.head.centroids.T) or not fit[0]["kept"]
+    from itemgen.topk.structure import StructureTopK
+
+    with torch.no_grad():
+        _, ids = StructureTopK(model).topk(h, 5)
+        assert torch.equal(ids, torch.topk(model.head.item_log_probs(h), 5, dim=1).indices)
+
+
+def test_level1_targets_carry_the_repeat_bias():
+    """log Z_c targets are those of the level-2 logits the model ranks with: h . e_t plus the repeat
+    bias at the prefix's own items (brute force, cluster by cluster)."""
+    from itemgen.models.repeat_bias import RepeatBias
+    from itemgen.training.level1_fit import log_normalizers
+
+    head, _, assign = random_head(30, 4, n_text=0, seed=2)
+    repeat = RepeatBias("recency", 5)
+    with torch.no_grad():
+        repeat.raw.copy_(torch.tensor([-0.5, -0.2, 0.1, 0.3]))
+    model = types.SimpleNamespace(head=head, repeat=repeat)
+    prefixes = [np.array([3, 7]), np.array([0]), np.array([5, 5, 9, 2, 28, 14])]
+    h = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    got = log_normalizers(model, h, prefixes, chunk=2)
+    for n, p in enumerate(prefixes):
+        logits = (h[n] @ head.item_out.T).double()
+        for back, item in enumerate(reversed(np.asarray(p)[-5:].tolist())):
+            if (np.asarray(p)[-5:][len(p[-5:]) - back:] == item).any():
+                continue  # each item once, at its most recent position
+            logits[item] += float(repeat.bias(torch.tensor([back]))[0])
+        for c in range(4):
+            assert float(got[n, c]) == pytest.approx(float(torch.logsumexp(logits[assign == c], 0)), abs=1e-5)
+    plain = log_normalizers(types.SimpleNamespace(head=head, repeat=None), h, prefixes)
+    assert torch.allclose(plain, head.cluster_log_normalizers(h))

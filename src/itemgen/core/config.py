@@ -47,6 +47,10 @@ class ItemLMConfig:
     clusters: str = ""  # two_level: cluster file; "" = DATA/clusters/<cluster_method>.json (built if missing)
     cluster_method: str = "kmeans"  # kmeans | frequency | random (clusters.py)
     n_clusters: int | None = None  # None: about sqrt(|I|)
+    # two_level: width of an MLP g(h) added to level 1's logits, fitted after training to estimate
+    # each cluster's log-normaliser (heads/softmax.ClusterCorrection, training/level1_fit.py), kept
+    # if validation gains; 0: the paper's linear level 1
+    cluster_correction: int = 0
     text_vocab_in_softmax: bool = True  # normalise over V u I as in the paper (False: items only)
     prompt: str = "default"  # default: the paper's wording; compact: ids and separators only; ids: no question either
     freeze_backbone: bool = False  # only the item representation, its projection and the head train
@@ -520,6 +524,7 @@ def validate(cfg: Config) -> None:
         (m.head in ("full", "two_level"), "itemlm.head: full|two_level"),
         (m.cluster_method in ("kmeans", "frequency", "random"), "itemlm.cluster_method: kmeans|frequency|random"),
         (m.n_clusters is None or m.n_clusters >= 1, "itemlm.n_clusters must be >= 1"),
+        (m.cluster_correction >= 0, "itemlm.cluster_correction must be >= 0 (0: off)"),
         (m.lora_r >= 0, "itemlm.lora_r must be >= 0"),
         (0.0 <= m.hidden_dropout < 1.0 and 0.0 <= m.backbone_dropout < 1.0,
          "itemlm.hidden_dropout and itemlm.backbone_dropout must be in [0, 1)"),

@@ -140,6 +140,28 @@ class _GatherDot(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
+class ClusterCorrection(nn.Module):
+    """g(h) (N, C): a learned estimate of each item cluster's log Z_c(h) = logsumexp over its members
+    t of h . e_t, added to level 1's logits h . e_c. With g = log Z_c, P(c | h) is the cluster's
+    mass under the joint scores h . (e_c + e_t), and the two-level log P(t | h) equals the full
+    softmax over those scores; a linear h . e_c cannot follow log Z_c, a convex function of h, and
+    that is what the exact two-level ranking loses against its own joint scores (docs/quality_notes.md).
+    A two-layer MLP, H -> width -> C: O(H width + width C) a query, nothing of size |I|. Its last layer
+    starts at zero: the paper's linear level 1, which is what the likelihood trains; g is fitted
+    afterwards by regression on log Z_c at training states (training/level1_fit.py)."""
+
+    def __init__(self, hidden: int, n_clusters: int, width: int):
+        super().__init__()
+        self.inner = nn.Linear(hidden, width)
+        self.outer = nn.Linear(width, n_clusters)
+        nn.init.zeros_(self.outer.weight)
+        nn.init.zeros_(self.outer.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, H) -> (N, C)."""
+        return self.outer(F.gelu(self.inner(h)))
+
+
 class TwoLevelHead(nn.Module):
     """Two-level softmax (method.md 4.2): P(t | h) = P(c(t) | h) * P(t | c(t), h).
 
@@ -151,10 +173,14 @@ class TwoLevelHead(nn.Module):
     ``assign`` (I,) gives each item's cluster (dense ids, none empty; clusters.py). With
     ``sparse_grad`` the item vectors get a sparse gradient (rows of the labels' clusters only),
     which needs a sparse-capable optimizer (torch.optim.SparseAdam / SGD).
+
+    ``correction`` > 0 adds a ClusterCorrection of that width to level 1 (P(c | h) = softmax of
+    h . e_c + g_c(h)). It is not trained with the likelihood: it starts at zero (the paper's level 1)
+    and is fitted to the trained level 2 afterwards (training/level1_fit.py).
     """
 
     def __init__(self, n_items: int, hidden: int, text_weight: Callable[[], torch.Tensor] | None,
-                 assign, sparse_grad: bool = False):
+                 assign, sparse_grad: bool = False, correction: int = 0):
         super().__init__()
         assign = torch.as_tensor(assign, dtype=torch.long)
         if assign.shape != (n_items,):
@@ -166,6 +192,11 @@ class TwoLevelHead(nn.Module):
         self.centroids = nn.Parameter(torch.randn(len(sizes), hidden) * 0.02)  # (C, H)
         self._text_weight = text_weight
         self.sparse_grad = sparse_grad
+        self.correction = None
+        if correction:  # drawn from its own seed: the weights drawn after it are those without it
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.correction = ClusterCorrection(hidden, len(sizes), correction).requires_grad_(False)
         order = torch.argsort(assign, stable=True)  # items grouped by cluster
         pos = torch.empty_like(assign)
         offsets = torch.cumsum(sizes, 0) - sizes  # (C,) first slot of each cluster in `order`
@@ -210,9 +241,14 @@ class TwoLevelHead(nn.Module):
         self.centroids.copy_(sums / self.sizes[:, None].to(v))
         self.item_out.copy_(v - self.centroids[self.assign])
 
+    def item_cluster_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, H) -> (N, C) level-1 logits of the item clusters: h . e_c (+ g_c(h))."""
+        item = h @ self.centroids.T  # (N, C)
+        return item if self.correction is None else item + self.correction(h).to(item.dtype)
+
     def cluster_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (N, H) -> (N, V + C) level-1 logits, text tokens first (two matmuls: no weight concat)."""
-        item = h @ self.centroids.T  # (N, C)
+        item = self.item_cluster_logits(h)  # (N, C)
         if self._text_weight is None:
             return item
         return torch.cat([h @ self._text_weight().T, item], dim=1)

@@ -65,7 +65,8 @@ class ItemLM(Recommender):
         if cfg.head == "two_level":
             if clusters is None:
                 raise ValueError("itemlm.head=two_level needs item clusters (clusters.py)")
-            self.head = TwoLevelHead(self.n_items, H, text_weight, clusters.check(self.n_items).assign)
+            self.head = TwoLevelHead(self.n_items, H, text_weight, clusters.check(self.n_items).assign,
+                                     correction=cfg.cluster_correction)
         elif cfg.head == "full":
             self.head = FullSoftmaxHead(self.n_items, H, text_weight, item_weight=None
                                         if self.items.output_view == "untied" else self.items.output_vectors,

@@ -43,10 +43,13 @@ def _head(model):
 
 
 def fingerprint(model) -> str:
-    """A hash of the output weights an index is built from (two-level: item vectors, centroids and
-    cluster assignment; otherwise item_vectors())."""
+    """A hash of the output weights an index is built from (two-level: item vectors, centroids,
+    cluster assignment and level 1's correction, if any; otherwise item_vectors())."""
     head = _head(model)
-    return _digest([head.item_out, head.centroids, head.assign] if head is not None else [model.item_vectors()])
+    if head is None:
+        return _digest([model.item_vectors()])
+    extra = [] if head.correction is None else list(head.correction.parameters())
+    return _digest([head.item_out, head.centroids, head.assign, *extra])
 
 
 def _digest(tensors) -> str:
@@ -61,10 +64,11 @@ def _digest(tensors) -> str:
 @torch.inference_mode()
 def estimate_log_normalizers(head: TwoLevelHead, states: torch.Tensor, top_m: int = 8,
                              batch_size: int = 256) -> np.ndarray:
-    """(C,) b_c: the mean of log Z_c(h) over the training states h (n, H) for which c is among the
-    ``top_m`` most probable clusters, i.e. where c competes for the top-k; a cluster no state
-    ranks that high gets the mean over all those (state, cluster) pairs. Costs
-    n * top_m * (cluster size) * H, never n * |I| * H."""
+    """(C,) b_c: the mean of log Z_c(h) (minus level 1's correction g_c(h), when the head has one:
+    log P(t | h) = h . (e_c + e_t) + g_c(h) - log Z_c(h) - log Z_1(h)) over the training states h
+    (n, H) for which c is among the ``top_m`` most probable clusters, i.e. where c competes for the
+    top-k; a cluster no state ranks that high gets the mean over all those (state, cluster) pairs.
+    Costs n * top_m * (cluster size) * H, never n * |I| * H."""
     C = head.n_clusters
     m = min(top_m, C)
     total = torch.zeros(C, dtype=torch.float64)
@@ -72,11 +76,14 @@ def estimate_log_normalizers(head: TwoLevelHead, states: torch.Tensor, top_m: in
     states = states.to(head.item_out.device, head.item_out.dtype)
     for start in range(0, len(states), batch_size):
         h = states[start:start + batch_size]  # (b, H)
-        top = torch.topk(h @ head.centroids.T, m, dim=1).indices  # (b, m)
+        level1 = head.item_cluster_logits(h)  # (b, C)
+        g = None if head.correction is None else head.correction(h).double()  # (b, C)
+        top = torch.topk(level1, m, dim=1).indices  # (b, m)
         for c in torch.unique(top).tolist():
             rows = torch.nonzero((top == c).any(1))[:, 0]
             logit = h[rows] @ head.item_out.index_select(0, head.members(c)).T  # (r, S)
-            total[c] += torch.logsumexp(logit.double(), dim=1).sum().cpu()
+            gap = torch.logsumexp(logit.double(), dim=1) - (0 if g is None else g[rows, c])  # (r,)
+            total[c] += gap.sum().cpu()
             count[c] += len(rows)
     if count.sum() == 0:
         raise ValueError("no hidden states to estimate log Z_c on")
@@ -152,7 +159,9 @@ class AnnIndex:
             index = faiss.IndexFlatIP(d)
         elif kind == "ivf" and head is not None:
             # the model's own clusters are the inverted lists, probed in decreasing h . e_c (the
-            # structure decoder's order): no k-means, and the lists are what the model ranks by
+            # structure decoder's order, but for level 1's correction g_c(h) where the head has one:
+            # a FAISS quantizer scores by one inner product): no k-means, and the lists are what the
+            # model ranks by
             nlist = head.n_clusters
             nprobe = nprobe or max(1, min(nlist, 4))
             quantizer = faiss.IndexFlatIP(d)
@@ -357,10 +366,9 @@ class AnnTopK:
 
 
 @torch.inference_mode()
-def training_states(model, ds, max_history: int, n: int = 2048, seed: int = 0,
-                    batch_size: int = 64) -> torch.Tensor:
-    """(n, H) query states of the model at random prefixes of training sequences (never a
-    valid/test target): what log Z_c is averaged over."""
+def training_prefixes(ds, max_history: int, n: int = 2048, seed: int = 0) -> list[np.ndarray]:
+    """``n`` random prefixes of training sequences (each predicts the item after it, never a
+    valid/test target), cut to their last ``max_history`` items."""
     rng = np.random.default_rng(seed)
     seqs = [s for s in ds.split.train if len(s) >= 2]
     if not seqs:
@@ -371,11 +379,24 @@ def training_states(model, ds, max_history: int, n: int = 2048, seed: int = 0,
         s = seqs[i]
         cut = int(rng.integers(1, len(s)))  # predict s[cut] from s[:cut]
         hist.append(s[:cut][-max_history:])
+    return hist
+
+
+def training_states(model, ds, max_history: int, n: int = 2048, seed: int = 0,
+                    batch_size: int = 64, prefixes: list[np.ndarray] | None = None) -> torch.Tensor:
+    """(n, H) query states of the model at random prefixes of training sequences
+    (training_prefixes, or the given ``prefixes``): what log Z_c is averaged over."""
+    hist = training_prefixes(ds, max_history, n, seed) if prefixes is None else prefixes
     model.eval()
-    out = []
+    # batches of similar lengths (little padding), states returned in the prefixes' order
+    order = sorted(range(len(hist)), key=lambda i: len(hist[i]))
+    out = torch.empty(0)
     with Progress("index: training hidden states", len(hist), unit="state") as tracker:
         for start in range(0, len(hist), batch_size):
-            batch = hist[start:start + batch_size]
-            out.append(model.encode(model.to_device(model.query_batch(batch))).float().cpu())
-            tracker.update(len(batch))
-    return torch.cat(out)
+            idx = order[start:start + batch_size]
+            h = model.encode(model.to_device(model.query_batch([hist[i] for i in idx]))).float().cpu()  # (b, H)
+            if not out.numel():
+                out = torch.empty(len(hist), h.shape[1])
+            out[torch.as_tensor(idx)] = h
+            tracker.update(len(idx))
+    return out

@@ -51,7 +51,7 @@ class StructureTopK:
         # the repeat bias enters the level-2 logits of the history items (TwoLevelHead.with_item_bias):
         # level 2 stays a softmax, so P(t | h) <= P(c(t) | h) still bounds every member
         bias = self.history_bias(histories, dev)
-        lpc = (h @ head.centroids.T).float()  # (B, C) unnormalised cluster scores
+        lpc = head.item_cluster_logits(h).float()  # (B, C) unnormalised cluster scores
         if self.normalized:
             log_z1 = torch.logsumexp(lpc, dim=1)
             if head._text_weight is not None:

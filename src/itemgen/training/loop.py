@@ -27,12 +27,14 @@ from itemgen.evaluation.closed_prior import best_prior, prior_grid, probe_items,
 from itemgen.evaluation.score_search import ranks_at, score_parts, search, search_metrics
 from itemgen.evaluation.evaluate import rank_examples, subsample
 from itemgen.evaluation.metrics import ranking_metrics
+from itemgen.heads.softmax import TwoLevelHead
 from itemgen.models.checkpoint import load_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from itemgen.models.recommender import Recommender
 from itemgen.models.registry import build_model
 from itemgen.models.text_knn import TextKNN
 from itemgen.training.distill import attach_distillation
 from itemgen.training.item_init import init_items
+from itemgen.training.level1_fit import clear_cluster_correction, fit_cluster_correction
 from itemgen.training.losses import attach_loss, item_counts
 
 BUCKET = 50  # batches per length-sorting window: similar lengths together, still shuffled
@@ -377,8 +379,25 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
                 break
         if logged:
             history(history_row())
-    progress.close(f"stopped: {stopped}")
     acc.wait_for_everyone()
+    head = getattr(core, "head", None)
+    if isinstance(head, TwoLevelHead) and head.correction is not None and best_valid:
+        # level 1 fitted to the best checkpoint's level 2 (training/level1_fit.py); kept only if
+        # validation gains. Every process fits the same g (same weights, states and seed).
+        load_weights(core, best_dir)
+        fit = fit_cluster_correction(core, ds, cfg.data.max_history, seed=t.seed)
+        metrics = validate()
+        fit.update({"valid_ndcg@10_before": best_score, "valid_ndcg@10": metrics["ndcg@10"],
+                    "kept": metrics["ndcg@10"] > best_score})
+        if fit["kept"]:
+            best_score, best_valid = metrics["ndcg@10"], {**metrics, "level1_fit": fit}
+            checkpoint(best_dir, {"valid": best_valid, "best_step": best_step}, with_trainer=False)
+        else:
+            clear_cluster_correction(head)
+        history({"step": step, "level1_fit": fit, "best_ndcg@10": best_score})
+        progress.log(f"level 1 fitted: valid ndcg@10 {fit['valid_ndcg@10_before']:.4f} -> {fit['valid_ndcg@10']:.4f} "
+                     f"({'kept' if fit['kept'] else 'dropped'})", level1_fit=fit)
+    progress.close(f"stopped: {stopped}")
     total = elapsed + time.perf_counter() - t0
     return TrainResult(out, best_dir, step, best_valid, total, stopped, round(step / batches_per_epoch, 3),
                        best_step)

@@ -1,0 +1,123 @@
+"""Level 1 of a two-level head fitted to its own level 2, after training (heads/softmax.ClusterCorrection).
+
+A two-level model ranks by log P(t | h) = log P(c | h) + h . e_t - log Z_c(h). Trained by the
+likelihood, level 1 is linear (h . e_c) and cannot follow log Z_c(h), so the exact ranking loses
+against the model's own joint scores h . (e_c + e_t) (docs/quality_notes.md, "Two-level level 1").
+Here g(h) learns log Z_c(h) of every cluster by regression at hidden states of training prefixes,
+and level 1 becomes h . e_c + g_c(h): P(c | h) is then each cluster's mass under the joint scores,
+and the model is still a two-level softmax (Structure stays exact, nothing of size |I| a query).
+Cost: STATES forward passes and STATES x |I| dot products once, then STEPS small MLP steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from itemgen.data.load import load_dataset
+from itemgen.evaluation.evaluate import rank_examples, subsample
+from itemgen.evaluation.metrics import ranking_metrics
+from itemgen.heads.softmax import ClusterCorrection, TwoLevelHead
+from itemgen.models.checkpoint import load_checkpoint, save_checkpoint
+from itemgen.topk.ann import training_prefixes, training_states
+
+STATES = 20000  # training prefixes whose log Z_c are the regression targets
+STEPS = 4000  # Adam steps of BATCH states each
+BATCH = 256
+LR = 1e-3
+
+
+@torch.no_grad()
+def log_normalizers(model, states: torch.Tensor, prefixes: list, chunk: int = 1024) -> torch.Tensor:
+    """states (n, H) of ``prefixes`` -> (n, C) log Z_c of every cluster's level-2 logits as the
+    model ranks with them: h . e_t plus, with a repeat bias, its value at the prefix's own items
+    (a two-level head adds it inside level 2: TwoLevelHead.with_item_bias). Level 1 learns, under
+    the likelihood, to lower clusters whose members the bias lowers; targets without it undo that."""
+    head, out = model.head, []
+    for a in range(0, len(states), chunk):
+        logits = (states[a:a + chunk] @ head.item_out.T).float()  # (c, I)
+        if getattr(model, "repeat", None) is not None:
+            logits = model.repeat.add_histories(logits, prefixes[a:a + chunk])
+        out.append(head.cluster_log_normalizers(states[a:a + chunk], logits))
+    return torch.cat(out)
+
+
+def fit_cluster_correction(model, ds, max_history: int, *, states: int | None = None, steps: int | None = None,
+                           seed: int = 0) -> dict:
+    """Fit ``model.head.correction`` (a TwoLevelHead built with correction > 0) to log Z_c at
+    ``states`` training prefixes; deterministic for a seed. Returns what it did: states, steps,
+    mean squared error (per state and cluster) before (g = 0) and after, and seconds."""
+    head = model.head
+    states, steps = states or STATES, steps or STEPS
+    if not isinstance(head, TwoLevelHead) or head.correction is None:
+        raise ValueError("fit_cluster_correction needs a two-level head with itemlm.cluster_correction > 0")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        prefixes = training_prefixes(ds, max_history, states, seed)
+        x = training_states(model, ds, max_history, prefixes=prefixes).to(head.item_out)  # (n, H)
+        target = log_normalizers(model, x, prefixes).float()  # (n, C)
+    g = head.correction
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = ClusterCorrection(x.shape[1], head.n_clusters, g.inner.out_features).to(x.device)
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+    with torch.no_grad():
+        fresh.outer.bias.copy_(target.mean(0))  # each cluster's mean log Z: a start the MLP corrects
+    opt = torch.optim.Adam(fresh.parameters(), lr=LR)
+    with torch.enable_grad():
+        for _ in range(steps):
+            b = torch.randint(0, len(x), (BATCH,), generator=gen, device=x.device)
+            loss = (fresh(x[b]) - target[b]).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        g.load_state_dict(fresh.state_dict())
+        after = float((g(x) - target).square().mean())
+    return {"states": len(x), "steps": steps, "width": g.inner.out_features,
+            "mse_at_zero": round(float(target.square().mean()), 4),
+            "mse_at_cluster_mean": round(float((target - target.mean(0)).square().mean()), 4),
+            "mse": round(after, 4), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def clear_cluster_correction(head: TwoLevelHead) -> None:
+    """g back to zero: level 1 as the likelihood trained it."""
+    with torch.no_grad():
+        head.correction.outer.weight.zero_()
+        head.correction.outer.bias.zero_()
+
+
+def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data: str | Path | None = None) -> dict:
+    """The fit on a trained two-level checkpoint that has no correction yet: what training with
+    ``itemlm.cluster_correction=width`` would have written (the likelihood trains the same weights
+    with or without it: tests/test_two_level.py), saved to ``out`` with its validation figures
+    before and after. The correction is kept only if validation gains, else ``out`` holds g = 0."""
+    model, cfg, _ = load_checkpoint(checkpoint)
+    head = getattr(model, "head", None)
+    if not isinstance(head, TwoLevelHead):
+        raise ValueError(f"{checkpoint}: not a two-level checkpoint (itemlm.head=two_level)")
+    if head.correction is not None:
+        raise ValueError(f"{checkpoint}: level 1 already has a correction (itemlm.cluster_correction="
+                         f"{cfg.itemlm.cluster_correction})")
+    if width < 1:
+        raise ValueError("width must be >= 1")
+    cfg = replace(cfg, itemlm=replace(cfg.itemlm, cluster_correction=width))
+    ds = load_dataset(replace(cfg, data=replace(cfg.data, path=str(data))) if data else cfg)
+    fresh = TwoLevelHead(head.n_items, head.item_out.shape[1], None, head.assign, correction=width)
+    head.correction = fresh.correction.to(head.item_out.device)
+    opts = dict(max_history=cfg.data.max_history, batch_size=cfg.train.eval_batch_size,
+                exclude_history=cfg.train.eval_exclude_history)
+    valid = subsample(ds.split.valid, cfg.train.eval_users, cfg.train.seed)  # the users training validated on
+    before = ranking_metrics(rank_examples(model, valid, **opts))
+    fit = fit_cluster_correction(model, ds, cfg.data.max_history, seed=cfg.train.seed)
+    after = ranking_metrics(rank_examples(model, valid, **opts))
+    fit.update({"valid_ndcg@10_before": before["ndcg@10"], "valid_ndcg@10": after["ndcg@10"],
+                "kept": after["ndcg@10"] > before["ndcg@10"], "from": str(checkpoint)})
+    if not fit["kept"]:
+        clear_cluster_correction(head)
+    valid = {**(after if fit["kept"] else before), "level1_fit": fit}
+    save_checkpoint(out, model, cfg, ds.items, dataset=ds.manifest(), metrics={"valid": valid})
+    return fit
