@@ -444,7 +444,7 @@ def test_level1_targets_carry_the_repeat_bias():
         for back, item in enumerate(reversed(np.asarray(p)[-5:].tolist())):
             if (np.asarray(p)[-5:][len(p[-5:]) - back:] == item).any():
                 continue  # each item once, at its most recent position
-            logits[item] += float(repeat.bias(torch.tensor([back]))[0])
+            logits[item] += float(repeat.bias(torch.tensor([back]))[0].detach())
         for c in range(4):
             assert float(got[n, c]) == pytest.approx(float(torch.logsumexp(logits[assign == c], 0)), abs=1e-5)
     plain = log_normalizers(types.SimpleNamespace(head=head, repeat=None), h, prefixes)

@@ -365,7 +365,6 @@ class AnnTopK:
         return torch.cat([scores, hist_scores], 1), torch.cat([ids, hist_ids], 1)
 
 
-@torch.inference_mode()
 def training_prefixes(ds, max_history: int, n: int = 2048, seed: int = 0) -> list[np.ndarray]:
     """``n`` random prefixes of training sequences (each predicts the item after it, never a
     valid/test target), cut to their last ``max_history`` items."""
@@ -382,6 +381,7 @@ def training_prefixes(ds, max_history: int, n: int = 2048, seed: int = 0) -> lis
     return hist
 
 
+@torch.no_grad()  # not inference_mode: level 1's fit trains on these states (training/level1_fit.py)
 def training_states(model, ds, max_history: int, n: int = 2048, seed: int = 0,
                     batch_size: int = 64, prefixes: list[np.ndarray] | None = None) -> torch.Tensor:
     """(n, H) query states of the model at random prefixes of training sequences

@@ -2,7 +2,7 @@
 
 A two-level model ranks by log P(t | h) = log P(c | h) + h . e_t - log Z_c(h). Trained by the
 likelihood, level 1 is linear (h . e_c) and cannot follow log Z_c(h), so the exact ranking loses
-against the model's own joint scores h . (e_c + e_t) (docs/quality_notes.md, "Two-level level 1").
+against the model's own joint scores h . (e_c + e_t) (docs/quality_notes.md section 5, "Level 1 fitted to level 2").
 Here g(h) learns log Z_c(h) of every cluster by regression at hidden states of training prefixes,
 and level 1 becomes h . e_c + g_c(h): P(c | h) is then each cluster's mass under the joint scores,
 and the model is still a two-level softmax (Structure stays exact, nothing of size |I| a query).
