@@ -157,6 +157,14 @@ class ClusterCorrection(nn.Module):
         nn.init.zeros_(self.outer.weight)
         nn.init.zeros_(self.outer.bias)
 
+    @classmethod
+    def frozen(cls, hidden: int, n_clusters: int, width: int) -> "ClusterCorrection":
+        """One drawn from its own seed, with no gradient: a model built with it draws every other
+        weight as one built without it, and the likelihood does not train it."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return cls(hidden, n_clusters, width).requires_grad_(False)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h (N, H) -> (N, C)."""
         return self.outer(F.gelu(self.inner(h)))
@@ -192,11 +200,7 @@ class TwoLevelHead(nn.Module):
         self.centroids = nn.Parameter(torch.randn(len(sizes), hidden) * 0.02)  # (C, H)
         self._text_weight = text_weight
         self.sparse_grad = sparse_grad
-        self.correction = None
-        if correction:  # drawn from its own seed: the weights drawn after it are those without it
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                self.correction = ClusterCorrection(hidden, len(sizes), correction).requires_grad_(False)
+        self.correction = ClusterCorrection.frozen(hidden, len(sizes), correction) if correction else None
         order = torch.argsort(assign, stable=True)  # items grouped by cluster
         pos = torch.empty_like(assign)
         offsets = torch.cumsum(sizes, 0) - sizes  # (C,) first slot of each cluster in `order`

@@ -106,8 +106,7 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
         raise ValueError("width must be >= 1")
     cfg = replace(cfg, itemlm=replace(cfg.itemlm, cluster_correction=width))
     ds = load_dataset(replace(cfg, data=replace(cfg.data, path=str(data))) if data else cfg)
-    fresh = TwoLevelHead(head.n_items, head.item_out.shape[1], None, head.assign, correction=width)
-    head.correction = fresh.correction.to(head.item_out.device)
+    head.correction = ClusterCorrection.frozen(head.item_out.shape[1], head.n_clusters, width).to(head.item_out.device)
     opts = dict(max_history=cfg.data.max_history, batch_size=cfg.train.eval_batch_size,
                 exclude_history=cfg.train.eval_exclude_history)
     valid = subsample(ds.split.valid, cfg.train.eval_users, cfg.train.seed)  # the users training validated on
@@ -118,6 +117,6 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
                 "kept": after["ndcg@10"] > before["ndcg@10"], "from": str(checkpoint)})
     if not fit["kept"]:
         clear_cluster_correction(head)
-    valid = {**(after if fit["kept"] else before), "level1_fit": fit}
-    save_checkpoint(out, model, cfg, ds.items, dataset=ds.manifest(), metrics={"valid": valid})
+    chosen = {**(after if fit["kept"] else before), "level1_fit": fit}
+    save_checkpoint(out, model, cfg, ds.items, dataset=ds.manifest(), metrics={"valid": chosen})
     return fit
