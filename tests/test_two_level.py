@@ -415,6 +415,17 @@ def test_level1_fit_after_training(trained, tmp_path, monkeypatch):
     assert fitted["valid_ndcg@10"] == pytest.approx(fit[0]["valid_ndcg@10"]) and fitted["kept"] == fit[0]["kept"]
     with pytest.raises(ValueError, match="already has a correction"):
         level1_fit.fit_checkpoint(result.best, tmp_path / "twice", 16)
+    # the CLI: the same fit, its figures as JSON; never over its own input
+    res = runner.invoke(app, ["clusters", "fit-level1", str(plain.best), "--out", str(tmp_path / "cli"),
+                              "--width", "16", "--log-format", "json"])
+    assert res.exit_code == 0, res.output
+    shown = next(json.loads(line) for line in res.output.splitlines() if '"event": "result"' in line)
+    assert shown["valid_ndcg@10"] == pytest.approx(fit[0]["valid_ndcg@10"]) and shown["kept"] == fit[0]["kept"]
+    res = runner.invoke(app, ["clusters", "fit-level1", str(plain.best), "--out", str(plain.best)])
+    assert res.exit_code == 2 and "is the checkpoint itself" in res.output
+    assert (plain.best / "model.safetensors").is_file()
+    res = runner.invoke(app, ["clusters", "fit-level1", str(result.best), "--out", str(tmp_path / "again")])
+    assert res.exit_code == 2 and "already has a correction" in res.output
     h = torch.randn(5, model.head.item_out.shape[1])
     with torch.no_grad():
         assert not torch.allclose(model.head.item_cluster_logits(h), h @ model.head.centroids.T) or not fit[0]["kept"]

@@ -2,6 +2,7 @@
 
     itemgen clusters build data/scientific --method kmeans [--n-clusters 80] [--seed 0]
     itemgen clusters info data/scientific/clusters/kmeans.json
+    itemgen clusters fit-level1 runs/x/best --out runs/x-level1 [--width 256]
     itemgen index build runs/x/best --type ivf [--states 2048] [--nlist N] [--nprobe N]
 
 Bad input prints ``error: <message>`` on stderr and exits with status 2.
@@ -24,6 +25,7 @@ from itemgen.data.dataset import DataError, SequenceDataset
 from itemgen.heads.clusters import Clusters, build_clusters, cluster_path
 from itemgen.models.checkpoint import load_checkpoint, read_items
 from itemgen.topk.ann import INDEX_TYPES, AnnIndex, _head, training_states
+from itemgen.training.level1_fit import fit_checkpoint
 
 CLUSTERS_EXAMPLE = "itemgen clusters build data/mine --method kmeans"
 INDEX_EXAMPLE = "itemgen index build runs/itemlm-cpu/best --type ivf"
@@ -114,6 +116,29 @@ def clusters_info(path: Annotated[Path, typer.Argument(help="cluster file (.json
     with _user_errors():
         clusters = Clusters.load(path)
     _print_stats({**clusters.stats(), **clusters.info}, str(path))
+
+
+@clusters_app.command("fit-level1", epilog=example("itemgen clusters fit-level1 runs/two-level/best --out runs/two-level-l1"))
+def clusters_fit_level1(
+    checkpoint: Annotated[Path, typer.Argument(help="a two-level checkpoint directory")],
+    out: Annotated[Path, typer.Option(help="where the new checkpoint goes (not CHECKPOINT)")],
+    width: Annotated[int, typer.Option(min=1, help="hidden width of level 1's correction g(h)")] = 256,
+    data: Annotated[Optional[Path], typer.Option(help="prepared dataset (default: the config's)")] = None,
+    quiet: Quiet = False,
+    log_format: LogFormat = "text",
+):
+    """Fit level 1 of a trained two-level CHECKPOINT to its own level 2 (what training with
+    itemlm.cluster_correction=WIDTH does at its end) and write the result to OUT; the correction is
+    kept only if validation NDCG@10 gains."""
+    reporting(quiet, log_format)
+    with _user_errors():
+        fit = fit_checkpoint(checkpoint, out, width, data=data)
+
+    def render():
+        _print_stats({k: v for k, v in fit.items() if k != "from"}, "level 1 fit")
+        typer.echo(f"wrote {out}")
+
+    show_result({**fit, "path": str(out)}, render)
 
 
 @index_app.command("build", epilog=example(INDEX_EXAMPLE))

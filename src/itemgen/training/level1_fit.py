@@ -95,6 +95,8 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
     ``itemlm.cluster_correction=width`` would have written (the likelihood trains the same weights
     with or without it: tests/test_two_level.py), saved to ``out`` with its validation figures
     before and after. The correction is kept only if validation gains, else ``out`` holds g = 0."""
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"--out {out} is the checkpoint itself: the fit writes a new checkpoint beside it")
     model, cfg, _ = load_checkpoint(checkpoint)
     head = getattr(model, "head", None)
     if not isinstance(head, TwoLevelHead):
