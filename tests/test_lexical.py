@@ -15,7 +15,7 @@ import torch
 from itemgen.core.config import ConfigError
 from itemgen.evaluation.closed_prior import probe_items
 from itemgen.evaluation.evaluate import rank_examples
-from itemgen.evaluation.metrics import ranking_metrics
+from itemgen.evaluation.metrics import ndcg_gains, ranking_metrics
 from itemgen.evaluation.score_search import BIASES, WEIGHTS, ranks_at, score_parts, search
 from itemgen.models.checkpoint import load_checkpoint
 from itemgen.models.lexical import LexicalView
@@ -179,20 +179,19 @@ def test_the_warm_floor_rule_keeps_the_others_above_the_floor(cold):
     grid = np.arange(0, 6.01, 0.5)
     closed_target = np.asarray([bool(probe[e.target]) or not bool(m.items.id_known[e.target])
                                 for e in cold.split.valid])
-    ndcg = lambda r: np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)  # noqa: E731
     for floor in (0.9, 0.98, 1.0):
         chosen, ranks = search(plain, parts, grid, warm_floor=floor)
         open_only, _ = search(plain)
         assert chosen["weight"][1:] == open_only["weight"][1:]  # the open buckets as without the rule
-        without = ndcg(ranks_at(parts, [0.0, *chosen["weight"][1:]], chosen["bias"], -1e4))[~closed_target].mean()
-        assert ndcg(ranks)[~closed_target].mean() >= floor * without - 1e-12
+        without = ndcg_gains(ranks_at(parts, [0.0, *chosen["weight"][1:]], chosen["bias"], -1e4))[~closed_target].mean()
+        assert ndcg_gains(ranks)[~closed_target].mean() >= floor * without - 1e-12
         # the best stand-in figure of every feasible setting (a slow reference, exhaustive)
-        best = max(ndcg(r)[closed_target].mean() for w in WEIGHTS for p in grid
-                   if ndcg(r := ranks_at(parts, [w, *chosen["weight"][1:]], chosen["bias"], p))[~closed_target].mean()
+        best = max(ndcg_gains(r)[closed_target].mean() for w in WEIGHTS for p in grid
+                   if ndcg_gains(r := ranks_at(parts, [w, *chosen["weight"][1:]], chosen["bias"], p))[~closed_target].mean()
                    >= floor * without - 1e-12)
-        assert ndcg(ranks)[closed_target].mean() == pytest.approx(best, abs=1e-12)
+        assert ndcg_gains(ranks)[closed_target].mean() == pytest.approx(best, abs=1e-12)
     # a looser floor leaves more room: the stand-ins never score lower
-    figs = [ndcg(search(plain, parts, grid, warm_floor=f)[1])[closed_target].mean() for f in (1.0, 0.9, 0.5)]
+    figs = [ndcg_gains(search(plain, parts, grid, warm_floor=f)[1])[closed_target].mean() for f in (1.0, 0.9, 0.5)]
     assert figs == sorted(figs) and figs[-1] > figs[0]
 
 
@@ -215,17 +214,16 @@ def test_the_warm_floor_against_a_reference_model(cold, tmp_path):
     parts = score_parts(m, cold.split.valid, max_history=6, exclude_history=True, probe=probe)
     closed_target = np.asarray([bool(probe[e.target]) or not bool(m.items.id_known[e.target])
                                 for e in cold.split.valid])
-    ndcg = lambda r: np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)  # noqa: E731
     reference = np.asarray([1 if i % 3 else 50 for i in range(len(cold.split.valid))])  # a known answer
-    ref = ndcg(reference)[~closed_target].mean()
+    ref = ndcg_gains(reference)[~closed_target].mean()
     for floor in (0.05, 0.2, 0.3):
         chosen, ranks = search(plain, parts, np.arange(0, 6.01, 0.5), warm_floor=floor, reference=reference)
-        feasible = ndcg(ranks)[~closed_target].mean() >= floor * ref - 1e-12
+        feasible = ndcg_gains(ranks)[~closed_target].mean() >= floor * ref - 1e-12
         assert feasible or floor > 0.05  # the lowest floor is met
-        best_others = max(ndcg(ranks_at(parts, [w, *chosen["weight"][1:]], chosen["bias"], p))[~closed_target].mean()
+        best_others = max(ndcg_gains(ranks_at(parts, [w, *chosen["weight"][1:]], chosen["bias"], p))[~closed_target].mean()
                           for w in WEIGHTS for p in np.arange(0, 6.01, 0.5))
         # feasible when any setting is; otherwise the others' best figure
-        assert feasible or ndcg(ranks)[~closed_target].mean() == pytest.approx(best_others, abs=1e-12)
+        assert feasible or ndcg_gains(ranks)[~closed_target].mean() == pytest.approx(best_others, abs=1e-12)
     # in training: the reference is a checkpoint (here another tiny run on the same catalog)
     ref_run = train(_cfg(tmp_path / "ref", items={"lexical": 0, "text_match": 0, "id_dropout": 0.0}), dataset=cold)
     res = train(_cfg(tmp_path / "run", items={"closed_prior_search": 4.0, "closed_prior_rule": "warm_floor",
@@ -246,25 +244,24 @@ def test_the_tail_floor_ranks_tail_targets_at_least_as_the_words_alone(cold):
     m.items.lexical.item_bucket[::2] = 1  # half the catalog "tail" (every synthetic item is bought 5+ times)
     parts = score_parts(m, cold.split.valid, max_history=6, exclude_history=True)
     tail = np.asarray([int(parts.bucket[e.target]) <= 1 for e in cold.split.valid])
-    ndcg = lambda r: np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)  # noqa: E731
     lex_only = np.zeros(len(tail), dtype=np.int64)
     for idx, s, cos, t in parts.batches:
         c = torch.where(torch.isinf(s), s, cos)  # the history (and absent items) stay out
         lex_only[idx] = (c >= c.gather(1, t[:, None])).sum(1).numpy()
-    floor = ndcg(lex_only)[tail].mean()
+    floor = ndcg_gains(lex_only)[tail].mean()
     free, _ = search(parts)
     chosen, ranks = search(parts, tail_floor=True)
     assert chosen["weight"][2] == free["weight"][2]  # w(head) held
     assert chosen != free  # this catalog's all-user optimum ranks its tail below the words alone
-    if ndcg(ranks_at(parts, free["weight"], free["bias"], 0.0))[tail].mean() >= floor:
+    if ndcg_gains(ranks_at(parts, free["weight"], free["bias"], 0.0))[tail].mean() >= floor:
         assert chosen == free
     else:
-        feasible = [(ndcg(r).mean(), w, b) for w in WEIGHTS for b in BIASES
-                    if ndcg(r := ranks_at(parts, [free["weight"][0], w, free["weight"][2]],
+        feasible = [(ndcg_gains(r).mean(), w, b) for w in WEIGHTS for b in BIASES
+                    if ndcg_gains(r := ranks_at(parts, [free["weight"][0], w, free["weight"][2]],
                                           [0.0, b, 0.0], 0.0))[tail].mean() >= floor]
         if feasible:
-            assert ndcg(ranks)[tail].mean() >= floor
-            assert ndcg(ranks).mean() == pytest.approx(max(f[0] for f in feasible), abs=1e-12)
+            assert ndcg_gains(ranks)[tail].mean() >= floor
+            assert ndcg_gains(ranks).mean() == pytest.approx(max(f[0] for f in feasible), abs=1e-12)
     with pytest.raises(ConfigError, match="lexical_rule: all or tail_floor"):
         _cfg(items={"lexical_rule": "tails"})
 
@@ -274,13 +271,12 @@ def test_the_tail_floor_reference_and_training_with_it(cold, tmp_path):
     m.items.lexical.item_bucket[::2] = 1
     parts = score_parts(m, cold.split.valid, max_history=6, exclude_history=True)
     tail = np.asarray([int(parts.bucket[e.target]) <= 1 for e in cold.split.valid])
-    ndcg = lambda r: np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)  # noqa: E731
     free, _ = search(parts)
     # a reference no setting reaches (every target first): the best tail figure of the grid
     chosen, ranks = search(parts, tail_floor=True, tail_reference=np.ones(len(tail), dtype=np.int64))
-    best_tail = max(ndcg(ranks_at(parts, [free["weight"][0], w, free["weight"][2]], [0.0, b, 0.0], 0.0))[tail].mean()
+    best_tail = max(ndcg_gains(ranks_at(parts, [free["weight"][0], w, free["weight"][2]], [0.0, b, 0.0], 0.0))[tail].mean()
                     for w in WEIGHTS for b in BIASES)
-    assert ndcg(ranks)[tail].mean() == pytest.approx(best_tail, abs=1e-12)
+    assert ndcg_gains(ranks)[tail].mean() == pytest.approx(best_tail, abs=1e-12)
     # a reference every setting passes: the lexical view alone still sets the floor, as without one
     low, _ = search(parts, tail_floor=True, tail_reference=np.full(len(tail), 10 ** 6))
     assert low == search(parts, tail_floor=True)[0]

@@ -76,13 +76,13 @@ def estimate_log_normalizers(head: TwoLevelHead, states: torch.Tensor, top_m: in
     states = states.to(head.item_out.device, head.item_out.dtype)
     for start in range(0, len(states), batch_size):
         h = states[start:start + batch_size]  # (b, H)
-        level1 = head.item_cluster_logits(h)  # (b, C)
-        g = None if head.correction is None else head.correction(h).double()  # (b, C)
+        g = None if head.correction is None else head.correction(h)  # (b, C)
+        level1 = h @ head.centroids.T if g is None else h @ head.centroids.T + g  # (b, C) item_cluster_logits
         top = torch.topk(level1, m, dim=1).indices  # (b, m)
         for c in torch.unique(top).tolist():
             rows = torch.nonzero((top == c).any(1))[:, 0]
             logit = h[rows] @ head.item_out.index_select(0, head.members(c)).T  # (r, S)
-            gap = torch.logsumexp(logit.double(), dim=1) - (0 if g is None else g[rows, c])  # (r,)
+            gap = torch.logsumexp(logit.double(), dim=1) - (0 if g is None else g[rows, c].double())  # (r,)
             total[c] += gap.sum().cpu()
             count[c] += len(rows)
     if count.sum() == 0:

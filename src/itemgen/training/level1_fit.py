@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -90,6 +91,20 @@ def clear_cluster_correction(head: TwoLevelHead) -> None:
         head.correction.outer.bias.zero_()
 
 
+def fit_and_keep(model, ds, max_history: int, *, seed: int, before: float,
+                 validate: Callable[[], dict]) -> tuple[dict, dict]:
+    """Fit g (fit_cluster_correction), then keep it only if ``validate()``'s NDCG@10 beats
+    ``before`` (the figure without it), else clear it. -> (the fit's record with both figures and
+    whether it was kept, validate()'s metrics with g)."""
+    fit = fit_cluster_correction(model, ds, max_history, seed=seed)
+    metrics = validate()
+    fit.update({"valid_ndcg@10_before": before, "valid_ndcg@10": metrics["ndcg@10"],
+                "kept": metrics["ndcg@10"] > before})
+    if not fit["kept"]:
+        clear_cluster_correction(model.head)
+    return fit, metrics
+
+
 def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data: str | Path | None = None) -> dict:
     """The fit on a trained two-level checkpoint that has no correction yet: what training with
     ``itemlm.cluster_correction=width`` would have written (the likelihood trains the same weights
@@ -113,12 +128,9 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
                 exclude_history=cfg.train.eval_exclude_history)
     valid = subsample(ds.split.valid, cfg.train.eval_users, cfg.train.seed)  # the users training validated on
     before = ranking_metrics(rank_examples(model, valid, **opts))
-    fit = fit_cluster_correction(model, ds, cfg.data.max_history, seed=cfg.train.seed)
-    after = ranking_metrics(rank_examples(model, valid, **opts))
-    fit.update({"valid_ndcg@10_before": before["ndcg@10"], "valid_ndcg@10": after["ndcg@10"],
-                "kept": after["ndcg@10"] > before["ndcg@10"], "from": str(checkpoint)})
-    if not fit["kept"]:
-        clear_cluster_correction(head)
+    fit, after = fit_and_keep(model, ds, cfg.data.max_history, seed=cfg.train.seed, before=before["ndcg@10"],
+                              validate=lambda: ranking_metrics(rank_examples(model, valid, **opts)))
+    fit["from"] = str(checkpoint)
     chosen = {**(after if fit["kept"] else before), "level1_fit": fit}
     save_checkpoint(out, model, cfg, ds.items, dataset=ds.manifest(), metrics={"valid": chosen})
     return fit

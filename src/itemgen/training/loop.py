@@ -34,7 +34,7 @@ from itemgen.models.registry import build_model
 from itemgen.models.text_knn import TextKNN
 from itemgen.training.distill import attach_distillation
 from itemgen.training.item_init import init_items
-from itemgen.training.level1_fit import clear_cluster_correction, fit_cluster_correction
+from itemgen.training.level1_fit import fit_and_keep
 from itemgen.training.losses import attach_loss, item_counts
 
 BUCKET = 50  # batches per length-sorting window: similar lengths together, still shuffled
@@ -385,15 +385,10 @@ def train(cfg: Config, *, resume: bool = False, dataset: SequenceDataset | None 
         # level 1 fitted to the best checkpoint's level 2 (training/level1_fit.py); kept only if
         # validation gains. Every process fits the same g (same weights, states and seed).
         load_weights(core, best_dir)
-        fit = fit_cluster_correction(core, ds, cfg.data.max_history, seed=t.seed)
-        metrics = validate()
-        fit.update({"valid_ndcg@10_before": best_score, "valid_ndcg@10": metrics["ndcg@10"],
-                    "kept": metrics["ndcg@10"] > best_score})
+        fit, metrics = fit_and_keep(core, ds, cfg.data.max_history, seed=t.seed, before=best_score, validate=validate)
         if fit["kept"]:
             best_score, best_valid = metrics["ndcg@10"], {**metrics, "level1_fit": fit}
             checkpoint(best_dir, {"valid": best_valid, "best_step": best_step}, with_trainer=False)
-        else:
-            clear_cluster_correction(head)
         history({"step": step, "level1_fit": fit, "best_ndcg@10": best_score})
         progress.log(f"level 1 fitted: valid ndcg@10 {fit['valid_ndcg@10_before']:.4f} -> {fit['valid_ndcg@10']:.4f} "
                      f"({'kept' if fit['kept'] else 'dropped'})", level1_fit=fit)
