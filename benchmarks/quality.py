@@ -140,6 +140,10 @@ VARIANTS = {
                                                     "items": {"dropout": 0.3},
                                                     "distill": {"teacher": "itemlm", "weight": 0.9}})
        for m in ("kmeans", "frequency", "random")},
+    # the recipe distilled from the ensemble of its own three seeds (rows X, X-seed1, X-seed2: the
+    # mean of their log-probabilities, training/distill.py), one model at inference; weight 0.5
+    "itemlm-ensemble": ("itemlm", {"distill": {"teacher": "itemlm,itemlm-seed1,itemlm-seed2", "weight": 0.5}}),
+    "sasrec-ensemble": ("sasrec", {"distill": {"teacher": "sasrec,sasrec-seed1,sasrec-seed2", "weight": 0.5}}),
     # the same before the repeat bias (measured against `itemlm-no-repeat-bias`; REPEAT_START)
     **{f"two-level-{m}" + "-no-repeat-bias": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m},
                                                          "repeat": {"bias": "none"}})
@@ -148,6 +152,7 @@ VARIANTS = {
 # rows whose training is another row's plus the level-1 fit (training/level1_fit.fit_checkpoint)
 LEVEL1_FROM = {f"two-level-{m}{d}-level1": f"two-level-{m}{d}" for m in ("kmeans", "frequency", "random")
                for d in ("", "-distill")}
+ENSEMBLES = ("itemlm-ensemble", "sasrec-ensemble")  # compared with their recipe row (vs_recipe_paired)
 # ItemLM variants that start from a SASRec row other than `sasrec` (items.init=sasrec)
 REPEAT_START = {"itemlm-repeat": "sasrec-repeat", "itemlm-no-repeat-bias": "sasrec-no-repeat-bias",
                 **{f"two-level-{m}-no-repeat-bias": "sasrec-no-repeat-bias" for m in ("kmeans", "frequency", "random")}}
@@ -252,8 +257,12 @@ def main() -> None:
                 # the variant's own levers win over what it inherits from SASRec (abl-no-dropout)
                 values = merge(merge(values, from_selected_sasrec(args.work / dname / sasrec_name, dname, row_name)),
                                extra)
-            if values.get("distill", {}).get("teacher") in VARIANTS:  # a row's name: its checkpoint here
-                values["distill"]["teacher"] = str(args.work / dname / values["distill"]["teacher"] / "best")
+            if model == "sasrec" and vname not in GRIDS:  # trains once, at the dropout the `sasrec` row chose
+                values = merge(values, {"sasrec": {"dropout": selected_sasrec(args.work / dname / "sasrec", dname,
+                                                                               row_name)["value"]}})
+            if values.get("distill", {}).get("teacher"):  # rows' names: their checkpoints here
+                values["distill"]["teacher"] = ",".join(row_checkpoint(args.work / dname, name, dname, row_name)
+                                                        for name in values["distill"]["teacher"].split(","))
             for kv in args.set:
                 key, _, raw = kv.partition("=")
                 set_path(values, key, raw)
@@ -294,8 +303,8 @@ def main() -> None:
                    "test": report["metrics"], "test_history_masked": masked, "test_by_decoder": by_decoder,
                    "vs_sasrec_paired": paired_vs(args.work / dname, sasrec_name, row_name, gains),
                    # what one lever did: against the recipe of the same seed
-                   "vs_recipe_paired": paired_vs(args.work / dname, "itemlm" + row_name[len(vname):], row_name,
-                                                 gains) if vname.startswith("abl-") else None,
+                   "vs_recipe_paired": paired_vs(args.work / dname, recipe_of(model, row_name), row_name, gains)
+                   if vname.startswith("abl-") or vname in ENSEMBLES else None,
                    "best_valid": res.best_valid, "valid_history_masked": cfg.train.eval_exclude_history,
                    "steps": res.step, "epochs": res.epochs, "best_step": res.best_step,
                    "stopped": res.stopped, "train_seconds": round(res.train_seconds, 1),
@@ -537,6 +546,22 @@ def from_selected_sasrec(sasrec_dir: Path, dname: str, row_name: str) -> dict:
     and its dropout (recipes.itemlm_from_sasrec)."""
     sel = selected_sasrec(sasrec_dir, dname, row_name)
     return itemlm_from_sasrec(sel["checkpoint"], float(sel["value"]))
+
+
+def recipe_of(model: str, row_name: str) -> str:
+    """The recipe row of the same model and seed: itemlm, itemlm-seed1, sasrec-seed2, ..."""
+    seed = SEED_ROW.search(row_name)
+    return model + (seed.group(0) if seed else "")
+
+
+def row_checkpoint(work: Path, name: str, dname: str, row_name: str) -> str:
+    """A row's best checkpoint under WORK/DATASET: NAME/best, or for a tuned row (sasrec) the one its
+    grid chose. A path that is no row's name is returned as it is."""
+    if "/" in name or (name not in VARIANTS and not SEED_ROW.search(name)):
+        return name
+    if (work / name / "best").is_dir():
+        return str(work / name / "best")
+    return str(selected_sasrec(work / name, dname, row_name)["checkpoint"])
 
 
 def selected_sasrec(sasrec_dir: Path, dname: str, row_name: str) -> dict:

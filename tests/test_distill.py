@@ -12,7 +12,7 @@ from itemgen.core.config import ConfigError, DistillConfig, from_dict
 from itemgen.data.synthetic import make_dataset
 from itemgen.models.checkpoint import CheckpointError, load_checkpoint
 from itemgen.models.registry import build_model
-from itemgen.training.distill import Distillation, Teacher, attach_distillation
+from itemgen.training.distill import Distillation, Ensemble, Teacher, attach_distillation
 from itemgen.training.loop import train
 
 
@@ -137,6 +137,50 @@ def test_a_two_level_student_learns_from_a_teacher(data, tmp_path, teacher_ckpt,
     assert with_teacher == pytest.approx(student.loss(batch).item(), rel=1e-5)
     res = train(cfg_at(tmp_path / "run", distill={"teacher": str(teacher_ckpt), "weight": 0.5}), dataset=data)
     assert res.step == 2 and load_checkpoint(res.best)[0].distillation is None
+
+
+@pytest.fixture(scope="module")
+def second_teacher(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher2")
+    return train(cfg_for(out, model="sasrec", max_steps=4, eval_every=4, seed=1), dataset=data).best
+
+
+def test_an_ensemble_of_teachers_is_the_mean_of_their_log_probabilities(data, teacher_ckpt, second_teacher):
+    seqs = [s for s in data.split.train if len(s) >= 2][:6]
+    one = cfg_for("unused", model="sasrec", distill={"teacher": str(teacher_ckpt), "weight": 1.0})
+    single = attach_distillation(build_model(one, data.items), one, data, seqs)
+    assert isinstance(single, Teacher)  # one teacher: its raw scores, as before ensembles
+    both = cfg_for("unused", model="sasrec", distill={"teacher": f"{teacher_ckpt}, {second_teacher}", "weight": 1.0})
+    student = build_model(both, data.items).eval()
+    ensemble = attach_distillation(student, both, data, seqs)
+    assert isinstance(ensemble, Ensemble) and len(ensemble.teachers) == 2
+    got = ensemble.scores(seqs, np.random.default_rng(0))
+    parts = [torch.log_softmax(Teacher(str(p), data).scores(seqs, np.random.default_rng(0)), 1)
+             for p in (teacher_ckpt, second_teacher)]
+    assert not torch.allclose(parts[0], parts[1], atol=1e-3)  # two different teachers
+    assert torch.allclose(got, (parts[0] + parts[1]) / 2, atol=1e-6)
+    # the same teacher twice is that teacher (temperature 1: the softmax renormalises the mean)
+    twice = cfg_for("unused", model="sasrec", distill={"teacher": f"{teacher_ckpt},{teacher_ckpt}", "weight": 1.0})
+    batch = student.train_batch(seqs, np.random.default_rng(0))
+    losses = []
+    for cfg in (one, twice):
+        teacher = attach_distillation(student, cfg, data, seqs)
+        losses.append(student.loss({**batch, "teacher_scores": teacher.scores(seqs, np.random.default_rng(0))}).item())
+    assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_an_ensemble_trains_a_student_and_names_a_bad_teacher(data, tmp_path, teacher_ckpt, second_teacher):
+    cfg = cfg_for(tmp_path / "run", distill={"teacher": f"{teacher_ckpt},{second_teacher}", "weight": 0.5})
+    res = train(cfg, dataset=data)
+    assert res.step == 2 and load_checkpoint(res.best)[0].distillation is None
+    seqs = [s for s in data.split.train if len(s) >= 2]
+    missing = tmp_path / "nothing"
+    cfg = cfg_for(tmp_path, model="sasrec", distill={"teacher": f"{teacher_ckpt},{missing}"})
+    with pytest.raises(CheckpointError, match=f"distill.teacher={missing}"):
+        attach_distillation(build_model(cfg, data.items), cfg, data, seqs)
+    cfg = cfg_for(tmp_path, model="sasrec", distill={"teacher": f"{teacher_ckpt},"})
+    with pytest.raises(ValueError, match="empty checkpoint path"):
+        attach_distillation(build_model(cfg, data.items), cfg, data, seqs)
 
 
 @pytest.mark.parametrize("bad,msg", [({"weight": 1.5}, "distill.weight"), ({"temperature": 0}, "distill.temperature"),

@@ -236,7 +236,9 @@ class DistillConfig:
     distribution over items at every label: (1 - weight) * CE + weight * T^2 * KL(teacher || student)
     at temperature T. The teacher is any checkpoint of the same catalog that scores next items at
     the same labels (SASRec, GRU4Rec, ItemLM); only training reads it."""
-    teacher: str = ""  # checkpoint directory; "" = no distillation
+    # checkpoint directory, or several separated by commas (their ensemble: the mean of their
+    # log-probabilities); "" = no distillation
+    teacher: str = ""
     weight: float = 0.5
     temperature: float = 1.0
 
