@@ -561,7 +561,11 @@ def row_checkpoint(work: Path, name: str, dname: str, row_name: str) -> str:
         return name
     if (work / name / "best").is_dir():
         return str(work / name / "best")
-    return str(selected_sasrec(work / name, dname, row_name)["checkpoint"])
+    if (work / name / "selected.json").is_file():
+        return str(selected_sasrec(work / name, dname, row_name)["checkpoint"])
+    seed = SEED_ROW.search(name)
+    sys.exit(f"{dname}/{row_name} distils from the row {name}, which has not run here ({work / name}): run "
+             f"--variants {SEED_ROW.sub('', name)}{' --seed ' + seed.group(0)[len('-seed'):] if seed else ''} first")
 
 
 def selected_sasrec(sasrec_dir: Path, dname: str, row_name: str) -> dict:

@@ -205,3 +205,20 @@ def test_rows_from_before_the_repeat_bias_compare_with_their_own_recipe(quality,
     assert "0.0410" not in section  # the row from before the bias is not in the paper's table
     office = cells(text, "office", "0.0474")  # RecBole: validation picks sasrec-repeat (0.0731 > 0.0700)
     assert office[5:8] == ["`sasrec-repeat`: dropout 0.3", "0.0731", "0.0577"] and office[9] == "met (`sasrec-repeat`)"
+
+
+def test_teacher_rows_resolve_to_their_checkpoints(quality, tmp_path):
+    """distill.teacher names rows: a row's best checkpoint, a tuned row's chosen one; paths pass."""
+    (tmp_path / "itemlm-seed1" / "best").mkdir(parents=True)
+    (tmp_path / "sasrec").mkdir()
+    chosen = tmp_path / "sasrec" / "sasrec.dropout=0.5" / "best"
+    (tmp_path / "sasrec" / "selected.json").write_text(json.dumps({"value": 0.5, "checkpoint": str(chosen)}))
+    assert quality.row_checkpoint(tmp_path, "itemlm-seed1", "office", "x") == str(tmp_path / "itemlm-seed1" / "best")
+    assert quality.row_checkpoint(tmp_path, "sasrec", "office", "x") == str(chosen)
+    assert quality.row_checkpoint(tmp_path, "/ckpts/teacher", "office", "x") == "/ckpts/teacher"
+    with pytest.raises(SystemExit, match="itemlm-seed2, which has not run here.*--variants itemlm --seed 2"):
+        quality.row_checkpoint(tmp_path, "itemlm-seed2", "office", "x")
+    assert quality.recipe_of("itemlm", "itemlm-ensemble") == "itemlm"
+    assert quality.recipe_of("sasrec", "sasrec-ensemble-seed2") == "sasrec-seed2"
+    model, extra = quality.VARIANTS["itemlm-ensemble"]
+    assert model == "itemlm" and extra["distill"]["teacher"].split(",") == ["itemlm", "itemlm-seed1", "itemlm-seed2"]
