@@ -222,3 +222,16 @@ def test_teacher_rows_resolve_to_their_checkpoints(quality, tmp_path):
     assert quality.recipe_of("sasrec", "sasrec-ensemble-seed2") == "sasrec-seed2"
     model, extra = quality.VARIANTS["itemlm-ensemble"]
     assert model == "itemlm" and extra["distill"]["teacher"].split(",") == ["itemlm", "itemlm-seed1", "itemlm-seed2"]
+
+
+def test_ensemble_rows_get_their_section_with_the_paired_difference_from_the_recipe(quality, results, tmp_path):
+    results["rows"].append(row("instruments", "itemlm-ensemble-w0.9", (0.1070, 0.1390), (0.1072, 0.1393),
+                               vs_recipe_paired={"diff": 0.0011, "se": 0.0006}))
+    out = tmp_path / "q.md"
+    quality.write_table(results, out)
+    text = out.read_text()
+    section = text.split("## The recipe distilled from its three seeds")[1].split("\n## ")[0]
+    assert cells(section, "instruments", "itemlm-ensemble-w0.9")[-1] == "+0.0011 ± 0.0006"
+    assert "Earlier rows" not in text
+    field = text.split("## Published field")[1].split("\n## ")[0]
+    assert "`itemlm-ensemble-w0.9`" in field and "0.1070" in field
