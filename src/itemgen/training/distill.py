@@ -9,8 +9,7 @@ the student checkpoint is scored and served alone.
 
 Several teachers (``distill.teacher`` = checkpoints separated by commas) are matched as one: their
 ensemble, the mean of their log-probabilities at each label. An ensemble of seeds ranks above any
-one of them (instruments validation NDCG@10: three ItemLM seeds 0.1244-0.1261, their ensemble
-0.1303), and the student keeps one model's cost at inference.
+one of them (docs/quality_notes.md section 4), and the student keeps one model's cost at inference.
 """
 
 from __future__ import annotations
