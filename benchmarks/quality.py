@@ -997,7 +997,7 @@ def ensemble_section(rows: list[dict], head: list[str], own_line) -> list[str]:
             "Each row trains the recipe once more (seed 0, from the same SASRec) while matching, at every label,",
             "the ensemble of the recipe's seeds 0-2 (`distill.teacher` = their three checkpoints: the mean of",
             "their log-probabilities; training/distill.py), then serves one model, at the recipe's cost. `-wW`:",
-            "distill.weight W (office validation chose 0.9 over 0.5 for ItemLM; SASRec takes the same value).",
+            "distill.weight W, else 0.5 (office validation chose 0.9 over 0.5 for ItemLM; SASRec takes 0.9 too).",
             "The last column is the paired difference (history masked) from the recipe row of the same model",
             "(`itemlm`, `sasrec`), what distillation from the ensemble added. Reading: docs/quality_notes.md,",
             "section 4.", "", head[0] + " paired vs recipe (masked, ± s.e.) |", head[1] + "---:|",
