@@ -304,7 +304,8 @@ def main() -> None:
                    "vs_sasrec_paired": paired_vs(args.work / dname, sasrec_name, row_name, gains),
                    # what one lever did: against the recipe of the same seed
                    "vs_recipe_paired": paired_vs(args.work / dname, recipe_of(model, row_name), row_name, gains)
-                   if vname.startswith("abl-") or vname in ENSEMBLES else None,
+                   if vname.startswith(("abl-", "two-level-")) and not vname.endswith(NO_BIAS) or vname in ENSEMBLES
+                   else None,
                    "best_valid": res.best_valid, "valid_history_masked": cfg.train.eval_exclude_history,
                    "steps": res.step, "epochs": res.epochs, "best_step": res.best_step,
                    "stopped": res.stopped, "train_seconds": round(res.train_seconds, 1),
