@@ -4,9 +4,11 @@ checkpoints (benchmarks/quality.py's `two-level-M` rows), NDCG@10 of the same it
 level-1 logits: the trained linear one (h . e_c), h . e_c + g(h) with g fitted as training does
 (targets with the repeat bias), g fitted to targets without the bias, and the exact log Z_c
 (an oracle, |I| dot products a query); plus the joint scores h . (e_c + e_t) themselves. History
-masked, validation users (and test users where --splits says so: a diagnosis, no choice).
+masked, validation users (and test users where --splits says so: a diagnosis, no choice), with
+where the fitted level 1 loses against the exact one. --probes adds, for the cells it names, other
+fits and a second training stage (probes()).
 
-    python benchmarks/level1_diagnosis.py --work /work/runs/recipe --splits valid,test
+    python benchmarks/level1_diagnosis.py --work /work/runs/recipe --splits valid,test --probes office/frequency
 
 Writes benchmarks/results/level1_diagnosis.json.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import types
@@ -27,18 +30,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from itemgen.api import run_info  # noqa: E402
 from itemgen.core.io import atomic_write_text  # noqa: E402
-from itemgen.data.dataset import SequenceDataset  # noqa: E402
+from itemgen.data.dataset import SequenceDataset, training_sequences  # noqa: E402
 from itemgen.evaluation.metrics import ndcg_gains  # noqa: E402
 from itemgen.heads.softmax import ClusterCorrection  # noqa: E402
 from itemgen.models.checkpoint import load_checkpoint  # noqa: E402
-from itemgen.training.level1_fit import fit_cluster_correction, log_normalizers  # noqa: E402
+from itemgen.topk.ann import training_prefixes  # noqa: E402
+from itemgen.training.level1_fit import STATES, fit_cluster_correction, fit_to_targets, log_normalizers  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "level1_diagnosis.json"
 
 
 @torch.no_grad()
-def figures(model, examples) -> dict:
-    """NDCG@10 (history masked) of each level 1 over ``examples``; g as the head holds it."""
+def figures(model, examples, popularity: np.ndarray | None = None) -> dict:
+    """NDCG@10 (history masked) of each level 1 over ``examples``; g as the head holds it. With
+    ``popularity`` (C,) (each cluster's mean training count): where the fitted level 1 loses
+    against the exact log Z_c, by the quartile of the target's cluster, and g's mean error at each
+    user's highest-mass cluster under the joint scores."""
     head = model.head
     hist = [e.history[-50:] for e in examples]
     q = torch.cat([model.encode_histories(hist[s:s + 256]) for s in range(0, len(hist), 256)]).float()
@@ -47,19 +54,120 @@ def figures(model, examples) -> dict:
     cl = q @ head.centroids.T
     targets = torch.tensor([e.target for e in examples])
 
-    def ndcg(scores) -> float:
+    def gains(scores) -> np.ndarray:
         s = scores.clone()
         for j, e in enumerate(examples):
             s[j, torch.as_tensor(e.history)] = float("-inf")
-        return round(float(ndcg_gains((s > s.gather(1, targets[:, None])).sum(1).numpy() + 1).mean()), 4)
+        return ndcg_gains((s > s.gather(1, targets[:, None])).sum(1).numpy() + 1)
 
     def exact(level1):
         return torch.log_softmax(level1, 1)[:, head.assign] + il - lz[:, head.assign]
 
     g = head.correction(q)
-    return {"linear": ndcg(exact(cl)), "fitted": ndcg(exact(cl + g)), "oracle": ndcg(exact(cl + lz)),
-            "joint": ndcg(il + cl[:, head.assign]), "g_mse": round(float((g - lz).square().mean()), 4),
-            "log_z_std_about_cluster_mean": round(float((lz - lz.mean(0)).std()), 3), "users": len(examples)}
+    fitted, oracle = gains(exact(cl + g)), gains(exact(cl + lz))
+    out = {"linear": round(float(gains(exact(cl)).mean()), 4), "fitted": round(float(fitted.mean()), 4),
+           "oracle": round(float(oracle.mean()), 4), "joint": round(float(gains(il + cl[:, head.assign]).mean()), 4),
+           "g_mse": round(float((g - lz).square().mean()), 4),
+           "log_z_std_about_cluster_mean": round(float((lz - lz.mean(0)).std()), 3), "users": len(examples)}
+    if popularity is not None:
+        quartile = np.searchsorted(np.quantile(popularity, [0.25, 0.5, 0.75]), popularity[head.assign[targets].numpy()])
+        out["by_target_cluster_popularity"] = [
+            {"quartile": k, "users": int((quartile == k).sum()),
+             "fitted": round(float(fitted[quartile == k].mean()), 4), "oracle": round(float(oracle[quartile == k].mean()), 4),
+             # this quartile's share of the gap, in NDCG@10 over all users
+             "gap": round(float((oracle - fitted)[quartile == k].sum() / len(examples)), 5)} for k in range(4)]
+        top = (cl + lz).argmax(1, keepdim=True)  # (n, 1) each user's highest-mass cluster
+        out["g_error_at_top_mass_cluster"] = round(float((g - lz).gather(1, top).mean()), 3)
+    return out
+
+
+@torch.no_grad()
+def states(model, prefixes: list, dropout: bool) -> torch.Tensor:
+    """(n, H) query states at ``prefixes``, with the model's dropout on or off."""
+    model.train(dropout)
+    order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))  # little padding
+    out = torch.empty(len(prefixes), model.head.item_out.shape[1])
+    for a in range(0, len(order), 64):
+        idx = order[a:a + 64]
+        out[torch.as_tensor(idx)] = model.encode(model.to_device(model.query_batch([prefixes[i] for i in idx]))).float()
+    model.eval()
+    return out
+
+
+def second_stage(model, ds, cfg, *, epochs: float, lr: float, train_g: bool, seed: int = 1) -> float:
+    """Train the fitted model on with the likelihood (level 1 = h . e_c + g(h)): every weight but g
+    (train_g False) or g too, Adam at ``lr`` decaying to 0 (cosine), the recipe's batch size. Returns seconds."""
+    t0 = time.time()
+    head = model.head
+    head.correction.requires_grad_(train_g)
+    seqs = training_sequences(ds, cfg.data.max_history)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    bs = cfg.train.batch_size
+    total = int(math.ceil(len(seqs) / bs) * epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    rng, step = np.random.default_rng(seed), 0
+    model.train()
+    while step < total:
+        perm = rng.permutation(len(seqs))
+        for a in range(0, len(perm), bs):
+            if step == total:
+                break
+            batch = [seqs[i] for i in perm[a:a + bs]]
+            loss = model(model.to_device(model.train_batch(batch, rng))) / max(model.n_labels(batch), 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+    model.eval()
+    head.correction.requires_grad_(False)
+    return round(time.time() - t0, 1)
+
+
+def probes(checkpoint: Path, width: int, splits: list[str]) -> dict:
+    """Other ways to fit or train level 1, each from the same checkpoint, each scored on ``splits``
+    (docs/quality_notes.md section 5): the kl objective; states drawn with dropout on (two draws
+    of the same prefixes); a second training stage after the fit, g frozen (2 epochs at 1e-4, then g
+    fitted again) or trained by the likelihood too (1 epoch); g's error on states of training
+    prefixes it was not fitted on, validation and test."""
+    def load():
+        model, cfg, _ = load_checkpoint(checkpoint)
+        model.head.correction = ClusterCorrection.frozen(model.head.item_out.shape[1], model.head.n_clusters, width)
+        return model.eval(), cfg
+
+    model, cfg = load()
+    ds = SequenceDataset.load(cfg.data.path)
+    seed, mh = cfg.train.seed, cfg.data.max_history
+    scored = lambda m: {split: {k: v for k, v in figures(m, ds.examples(split)).items()  # noqa: E731
+                                if k in ("fitted", "g_mse")} for split in splits}
+    prefixes = training_prefixes(ds, mh, STATES, seed)  # the default fit's states (fit_cluster_correction)
+    x = states(model, prefixes, dropout=False)
+    target = log_normalizers(model, x, prefixes).float()
+    out = {}
+    fit_to_targets(model.head, x, target, seed=seed, objective="kl")
+    out["kl_objective"] = scored(model)
+    drawn = [states(model, prefixes, dropout=True) for _ in range(2)]
+    fit_to_targets(model.head, torch.cat(drawn), torch.cat([log_normalizers(model, d, prefixes).float() for d in drawn]),
+                   seed=seed)
+    out["states_with_dropout"] = scored(model)
+    fit_to_targets(model.head, x, target, seed=seed)  # the default fit again
+    held_out = training_prefixes(ds, mh, 5000, seed + 7)
+    xh = states(model, held_out, dropout=False)
+    out["g_rmse"] = {"training_states_fitted": round(float((model.head.correction(x) - target).square().mean().sqrt()), 3),
+                     "other_training_prefixes": round(float(
+                         (model.head.correction(xh) - log_normalizers(model, xh, held_out)).square().mean().sqrt()), 3),
+                     **{split: round(figures(model, ds.examples(split))["g_mse"] ** 0.5, 3) for split in splits}}
+    seconds = second_stage(model, ds, cfg, epochs=2, lr=1e-4, train_g=False)
+    out["second_stage_g_frozen"] = {"seconds": seconds, **scored(model)}
+    fit_cluster_correction(model, ds, mh, seed=seed)
+    out["second_stage_g_frozen_then_refit"] = scored(model)
+    model, cfg = load()
+    fit_cluster_correction(model, ds, mh, seed=seed)
+    seconds = second_stage(model, ds, cfg, epochs=1, lr=1e-4, train_g=True)
+    out["second_stage_g_trained"] = {"seconds": seconds, **scored(model)}
+    return out
 
 
 def main() -> None:
@@ -68,6 +176,7 @@ def main() -> None:
     ap.add_argument("--cells", default="office/frequency,office/random,instruments/random", help="DATASET/CLUSTERS,...")
     ap.add_argument("--splits", default="valid", help="valid[,test]")
     ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--probes", default="", help="DATASET/CLUSTERS,... of --cells that also get probes()")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -83,13 +192,18 @@ def main() -> None:
         row = {"dataset": dname, "clusters": method, "checkpoint": f"two-level-{method}", "width": args.width}
         fit = fit_cluster_correction(model, ds, cfg.data.max_history, seed=cfg.train.seed)
         row["fit"] = fit
+        counts = np.bincount(np.concatenate(ds.split.train), minlength=ds.n_items)
+        popularity = np.array([counts[head.members(c).numpy()].mean() for c in range(head.n_clusters)])
         for split in args.splits.split(","):
-            row[split] = figures(model, ds.examples(split))
+            row[split] = figures(model, ds.examples(split), popularity)
         # the same fit with targets that leave the repeat bias out
         plain = types.SimpleNamespace(head=head, repeat=None, encode=model.encode, query_batch=model.query_batch,
                                       to_device=model.to_device, eval=model.eval)
         fit_cluster_correction(plain, ds, cfg.data.max_history, seed=cfg.train.seed)
         row["valid"]["fitted_without_bias_in_targets"] = figures(model, ds.examples("valid"))["fitted"]
+        if cell in args.probes.split(","):
+            row["probes"] = probes(args.work / dname / f"two-level-{method}" / "best", args.width,
+                                   args.splits.split(","))
         row["seconds"] = round(time.time() - t0, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -16,7 +16,7 @@ from itemgen.data.dataset import ItemTable, SequenceDataset
 from itemgen.data.synthetic import make_dataset
 from itemgen.heads.clusters import (ClusterError, Clusters, build_clusters, cluster_path, default_n_clusters,
                                     kmeans_clusters)
-from itemgen.heads.softmax import TwoLevelHead
+from itemgen.heads.softmax import ClusterCorrection, TwoLevelHead
 from itemgen.models.checkpoint import CheckpointError, load_checkpoint
 from itemgen.training.loop import train
 
@@ -459,3 +459,39 @@ def test_level1_targets_carry_the_repeat_bias():
             assert float(got[n, c]) == pytest.approx(float(torch.logsumexp(logits[assign == c], 0)), abs=1e-5)
     plain = log_normalizers(types.SimpleNamespace(head=head, repeat=None), h, prefixes)
     assert torch.allclose(plain, head.cluster_log_normalizers(h))
+
+
+def test_fit_to_targets_objectives():
+    """g fitted to exact log Z_c targets: mse lowers the squared error from the start at each
+    cluster's mean; kl lowers the cross-entropy of level 1's cluster distribution against the joint
+    scores' (its objective) below the mse fit's. Deterministic for a seed; an unknown objective is refused by name."""
+    from itemgen.training.level1_fit import fit_to_targets
+
+    head, _, _ = random_head(60, 5, n_text=0, seed=3)
+    head.correction = ClusterCorrection(8, 5, 16).requires_grad_(False)
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        target = head.cluster_log_normalizers(x)  # (n, C)
+        linear = x @ head.centroids.T
+        joint = torch.softmax(linear + target, 1)
+
+    def cross_entropy() -> float:
+        with torch.no_grad():
+            return float(-(joint * torch.log_softmax(linear + head.correction(x), 1)).sum(1).mean())
+
+    fit = fit_to_targets(head, x, target, steps=300, seed=0)
+    assert fit["objective"] == "mse" and fit["mse"] < fit["mse_at_cluster_mean"] < fit["mse_at_zero"]
+    mse_g, mse_ce = head.correction(x).detach().clone(), cross_entropy()
+    fit_to_targets(head, x, target, steps=300, seed=0)
+    assert torch.equal(head.correction(x).detach(), mse_g)
+    with torch.no_grad():
+        head.correction.outer.weight.zero_()
+        head.correction.outer.bias.zero_()
+    at_zero = cross_entropy()
+    kl = fit_to_targets(head, x, target, steps=300, seed=0, objective="kl")
+    # each objective wins on its own measure (level 1's softmax ignores a shift shared by a row, so
+    # kl leaves g's level free and its squared error is higher)
+    assert kl["objective"] == "kl" and cross_entropy() < min(at_zero, mse_ce)
+    assert kl["mse"] > fit["mse"]
+    with pytest.raises(ValueError, match="objective must be mse or kl"):
+        fit_to_targets(head, x, target, steps=1, objective="mae")

@@ -60,6 +60,19 @@ def fit_cluster_correction(model, ds, max_history: int, *, states: int | None = 
         prefixes = training_prefixes(ds, max_history, states, seed)
         x = training_states(model, ds, max_history, prefixes=prefixes).to(head.item_out)  # (n, H)
         target = log_normalizers(model, x, prefixes).float()  # (n, C)
+    fit = fit_to_targets(head, x, target, steps=steps, seed=seed)
+    return {**fit, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def fit_to_targets(head: TwoLevelHead, x: torch.Tensor, target: torch.Tensor, *, steps: int = STEPS,
+                   seed: int = 0, objective: str = "mse") -> dict:
+    """Fit ``head.correction`` to log Z_c targets (n, C) at states x (n, H), in place. ``objective``:
+    mse, the squared error of g against log Z_c (the default: what training does); kl, the
+    cross-entropy of level 1's cluster distribution against the joint scores' (softmax of h . e_c +
+    log Z_c), which weighs each cluster by its mass (benchmarks/level1_diagnosis.py --probes: it
+    lost on office validation). Returns states, steps, width and the squared errors."""
+    if objective not in ("mse", "kl"):
+        raise ValueError(f"objective must be mse or kl, not {objective!r}")
     g = head.correction
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -67,21 +80,26 @@ def fit_cluster_correction(model, ds, max_history: int, *, states: int | None = 
         gen = torch.Generator(device=x.device).manual_seed(seed)
     with torch.no_grad():
         fresh.outer.bias.copy_(target.mean(0))  # each cluster's mean log Z: a start the MLP corrects
+        linear = (x @ head.centroids.T).float()  # (n, C) level 1 as trained: only the kl objective reads it
     opt = torch.optim.Adam(fresh.parameters(), lr=LR)
     with torch.enable_grad():
         for _ in range(steps):
             b = torch.randint(0, len(x), (BATCH,), generator=gen, device=x.device)
-            loss = (fresh(x[b]) - target[b]).square().mean()
+            if objective == "mse":
+                loss = (fresh(x[b]) - target[b]).square().mean()
+            else:
+                joint = torch.softmax(linear[b] + target[b], 1)  # (BATCH, C) each cluster's mass
+                loss = -(joint * torch.log_softmax(linear[b] + fresh(x[b]), 1)).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     with torch.no_grad():
         g.load_state_dict(fresh.state_dict())
         after = float((g(x) - target).square().mean())
-    return {"states": len(x), "steps": steps, "width": g.inner.out_features,
+    return {"states": len(x), "steps": steps, "width": g.inner.out_features, "objective": objective,
             "mse_at_zero": round(float(target.square().mean()), 4),
             "mse_at_cluster_mean": round(float((target - target.mean(0)).square().mean()), 4),
-            "mse": round(after, 4), "seconds": round(time.perf_counter() - t0, 1)}
+            "mse": round(after, 4)}
 
 
 def clear_cluster_correction(head: TwoLevelHead) -> None:
