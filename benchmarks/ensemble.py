@@ -28,9 +28,30 @@ from itemgen.data.dataset import SequenceDataset  # noqa: E402
 from itemgen.evaluation.evaluate import rank_examples  # noqa: E402
 from itemgen.evaluation.metrics import ranking_metrics  # noqa: E402
 from itemgen.models.checkpoint import load_checkpoint  # noqa: E402
-from itemgen.training.tune import read_selected  # noqa: E402
+from quality import row_checkpoint  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "ensemble.json"
+
+
+class Memo(torch.nn.Module):
+    """A member whose scores are computed once per batch of histories: the ensemble and both
+    protocols rank the same batches (rank_examples), so each member runs once per split."""
+
+    name, default_decoder = "member", "exact"
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cache = model, {}
+
+    @property
+    def n_items(self) -> int:
+        return self.model.n_items
+
+    def scores(self, histories) -> torch.Tensor:
+        key = tuple(h.tobytes() for h in histories)
+        if key not in self.cache:
+            self.cache[key] = self.model.scores(histories).float()  # (B, I)
+        return self.cache[key]
 
 
 class Ensemble(torch.nn.Module):
@@ -47,16 +68,7 @@ class Ensemble(torch.nn.Module):
         return self.members[0].n_items
 
     def scores(self, histories) -> torch.Tensor:
-        return torch.stack([torch.log_softmax(m.scores(histories).float(), 1) for m in self.members]).mean(0)
-
-
-def checkpoint_of(work: Path, row: str) -> Path:
-    """A quality.py row's best checkpoint: ROW/best, or the one a tuned row's grid chose."""
-    if (work / row / "best").is_dir():
-        return work / row / "best"
-    if (work / row / "selected.json").is_file():
-        return Path(read_selected(work / row)["checkpoint"])
-    sys.exit(f"{work / row}: no checkpoint (run benchmarks/quality.py for that row first)")
+        return torch.stack([torch.log_softmax(m.scores(histories), 1) for m in self.members]).mean(0)
 
 
 def figures(model, examples, max_history: int) -> dict:
@@ -81,14 +93,16 @@ def main() -> None:
         t0 = time.time()
         members, names = [], args.rows.split(",")
         for name in names:
-            model, cfg, _ = load_checkpoint(checkpoint_of(args.work / dname, name))
-            members.append(model.eval())
+            model, cfg, _ = load_checkpoint(row_checkpoint(args.work / dname, name, dname, "ensemble"))
+            members.append(Memo(model.eval()))
         ds = SequenceDataset.load(cfg.data.path)
         row = {"dataset": dname, "members": names, "max_history": cfg.data.max_history}
         for split in ("valid", "test"):
             ex = ds.examples(split)
             row[split] = {name: figures(m, ex, cfg.data.max_history) for name, m in zip(names, members)}
             row[split]["ensemble"] = figures(Ensemble(members), ex, cfg.data.max_history)
+            for m in members:
+                m.cache.clear()
         row["seconds"] = round(time.time() - t0, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)

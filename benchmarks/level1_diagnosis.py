@@ -126,10 +126,23 @@ def second_stage(model, ds, cfg, *, epochs: float, lr: float, train_g: bool, see
     return round(time.time() - t0, 1)
 
 
+def skipped_prefixes(ds, max_history: int, n: int, seed: int) -> list[np.ndarray]:
+    """``n`` training prefixes s[:k] followed by s[k + 1] (s[k] skipped): inputs the backbone never
+    trained on that end with an item of the same user, as a test query ends with the validation item."""
+    rng = np.random.default_rng([seed, 1])
+    seqs = [s for s in ds.split.train if len(s) >= 3]
+    out = []
+    for i in rng.choice(len(seqs), size=n):
+        s = seqs[i]
+        k = int(rng.integers(1, len(s) - 1))
+        out.append(np.concatenate([s[:k], s[k + 1:k + 2]])[-max_history:])
+    return out
+
+
 def probes(checkpoint: Path, width: int, splits: list[str]) -> dict:
     """Other ways to fit or train level 1, each from the same checkpoint, each scored on ``splits``
     (docs/quality_notes.md section 5): the kl objective; states drawn with dropout on (two draws
-    of the same prefixes); a second training stage after the fit, g frozen (2 epochs at 1e-4, then g
+    of the same prefixes); the default states plus half as many skipped_prefixes; a second training stage after the fit, g frozen (2 epochs at 1e-4, then g
     fitted again) or trained by the likelihood too (1 epoch); g's error on states of training
     prefixes it was not fitted on, validation and test."""
     def load():
@@ -152,6 +165,11 @@ def probes(checkpoint: Path, width: int, splits: list[str]) -> dict:
     fit_to_targets(model.head, torch.cat(drawn), torch.cat([log_normalizers(model, d, prefixes).float() for d in drawn]),
                    seed=seed)
     out["states_with_dropout"] = scored(model)
+    novel = skipped_prefixes(ds, mh, STATES // 2, seed)
+    xn = states(model, novel, dropout=False)
+    fit_to_targets(model.head, torch.cat([x, xn]), torch.cat([target, log_normalizers(model, xn, novel).float()]),
+                   seed=seed)
+    out["plus_skipped_prefixes"] = scored(model)
     fit_to_targets(model.head, x, target, seed=seed)  # the default fit again
     held_out = training_prefixes(ds, mh, 5000, seed + 7)
     xh = states(model, held_out, dropout=False)

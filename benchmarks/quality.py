@@ -565,7 +565,7 @@ def row_checkpoint(work: Path, name: str, dname: str, row_name: str) -> str:
     if (work / name / "selected.json").is_file():
         return str(selected_sasrec(work / name, dname, row_name)["checkpoint"])
     seed = SEED_ROW.search(name)
-    sys.exit(f"{dname}/{row_name} distils from the row {name}, which has not run here ({work / name}): run "
+    sys.exit(f"{dname}/{row_name} needs the row {name}, which has not run here ({work / name}): run "
              f"--variants {SEED_ROW.sub('', name)}{' --seed ' + seed.group(0)[len('-seed'):] if seed else ''} first")
 
 
