@@ -6,7 +6,7 @@ level-1 logits: the trained linear one (h . e_c), h . e_c + g(h) with g fitted a
 (an oracle, |I| dot products a query); plus the joint scores h . (e_c + e_t) themselves. History
 masked, validation users (and test users where --splits says so: a diagnosis, no choice), with
 where the fitted level 1 loses against the exact one. --probes adds, for the cells it names, other
-fits and a second training stage (probes()).
+fits and a second training stage (probes()); --reference ROW the same stage on a full-softmax row.
 
     python benchmarks/level1_diagnosis.py --work /work/runs/recipe --splits valid,test --probes office/frequency
 
@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 from itemgen.api import run_info  # noqa: E402
 from itemgen.core.io import atomic_write_text  # noqa: E402
 from itemgen.data.dataset import SequenceDataset, training_sequences  # noqa: E402
-from itemgen.evaluation.metrics import ndcg_gains  # noqa: E402
+from itemgen.evaluation.evaluate import rank_examples  # noqa: E402
+from itemgen.evaluation.metrics import ndcg_gains, ranking_metrics  # noqa: E402
 from itemgen.heads.softmax import ClusterCorrection  # noqa: E402
 from itemgen.models.checkpoint import load_checkpoint  # noqa: E402
 from itemgen.topk.ann import training_prefixes  # noqa: E402
@@ -98,8 +99,9 @@ def second_stage(model, ds, cfg, *, epochs: float, lr: float, train_g: bool, see
     """Train the fitted model on with the likelihood (level 1 = h . e_c + g(h)): every weight but g
     (train_g False) or g too, Adam at ``lr`` decaying to 0 (cosine), the recipe's batch size. Returns seconds."""
     t0 = time.time()
-    head = model.head
-    head.correction.requires_grad_(train_g)
+    g = getattr(model.head, "correction", None)  # None: a full-softmax reference
+    if g is not None:
+        g.requires_grad_(train_g)
     seqs = training_sequences(ds, cfg.data.max_history)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
@@ -122,7 +124,8 @@ def second_stage(model, ds, cfg, *, epochs: float, lr: float, train_g: bool, see
             sched.step()
             step += 1
     model.eval()
-    head.correction.requires_grad_(False)
+    if g is not None:
+        g.requires_grad_(False)
     return round(time.time() - t0, 1)
 
 
@@ -188,6 +191,23 @@ def probes(checkpoint: Path, width: int, splits: list[str]) -> dict:
     return out
 
 
+def reference_stage(checkpoint: Path, splits: list[str]) -> dict:
+    """The same second stage (2 epochs at 1e-4) on a full-softmax checkpoint, NDCG@10 (history
+    masked) before and after: what the extra training gives a model without a level 1 to correct."""
+    model, cfg, _ = load_checkpoint(checkpoint)
+    model.eval()
+    ds = SequenceDataset.load(cfg.data.path)
+
+    def scored() -> dict:
+        return {split: round(float(ranking_metrics(rank_examples(
+            model, ds.examples(split), max_history=cfg.data.max_history, exclude_history=True))["ndcg@10"]), 4)
+            for split in splits}
+
+    before = scored()
+    seconds = second_stage(model, ds, cfg, epochs=2, lr=1e-4, train_g=False)
+    return {"checkpoint": str(checkpoint), "before": before, "after": scored(), "seconds": seconds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="benchmarks/quality.py's --work")
@@ -195,6 +215,8 @@ def main() -> None:
     ap.add_argument("--splits", default="valid", help="valid[,test]")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--probes", default="", help="DATASET/CLUSTERS,... of --cells that also get probes()")
+    ap.add_argument("--reference", default="", help="a full-softmax row (itemlm) whose second stage "
+                    "(reference_stage) is measured beside the probes, once per probed dataset")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -227,6 +249,10 @@ def main() -> None:
         rows.append(row)
     out = {**run_info(), "command": " ".join(["python", *sys.argv]), "profile": "cpu (2 layers), history masked",
            "rows": rows}
+    if args.reference:
+        out["reference_second_stage"] = {
+            dname: reference_stage(args.work / dname / args.reference / "best", args.splits.split(","))
+            for dname in dict.fromkeys(cell.split("/")[0] for cell in args.probes.split(",") if cell)}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results, json.dumps(out, indent=2) + "\n")
 
