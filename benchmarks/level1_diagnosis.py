@@ -109,6 +109,7 @@ def second_stage(model, ds, cfg, *, epochs: float, lr: float, train_g: bool, see
     total = int(math.ceil(len(seqs) / bs) * epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     rng, step = np.random.default_rng(seed), 0
+    torch.manual_seed(seed)  # dropout
     model.train()
     while step < total:
         perm = rng.permutation(len(seqs))
@@ -164,6 +165,7 @@ def probes(checkpoint: Path, width: int, splits: list[str]) -> dict:
     out = {}
     fit_to_targets(model.head, x, target, seed=seed, objective="kl")
     out["kl_objective"] = scored(model)
+    torch.manual_seed(seed)  # the dropout masks (runs before this seed differed by up to 0.0014)
     drawn = [states(model, prefixes, dropout=True) for _ in range(2)]
     fit_to_targets(model.head, torch.cat(drawn), torch.cat([log_normalizers(model, d, prefixes).float() for d in drawn]),
                    seed=seed)
