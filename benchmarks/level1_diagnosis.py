@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import types
@@ -30,13 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from itemgen.api import run_info  # noqa: E402
 from itemgen.core.io import atomic_write_text  # noqa: E402
-from itemgen.data.dataset import SequenceDataset, training_sequences  # noqa: E402
+from itemgen.data.dataset import SequenceDataset  # noqa: E402
 from itemgen.evaluation.evaluate import rank_examples  # noqa: E402
 from itemgen.evaluation.metrics import ndcg_gains, ranking_metrics  # noqa: E402
 from itemgen.heads.softmax import ClusterCorrection  # noqa: E402
 from itemgen.models.checkpoint import load_checkpoint  # noqa: E402
 from itemgen.topk.ann import training_prefixes  # noqa: E402
-from itemgen.training.level1_fit import STATES, fit_cluster_correction, fit_to_targets, log_normalizers  # noqa: E402
+from itemgen.training.level1_fit import (STATES, fit_cluster_correction, fit_to_targets,  # noqa: E402
+                                        log_normalizers, second_stage)
 
 RESULTS = ROOT / "benchmarks" / "results" / "level1_diagnosis.json"
 
@@ -93,41 +93,6 @@ def states(model, prefixes: list, dropout: bool) -> torch.Tensor:
         out[torch.as_tensor(idx)] = model.encode(model.to_device(model.query_batch([prefixes[i] for i in idx]))).float()
     model.eval()
     return out
-
-
-def second_stage(model, ds, cfg, *, epochs: float, lr: float, train_g: bool, seed: int = 1) -> float:
-    """Train the fitted model on with the likelihood (level 1 = h . e_c + g(h)): every weight but g
-    (train_g False) or g too, Adam at ``lr`` decaying to 0 (cosine), the recipe's batch size. Returns seconds."""
-    t0 = time.time()
-    g = getattr(model.head, "correction", None)  # None: a full-softmax reference
-    if g is not None:
-        g.requires_grad_(train_g)
-    seqs = training_sequences(ds, cfg.data.max_history)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    bs = cfg.train.batch_size
-    total = int(math.ceil(len(seqs) / bs) * epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    rng, step = np.random.default_rng(seed), 0
-    torch.manual_seed(seed)  # dropout
-    model.train()
-    while step < total:
-        perm = rng.permutation(len(seqs))
-        for a in range(0, len(perm), bs):
-            if step == total:
-                break
-            batch = [seqs[i] for i in perm[a:a + bs]]
-            loss = model(model.to_device(model.train_batch(batch, rng))) / max(model.n_labels(batch), 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-    model.eval()
-    if g is not None:
-        g.requires_grad_(False)
-    return round(time.time() - t0, 1)
 
 
 def skipped_prefixes(ds, max_history: int, n: int, seed: int) -> list[np.ndarray]:

@@ -495,3 +495,57 @@ def test_fit_to_targets_objectives():
     assert kl["mse"] > fit["mse"]
     with pytest.raises(ValueError, match="objective must be mse or kl"):
         fit_to_targets(head, x, target, steps=1, objective="mae")
+
+
+def test_second_stage_after_the_fit(trained, tmp_path, monkeypatch):
+    """fit_checkpoint(stage_epochs=E): the fit, then E epochs of the likelihood with g frozen (every
+    other weight trains; deterministic for a seed), both kept only if validation gains over the
+    source, else the source's weights with g = 0; the stage and its figures are recorded; Structure
+    stays exact; bad stage settings are refused, by the CLI too."""
+    from itemgen.evaluation.evaluate import evaluate
+    from itemgen.heads.softmax import ClusterCorrection
+    from itemgen.training import level1_fit
+
+    monkeypatch.setattr(level1_fit, "STATES", 256)
+    monkeypatch.setattr(level1_fit, "STEPS", 100)
+    ds, data, cfg, plain = trained
+    # the stage alone: g does not move, the rest does, the same way twice
+    runs = []
+    for _ in range(2):
+        model, mcfg, _ = load_checkpoint(plain.best)
+        model.head.correction = ClusterCorrection.frozen(model.head.item_out.shape[1], model.head.n_clusters, 8)
+        with torch.no_grad():
+            model.head.correction.outer.weight.normal_(generator=torch.Generator().manual_seed(0))
+        g0 = {k: v.clone() for k, v in model.head.correction.state_dict().items()}
+        level1_fit.second_stage(model, ds, mcfg, epochs=0.5, lr=1e-3)
+        assert all(torch.equal(v, model.head.correction.state_dict()[k]) for k, v in g0.items())
+        assert not any(p.requires_grad for p in model.head.correction.parameters())
+        runs.append(model.head.item_out.detach().clone())
+    base, _, _ = load_checkpoint(plain.best)
+    assert not torch.equal(runs[0], base.head.item_out) and torch.equal(runs[0], runs[1])
+    # the row: fit + stage, kept or not as validation says
+    fit = level1_fit.fit_checkpoint(plain.best, tmp_path / "staged", 8, stage_epochs=0.5, stage_lr=1e-3)
+    assert fit["stage"]["epochs"] == 0.5 and fit["stage"]["lr"] == 1e-3 and fit["stage"]["seconds"] >= 0
+    model, _, _ = load_checkpoint(tmp_path / "staged")
+    m = evaluate(model, ds.split.valid, max_history=10, exclude_history=cfg.train.eval_exclude_history)
+    if fit["kept"]:
+        assert fit["valid_ndcg@10"] > fit["valid_ndcg@10_before"]
+        assert not torch.equal(model.head.item_out, base.head.item_out)
+        assert model.head.correction.outer.weight.abs().sum() > 0
+        assert m["ndcg@10"] == pytest.approx(fit["valid_ndcg@10"])
+    else:
+        assert torch.equal(model.head.item_out, base.head.item_out)
+        assert model.head.correction.outer.weight.abs().sum() == 0
+        assert m["ndcg@10"] == pytest.approx(fit["valid_ndcg@10_before"])
+    from itemgen.topk.structure import StructureTopK
+
+    h = torch.randn(5, model.head.item_out.shape[1])
+    with torch.no_grad():
+        _, ids = StructureTopK(model).topk(h, 5)
+        assert torch.equal(ids, torch.topk(model.head.item_log_probs(h), 5, dim=1).indices)
+    for epochs, lr in ((-1.0, 1e-4), (float("nan"), 1e-4), (1.0, 0.0)):
+        with pytest.raises(ValueError, match="stage epochs must be >= 0"):
+            level1_fit.fit_checkpoint(plain.best, tmp_path / "bad", 8, stage_epochs=epochs, stage_lr=lr)
+    res = runner.invoke(app, ["clusters", "fit-level1", str(plain.best), "--out", str(tmp_path / "cli"),
+                              "--stage-epochs", "-1"])
+    assert res.exit_code == 2 and "stage-epochs" in res.output

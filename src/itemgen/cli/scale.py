@@ -25,7 +25,7 @@ from itemgen.data.dataset import DataError, SequenceDataset
 from itemgen.heads.clusters import Clusters, build_clusters, cluster_path
 from itemgen.models.checkpoint import load_checkpoint, read_items
 from itemgen.topk.ann import INDEX_TYPES, AnnIndex, _head, training_states
-from itemgen.training.level1_fit import fit_checkpoint
+from itemgen.training.level1_fit import STAGE_LR, fit_checkpoint
 
 CLUSTERS_EXAMPLE = "itemgen clusters build data/mine --method kmeans"
 INDEX_EXAMPLE = "itemgen index build runs/itemlm-cpu/best --type ivf"
@@ -124,15 +124,20 @@ def clusters_fit_level1(
     out: Annotated[Path, typer.Option(help="where the new checkpoint goes (not CHECKPOINT)")],
     width: Annotated[int, typer.Option(min=1, help="hidden width of level 1's correction g(h)")] = 256,
     data: Annotated[Optional[Path], typer.Option(help="prepared dataset (default: the config's)")] = None,
+    stage_epochs: Annotated[float, typer.Option(min=0, help="epochs of a second training stage after the fit "
+                                                "(g frozen; 0: none)")] = 0.0,
+    stage_lr: Annotated[float, typer.Option(help="the second stage's learning rate (> 0)")] = STAGE_LR,
     quiet: Quiet = False,
     log_format: LogFormat = "text",
 ):
     """Fit level 1 of a trained two-level CHECKPOINT to its own level 2 (what training with
     itemlm.cluster_correction=WIDTH does at its end) and write the result to OUT; the correction is
-    kept only if validation NDCG@10 gains."""
+    kept only if validation NDCG@10 gains. --stage-epochs N then trains the model on for N epochs
+    with the fitted level 1 frozen (level 2 and the backbone adapt to it), kept with the fit only
+    if validation gains over CHECKPOINT."""
     reporting(quiet, log_format)
     with _user_errors():
-        fit = fit_checkpoint(checkpoint, out, width, data=data)
+        fit = fit_checkpoint(checkpoint, out, width, data=data, stage_epochs=stage_epochs, stage_lr=stage_lr)
 
     def render():
         _print_stats({k: v for k, v in fit.items() if k != "from"}, "level 1 fit")

@@ -11,13 +11,16 @@ Cost: STATES forward passes and STATES x |I| dot products once, then STEPS small
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
+from itemgen.data.dataset import training_sequences
 from itemgen.data.load import load_dataset
 from itemgen.evaluation.evaluate import rank_examples, subsample
 from itemgen.evaluation.metrics import ranking_metrics
@@ -123,11 +126,56 @@ def fit_and_keep(model, ds, max_history: int, *, seed: int, before: float,
     return fit, metrics
 
 
-def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data: str | Path | None = None) -> dict:
+STAGE_LR = 1e-4  # the second stage's learning rate, every weight but g (decays to 0, cosine)
+
+
+def second_stage(model, ds, cfg, *, epochs: float, lr: float = STAGE_LR, train_g: bool = False,
+                 seed: int = 1) -> float:
+    """Train a two-level model on with the likelihood after its level 1 was fitted, g frozen (or
+    trained too, ``train_g``): level 2 and the backbone adapt to the corrected level 1 h . e_c + g(h)
+    (docs/quality_notes.md section 5). Adam at ``lr`` for every trainable weight, cosine to 0 over
+    ``epochs`` passes over the training sequences, the config's batch size and gradient clip;
+    deterministic for a seed. Returns seconds."""
+    t0 = time.perf_counter()
+    g = getattr(model.head, "correction", None)  # None: a full-softmax model trains the same way
+    if g is not None:
+        g.requires_grad_(train_g)
+    seqs = training_sequences(ds, cfg.data.max_history)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    total = max(1, int(math.ceil(len(seqs) / cfg.train.batch_size) * epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    rng, step = np.random.default_rng(seed), 0
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    while step < total:
+        perm = rng.permutation(len(seqs))
+        for a in range(0, len(perm), cfg.train.batch_size):
+            if step == total:
+                break
+            batch = [seqs[i] for i in perm[a:a + cfg.train.batch_size]]
+            loss = model(model.to_device(model.train_batch(batch, rng))) / max(model.n_labels(batch), 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+    model.eval()
+    if g is not None:
+        g.requires_grad_(False)
+    return round(time.perf_counter() - t0, 1)
+
+
+def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data: str | Path | None = None,
+                   stage_epochs: float = 0.0, stage_lr: float = STAGE_LR) -> dict:
     """The fit on a trained two-level checkpoint that has no correction yet: what training with
     ``itemlm.cluster_correction=width`` would have written (the likelihood trains the same weights
     with or without it: tests/test_two_level.py), saved to ``out`` with its validation figures
-    before and after. The correction is kept only if validation gains, else ``out`` holds g = 0."""
+    before and after. The correction is kept only if validation gains, else ``out`` holds g = 0.
+    ``stage_epochs`` > 0: after the fit, a second_stage of that many epochs at ``stage_lr``, and the
+    fit and the stage are kept together only if validation gains over the source, else ``out`` holds
+    the source's weights with g = 0."""
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise ValueError(f"--out {out} is the checkpoint itself: the fit writes a new checkpoint beside it")
     model, cfg, _ = load_checkpoint(checkpoint)
@@ -139,6 +187,8 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
                          f"{cfg.itemlm.cluster_correction})")
     if width < 1:
         raise ValueError("width must be >= 1")
+    if not (stage_epochs >= 0 and math.isfinite(stage_epochs)) or not (stage_lr > 0 and math.isfinite(stage_lr)):
+        raise ValueError(f"stage epochs must be >= 0 and its learning rate > 0 (got {stage_epochs}, {stage_lr})")
     cfg = replace(cfg, itemlm=replace(cfg.itemlm, cluster_correction=width))
     ds = load_dataset(replace(cfg, data=replace(cfg.data, path=str(data))) if data else cfg)
     head.correction = ClusterCorrection.frozen(head.item_out.shape[1], head.n_clusters, width).to(head.item_out.device)
@@ -146,8 +196,23 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
                 exclude_history=cfg.train.eval_exclude_history)
     valid = subsample(ds.split.valid, cfg.train.eval_users, cfg.train.seed)  # the users training validated on
     before = ranking_metrics(rank_examples(model, valid, **opts))
-    fit, after = fit_and_keep(model, ds, cfg.data.max_history, seed=cfg.train.seed, before=before["ndcg@10"],
-                              validate=lambda: ranking_metrics(rank_examples(model, valid, **opts)))
+
+    def validate() -> dict:
+        return ranking_metrics(rank_examples(model, valid, **opts))
+
+    if not stage_epochs:
+        fit, after = fit_and_keep(model, ds, cfg.data.max_history, seed=cfg.train.seed, before=before["ndcg@10"],
+                                  validate=validate)
+    else:  # the fit, then the stage; both kept only if validation gains, else the source as it was (g = 0)
+        source = {k: v.clone() for k, v in model.state_dict().items()}
+        fit = fit_cluster_correction(model, ds, cfg.data.max_history, seed=cfg.train.seed)
+        fit["stage"] = {"epochs": stage_epochs, "lr": stage_lr,
+                        "seconds": second_stage(model, ds, cfg, epochs=stage_epochs, lr=stage_lr)}
+        after = validate()
+        fit.update({"valid_ndcg@10_before": before["ndcg@10"], "valid_ndcg@10": after["ndcg@10"],
+                    "kept": after["ndcg@10"] > before["ndcg@10"]})
+        if not fit["kept"]:
+            model.load_state_dict(source)
     fit["from"] = str(checkpoint)
     chosen = {**(after if fit["kept"] else before), "level1_fit": fit}
     save_checkpoint(out, model, cfg, ds.items, dataset=ds.manifest(), metrics={"valid": chosen})
