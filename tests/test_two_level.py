@@ -503,7 +503,6 @@ def test_second_stage_after_the_fit(trained, tmp_path, monkeypatch):
     source, else the source's weights with g = 0; the stage and its figures are recorded; Structure
     stays exact; bad stage settings are refused, by the CLI too."""
     from itemgen.evaluation.evaluate import evaluate
-    from itemgen.heads.softmax import ClusterCorrection
     from itemgen.training import level1_fit
 
     monkeypatch.setattr(level1_fit, "STATES", 256)
@@ -543,6 +542,18 @@ def test_second_stage_after_the_fit(trained, tmp_path, monkeypatch):
     with torch.no_grad():
         _, ids = StructureTopK(model).topk(h, 5)
         assert torch.equal(ids, torch.topk(model.head.item_log_probs(h), 5, dim=1).indices)
+    # a stage that wrecks the model is undone with the fit: the source's weights, g = 0
+    def wreck(model, *args, **kwargs) -> float:
+        with torch.no_grad():
+            model.head.item_out.normal_(generator=torch.Generator().manual_seed(1))
+        return 0.0
+
+    monkeypatch.setattr(level1_fit, "second_stage", wreck)
+    undone = level1_fit.fit_checkpoint(plain.best, tmp_path / "undone", 8, stage_epochs=0.5)
+    assert not undone["kept"] and undone["valid_ndcg@10"] < undone["valid_ndcg@10_before"]
+    model, _, _ = load_checkpoint(tmp_path / "undone")
+    assert torch.equal(model.head.item_out, base.head.item_out) and torch.equal(model.head.centroids, base.head.centroids)
+    assert model.head.correction.outer.weight.abs().sum() == 0
     for epochs, lr in ((-1.0, 1e-4), (float("nan"), 1e-4), (1.0, 0.0)):
         with pytest.raises(ValueError, match="stage epochs must be >= 0"):
             level1_fit.fit_checkpoint(plain.best, tmp_path / "bad", 8, stage_epochs=epochs, stage_lr=lr)

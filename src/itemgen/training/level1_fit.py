@@ -113,17 +113,25 @@ def clear_cluster_correction(head: TwoLevelHead) -> None:
         head.correction.outer.bias.zero_()
 
 
-def fit_and_keep(model, ds, max_history: int, *, seed: int, before: float,
-                 validate: Callable[[], dict]) -> tuple[dict, dict]:
+def fit_and_keep(model, ds, max_history: int, *, seed: int, before: float, validate: Callable[[], dict],
+                 then: Callable[[], dict] | None = None) -> tuple[dict, dict]:
     """Fit g (fit_cluster_correction), then keep it only if ``validate()``'s NDCG@10 beats
-    ``before`` (the figure without it), else clear it. -> (the fit's record with both figures and
-    whether it was kept, validate()'s metrics with g)."""
+    ``before`` (the figure without it), else clear it. ``then()``: a step after the fit that trains
+    other weights too (fit_checkpoint's second stage), recorded as the fit's "stage"; kept or
+    undone with the fit (undone: every weight back as it was). -> (the fit's record with both
+    figures and whether it was kept, validate()'s metrics with g)."""
+    source = {k: v.clone() for k, v in model.state_dict().items()} if then is not None else None
     fit = fit_cluster_correction(model, ds, max_history, seed=seed)
+    if then is not None:
+        fit["stage"] = then()
     metrics = validate()
     fit.update({"valid_ndcg@10_before": before, "valid_ndcg@10": metrics["ndcg@10"],
                 "kept": metrics["ndcg@10"] > before})
     if not fit["kept"]:
-        clear_cluster_correction(model.head)
+        if source is not None:
+            model.load_state_dict(source)  # g's output layer was zero there too
+        else:
+            clear_cluster_correction(model.head)
     return fit, metrics
 
 
@@ -196,24 +204,17 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
     opts = dict(max_history=cfg.data.max_history, batch_size=cfg.train.eval_batch_size,
                 exclude_history=cfg.train.eval_exclude_history)
     valid = subsample(ds.split.valid, cfg.train.eval_users, cfg.train.seed)  # the users training validated on
-    before = ranking_metrics(rank_examples(model, valid, **opts))
 
     def validate() -> dict:
         return ranking_metrics(rank_examples(model, valid, **opts))
 
-    if not stage_epochs:
-        fit, after = fit_and_keep(model, ds, cfg.data.max_history, seed=cfg.train.seed, before=before["ndcg@10"],
-                                  validate=validate)
-    else:  # the fit, then the stage; both kept only if validation gains, else the source as it was (g = 0)
-        source = {k: v.clone() for k, v in model.state_dict().items()}
-        fit = fit_cluster_correction(model, ds, cfg.data.max_history, seed=cfg.train.seed)
-        fit["stage"] = {"epochs": stage_epochs, "lr": stage_lr,
-                        "seconds": second_stage(model, ds, cfg, epochs=stage_epochs, lr=stage_lr)}
-        after = validate()
-        fit.update({"valid_ndcg@10_before": before["ndcg@10"], "valid_ndcg@10": after["ndcg@10"],
-                    "kept": after["ndcg@10"] > before["ndcg@10"]})
-        if not fit["kept"]:
-            model.load_state_dict(source)
+    before = validate()
+
+    # with a stage: the fit, then the stage, kept or undone together (fit_and_keep's ``then``)
+    stage = (lambda: {"epochs": stage_epochs, "lr": stage_lr,
+                      "seconds": second_stage(model, ds, cfg, epochs=stage_epochs, lr=stage_lr)}) if stage_epochs else None
+    fit, after = fit_and_keep(model, ds, cfg.data.max_history, seed=cfg.train.seed, before=before["ndcg@10"],
+                              validate=validate, then=stage)
     fit["from"] = str(checkpoint)
     chosen = {**(after if fit["kept"] else before), "level1_fit": fit}
     save_checkpoint(out, model, cfg, ds.items, dataset=ds.manifest(), metrics={"valid": chosen})
