@@ -141,6 +141,13 @@ VARIANTS = {
                                                              "hidden_dropout": 0.3, "cluster_correction": 256},
                                                   "items": {"dropout": 0.3}})
        for m in ("kmeans", "frequency", "random")},
+    # the `-level1` and `-level1-stage` rows with level 1 refined at inference: its M highest
+    # clusters take their exact log Z_c (TwoLevelHead.refine), M from 0 to ceil(sqrt(C)) chosen by
+    # validation (training/level1_fit.refine_checkpoint; REFINE_FROM); nothing trains
+    **{f"two-level-{m}-level1{st}-refine": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m,
+                                                                   "hidden_dropout": 0.3, "cluster_correction": 256},
+                                                        "items": {"dropout": 0.3}})
+       for m in ("kmeans", "frequency", "random") for st in ("", "-stage")},
     # both levers: the distilled rows with level 1 fitted after training
     **{f"two-level-{m}-distill-level1": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m,
                                                                "hidden_dropout": 0.3, "cluster_correction": 256},
@@ -159,6 +166,9 @@ VARIANTS = {
 # rows whose training is another row's plus the level-1 fit (training/level1_fit.fit_checkpoint)
 LEVEL1_FROM = {f"two-level-{m}{d}-level1{st}": f"two-level-{m}{d}" for m in ("kmeans", "frequency", "random")
                for d, st in (("", ""), ("-distill", ""), ("", "-stage"))}
+# rows that choose the refinement of another row's fitted level 1 (training/level1_fit.refine_checkpoint)
+REFINE_FROM = {f"two-level-{m}-level1{st}-refine": f"two-level-{m}-level1{st}" for m in ("kmeans", "frequency", "random")
+               for st in ("", "-stage")}
 LEVEL1_STAGE_EPOCHS = {f"two-level-{m}-level1-stage": 2.0 for m in ("kmeans", "frequency", "random")}
 ENSEMBLES = ("itemlm-ensemble", "sasrec-ensemble")  # compared with their recipe row (vs_recipe_paired)
 # ItemLM variants that start from a SASRec row other than `sasrec` (items.init=sasrec)
@@ -284,6 +294,9 @@ def main() -> None:
             grid = None
             if args.finish_interrupted:
                 res = interrupted_result(cfg)
+            elif vname in REFINE_FROM:
+                res = refine_result(cfg, args.work / dname, REFINE_FROM[vname], dname, row_name)
+                cfg = from_dict(json.loads((res.best / "config.json").read_text()))  # with the chosen refine
             elif vname in LEVEL1_FROM and (args.work / dname / LEVEL1_FROM[vname] / "best").is_dir():
                 res = level1_result(cfg, args.work / dname / LEVEL1_FROM[vname], LEVEL1_STAGE_EPOCHS.get(vname, 0.0))
             elif vname in GRIDS:  # SASRec: its dropout chosen by validation (training/tune.py)
@@ -625,6 +638,30 @@ def level1_result(cfg, source: Path, stage_epochs: float = 0.0):
     return TrainResult(out, out / "best", last["step"], valid, last["seconds"] + seconds,
                        f"level 1 fitted to {source.name} (best step {src.get('step')}){stage}", last.get("epoch"),
                        src.get("step"))
+
+
+def refine_result(cfg, work: Path, source_row: str, dname: str, row_name: str):
+    """A REFINE_FROM row: the source row's best checkpoint (level 1 fitted) with its refinement
+    chosen by validation, written to this row's best/; steps and time are the source's own
+    training's (LEVEL1_FROM's row) plus the fit's and the choice's."""
+    from itemgen.training.level1_fit import refine_checkpoint
+    from itemgen.training.loop import TrainResult
+
+    source = work / source_row
+    if not (source / "best").is_dir():
+        sys.exit(f"{dname}/{row_name} needs the row {source_row}, which has not run here ({source}): "
+                 f"run --variants {source_row} first")
+    out = Path(cfg.train.out)
+    choice = refine_checkpoint(source / "best", out / "best", data=cfg.data.path)
+    origin = work / LEVEL1_FROM[source_row]  # the trained two-level row the fit started from
+    last = json.loads((origin / "history.jsonl").read_text().splitlines()[-1])
+    src = json.loads((source / "best" / "metrics.json").read_text())["valid"]["level1_fit"]
+    valid = json.loads((out / "best" / "metrics.json").read_text())["valid"]
+    seconds = src["seconds"] + src.get("stage", {}).get("seconds", 0.0) + choice["seconds"]
+    best_step = json.loads((origin / "best" / "metrics.json").read_text()).get("step")
+    return TrainResult(out, out / "best", last["step"], valid, last["seconds"] + seconds,
+                       f"{source_row} with level 1 refined at its {choice['chosen']} highest clusters "
+                       f"(validation over {choice['grid']})", last.get("epoch"), best_step)
 
 
 def save_row(path: Path, row: dict) -> None:

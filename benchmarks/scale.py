@@ -153,7 +153,8 @@ def decode_worker(n_items: int, regime_name: str, q1: int, n_queries: int, ann_k
     regime = REGIMES[regime_name]
     head, _ = make_head("two_level", n_items, regime)
     model = types.SimpleNamespace(head=head, n_items=n_items, name="itemlm", score_items=head.item_log_probs,
-                                  item_vectors=head.item_vectors)
+                                  item_vectors=head.item_vectors,
+                                  ranking_scores=lambda query, histories: head.item_log_probs(query))
     queries, targets = hidden_states(head, n_queries, regime, seed=2)
     train_states, _ = hidden_states(head, 2048, regime, seed=1)
     k, B = 10, 64

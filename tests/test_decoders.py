@@ -45,7 +45,8 @@ def two_level_model(n_items, n_clusters, hidden=8, n_text=0, seed=0, item_scale=
 
 def model_of(head):
     return types.SimpleNamespace(head=head, n_items=head.n_items, name="test",
-                                 score_items=head.item_log_probs, item_vectors=head.item_vectors)
+                                 score_items=head.item_log_probs, item_vectors=head.item_vectors,
+                                 ranking_scores=lambda query, histories: head.item_log_probs(query))
 
 
 def assert_valid_topk(scores, ids, reference, k, atol=1e-4):

@@ -317,3 +317,75 @@ def test_two_level_rankings_with_the_history_masked_keep_the_bias(tmp_path):
         exact = rank_examples(m, examples, max_history=8, exclude_history=masked)
         structure = decoder_ranks(m, StructureTopK(m), examples, max_history=8, exclude_history=masked, cutoff=24)
         assert np.array_equal(structure, exact), masked
+
+
+def test_refined_level1_is_exact_mass_at_its_top_clusters_and_structure_stays_exact(tmp_path):
+    """itemlm.cluster_refine=M: level 1's M highest clusters (h . e_c + g_c(h)) take h . e_c + log Z_c(h),
+    the repeat bias in Z_c; the others keep g. Checked against a brute-force computation, with M = 0
+    equal to the bias applied after (with_item_bias), M = C the softmax of the joint scores
+    h . (e_c + e_t) + bias; Structure's top-k (normalized) is the exact one for every M, both signs
+    of the bias, and the training loss does not depend on M (inference only)."""
+    import dataclasses
+
+    from itemgen.heads.softmax import ClusterCorrection
+    from itemgen.topk.exact import ExactTopK
+    from itemgen.topk.structure import StructureTopK
+
+    ds = make_dataset(n_users=20, n_items=24, min_len=4, max_len=6, seed=5)
+    cfg = two_level_cfg(tmp_path, 24)
+    cfg = dataclasses.replace(cfg, itemlm=dataclasses.replace(cfg.itemlm, cluster_correction=6))
+    m = build_model(cfg, ds.items).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        m.repeat.raw.copy_(torch.linspace(-0.8, 0.4, len(m.repeat.raw)))  # -8 .. +4: both signs
+        for p in m.head.correction.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))  # a g far from log Z_c: refining changes ranks
+    assert isinstance(m.head.correction, ClusterCorrection)
+    hist = [np.array([3, 8, 3, 11, 20]), np.array([0]), np.array([5, 6, 7, 8, 9, 10, 23])]
+    head, C = m.head, m.head.n_clusters
+    seqs = [np.array([1, 2, 1, 3, 4]), np.array([5, 6, 7])]
+    batch = m.train_batch(seqs, np.random.default_rng(0))
+    with torch.no_grad():
+        q = m.encode_histories(hist)
+        bias = torch.zeros(3, 24)
+        for b, h in enumerate(hist):
+            pairs = m.repeat.pairs([h])
+            bias[b, pairs[:, 1]] = m.repeat.bias(pairs[:, 2])
+        il = q @ head.item_out.T + bias  # (B, I) level-2 logits with the bias
+        lz = torch.stack([torch.logsumexp(il[:, head.assign == c], 1) for c in range(C)], 1)  # (B, C)
+        level1 = q @ head.centroids.T + head.correction(q)
+        head.refine = 0
+        assert torch.allclose(m.ranking_scores(q, hist), head.with_item_bias(head.item_log_probs(q), m.history_triples(hist)),
+                              atol=1e-5)
+        loss0, unrefined = m.loss(batch).item(), m.ranking_scores(q, hist)
+        for M in range(C + 1):
+            head.refine = M
+            l1 = level1.clone()
+            for b in range(3):
+                top = torch.topk(level1[b], M).indices
+                l1[b, top] = (q[b] @ head.centroids.T)[top] + lz[b, top]
+            want = torch.log_softmax(l1, 1)[:, head.assign] - lz[:, head.assign] + il
+            got = m.ranking_scores(q, hist)
+            assert torch.allclose(got, want, atol=1e-5), M
+            assert torch.allclose(m.scores(hist), want, atol=1e-5)
+            if M == C:  # every cluster exact: the softmax of the joint scores
+                assert torch.allclose(got, torch.log_softmax(q @ head.item_vectors().T + bias, 1), atol=1e-5)
+            for kk in (1, 5, 24):
+                ref = ExactTopK(m).topk(q, kk, histories=hist)
+                s, i = StructureTopK(m, normalized=True).topk(q, kk, histories=hist)
+                assert torch.equal(i, ref[1]) and torch.allclose(s, ref[0], atol=1e-5), (M, kk)
+            assert m.loss(batch).item() == loss0  # the likelihood trains level 1 without it
+        # this g is far from log Z_c: refining every cluster reorders the top 10
+        assert not torch.equal(torch.topk(got, 10).indices, torch.topk(unrefined, 10).indices)
+        head.refine = 2
+        with pytest.raises(ValueError, match="item_log_probs"):
+            head.with_item_bias(head.item_log_probs(q), m.history_triples(hist))
+
+
+def test_cluster_refine_config_is_checked():
+    with pytest.raises(ConfigError, match="cluster_refine needs"):
+        from_dict({"model": "itemlm", "itemlm": {"head": "two_level", "cluster_refine": 2}})
+    with pytest.raises(ConfigError, match="cluster_refine must be >= 0"):
+        from_dict({"model": "itemlm", "itemlm": {"head": "two_level", "cluster_correction": 8, "cluster_refine": -1}})
+    assert from_dict({"model": "itemlm", "itemlm": {"head": "two_level", "cluster_correction": 8,
+                                                    "cluster_refine": 3}}).itemlm.cluster_refine == 3

@@ -2,8 +2,10 @@
 a known rule with it, checkpoints that carry their clusters, and the CLI around them."""
 
 import json
+import math
 import shutil
 import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from itemgen.data.synthetic import make_dataset
 from itemgen.heads.clusters import (ClusterError, Clusters, build_clusters, cluster_path, default_n_clusters,
                                     kmeans_clusters)
 from itemgen.heads.softmax import ClusterCorrection, TwoLevelHead
-from itemgen.models.checkpoint import CheckpointError, load_checkpoint
+from itemgen.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from itemgen.training.loop import train
 
 runner = CliRunner()
@@ -560,3 +562,47 @@ def test_second_stage_after_the_fit(trained, tmp_path, monkeypatch):
     res = runner.invoke(app, ["clusters", "fit-level1", str(plain.best), "--out", str(tmp_path / "cli"),
                               "--stage-epochs", "-1"])
     assert res.exit_code == 2 and "stage-epochs" in res.output
+
+
+def test_refine_checkpoint_chooses_by_validation(trained, tmp_path, monkeypatch):
+    """refine_checkpoint: each value of the grid scored on the validation users training used,
+    the best kept (ties: the smaller), written with itemlm.cluster_refine set, and the checkpoint
+    reproduces that figure; a checkpoint without a fitted level 1, a bad grid and --out = the input
+    are refused, by the CLI too."""
+    from itemgen.evaluation.evaluate import evaluate
+    from itemgen.training import level1_fit
+
+    monkeypatch.setattr(level1_fit, "STATES", 256)
+    monkeypatch.setattr(level1_fit, "STEPS", 100)
+    ds, data, cfg, plain = trained
+    # a g fitted and kept whatever validation says, so that there is one to refine
+    model, mcfg, _ = load_checkpoint(plain.best)
+    model.head.correction = ClusterCorrection.frozen(model.head.item_out.shape[1], model.head.n_clusters, 8)
+    level1_fit.fit_cluster_correction(model, ds, 10, seed=0)
+    mcfg = replace(mcfg, itemlm=replace(mcfg.itemlm, cluster_correction=8))
+    save_checkpoint(tmp_path / "fitted", model, mcfg, ds.items, dataset=ds.manifest())
+    C = model.head.n_clusters
+    assert level1_fit.refine_grid(C) == list(range(math.ceil(math.sqrt(C)) + 1))
+    choice = level1_fit.refine_checkpoint(tmp_path / "fitted", tmp_path / "refined", grid=[2, 0, C])
+    assert choice["grid"] == [0, 2, C] and set(choice["valid_ndcg@10"]) == {0, 2, C}
+    best = max(choice["valid_ndcg@10"].values())
+    assert choice["chosen"] == min(m for m, v in choice["valid_ndcg@10"].items() if v == best)
+    refined, rcfg, _ = load_checkpoint(tmp_path / "refined")
+    assert rcfg.itemlm.cluster_refine == choice["chosen"] == refined.head.refine
+    m = evaluate(refined, ds.split.valid, max_history=10, exclude_history=cfg.train.eval_exclude_history)
+    assert m["ndcg@10"] == pytest.approx(best)
+    for grid, msg in (([-1], "between 0 and"), ([C + 1], "between 0 and"), ([], "between 0 and")):
+        with pytest.raises(ValueError, match=msg):
+            level1_fit.refine_checkpoint(tmp_path / "fitted", tmp_path / "bad", grid=grid)
+    with pytest.raises(ValueError, match="needs a two-level checkpoint whose level 1 has a correction"):
+        level1_fit.refine_checkpoint(plain.best, tmp_path / "bad")
+    res = runner.invoke(app, ["clusters", "refine-level1", str(tmp_path / "fitted"), "--out", str(tmp_path / "cli"),
+                              "--grid", "0,1", "--log-format", "json"])
+    assert res.exit_code == 0, res.output
+    shown = next(json.loads(line) for line in res.output.splitlines() if '"event": "result"' in line)
+    assert shown["chosen"] in (0, 1) and (tmp_path / "cli" / "model.safetensors").is_file()
+    for args, msg in ((["--grid", "a,b"], "integers separated by commas"),
+                      (["--out", str(tmp_path / "fitted")], "is the checkpoint itself")):
+        res = runner.invoke(app, ["clusters", "refine-level1", str(tmp_path / "fitted"), "--out", str(tmp_path / "x"), *args])
+        assert res.exit_code == 2 and msg in res.output, res.output
+    assert (tmp_path / "fitted" / "model.safetensors").is_file()

@@ -3,6 +3,7 @@
     itemgen clusters build data/scientific --method kmeans [--n-clusters 80] [--seed 0]
     itemgen clusters info data/scientific/clusters/kmeans.json
     itemgen clusters fit-level1 runs/x/best --out runs/x-level1 [--width 256]
+    itemgen clusters refine-level1 runs/x-level1 --out runs/x-level1r [--grid 0,2,4]
     itemgen index build runs/x/best --type ivf [--states 2048] [--nlist N] [--nprobe N]
 
 Bad input prints ``error: <message>`` on stderr and exits with status 2.
@@ -25,7 +26,7 @@ from itemgen.data.dataset import DataError, SequenceDataset
 from itemgen.heads.clusters import Clusters, build_clusters, cluster_path
 from itemgen.models.checkpoint import load_checkpoint, read_items
 from itemgen.topk.ann import INDEX_TYPES, AnnIndex, _head, training_states
-from itemgen.training.level1_fit import STAGE_LR, fit_checkpoint
+from itemgen.training.level1_fit import STAGE_LR, fit_checkpoint, refine_checkpoint
 
 CLUSTERS_EXAMPLE = "itemgen clusters build data/mine --method kmeans"
 INDEX_EXAMPLE = "itemgen index build runs/itemlm-cpu/best --type ivf"
@@ -144,6 +145,34 @@ def clusters_fit_level1(
         typer.echo(f"wrote {out}")
 
     show_result({**fit, "path": str(out)}, render)
+
+
+@clusters_app.command("refine-level1", epilog=example("itemgen clusters refine-level1 runs/two-level-l1 --out runs/two-level-l1r"))
+def clusters_refine_level1(
+    checkpoint: Annotated[Path, typer.Argument(help="a two-level checkpoint with a fitted level 1 (fit-level1)")],
+    out: Annotated[Path, typer.Option(help="where the new checkpoint goes (not CHECKPOINT)")],
+    grid: Annotated[Optional[str], typer.Option(help="values to try, e.g. 0,2,4 (default: 0 to ceil(sqrt(clusters)))")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="prepared dataset (default: the config's)")] = None,
+    quiet: Quiet = False,
+    log_format: LogFormat = "text",
+):
+    """Choose by validation NDCG@10 how many of level 1's highest clusters take their exact
+    log-normaliser at inference (itemlm.cluster_refine; 0: none), and write CHECKPOINT with that
+    choice to OUT. Nothing is trained; a query then scores those clusters' members too."""
+    reporting(quiet, log_format)
+    with _user_errors():
+        try:
+            values = None if grid is None else [int(v) for v in grid.split(",")]
+        except ValueError:
+            raise ValueError(f"--grid must be integers separated by commas, got {grid!r}") from None
+        choice = refine_checkpoint(checkpoint, out, grid=values, data=data)
+
+    def render():
+        _print_stats({f"valid NDCG@10, refine={m}": round(v, 4) for m, v in choice["valid_ndcg@10"].items()}
+                     | {"chosen": choice["chosen"]}, "level 1 refinement")
+        typer.echo(f"wrote {out}")
+
+    show_result({**choice, "path": str(out)}, render)
 
 
 @index_app.command("build", epilog=example(INDEX_EXAMPLE))

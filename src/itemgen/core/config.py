@@ -51,6 +51,10 @@ class ItemLMConfig:
     # each cluster's log-normaliser (heads/softmax.ClusterCorrection, training/level1_fit.py), kept
     # if validation gains; 0: the paper's linear level 1
     cluster_correction: int = 0
+    # two_level with a correction: at inference, level 1's this many highest clusters take their
+    # exact log-normaliser instead of g's estimate (TwoLevelHead.refine; chosen by validation:
+    # training/level1_fit.refine_checkpoint); 0: off
+    cluster_refine: int = 0
     text_vocab_in_softmax: bool = True  # normalise over V u I as in the paper (False: items only)
     prompt: str = "default"  # default: the paper's wording; compact: ids and separators only; ids: no question either
     freeze_backbone: bool = False  # only the item representation, its projection and the head train
@@ -527,6 +531,9 @@ def validate(cfg: Config) -> None:
         (m.cluster_method in ("kmeans", "frequency", "random"), "itemlm.cluster_method: kmeans|frequency|random"),
         (m.n_clusters is None or m.n_clusters >= 1, "itemlm.n_clusters must be >= 1"),
         (m.cluster_correction >= 0, "itemlm.cluster_correction must be >= 0 (0: off)"),
+        (m.cluster_refine >= 0, "itemlm.cluster_refine must be >= 0 (0: off)"),
+        (m.cluster_refine == 0 or (m.head == "two_level" and m.cluster_correction > 0),
+         "itemlm.cluster_refine needs itemlm.head=two_level and itemlm.cluster_correction > 0"),
         (m.lora_r >= 0, "itemlm.lora_r must be >= 0"),
         (0.0 <= m.hidden_dropout < 1.0 and 0.0 <= m.backbone_dropout < 1.0,
          "itemlm.hidden_dropout and itemlm.backbone_dropout must be in [0, 1)"),

@@ -185,11 +185,22 @@ class TwoLevelHead(nn.Module):
     ``correction`` > 0 adds a ClusterCorrection of that width to level 1 (P(c | h) = softmax of
     h . e_c + g_c(h)). It is not trained with the likelihood: it starts at zero (the paper's level 1)
     and is fitted to the trained level 2 afterwards (training/level1_fit.py).
+
+    ``refine`` = M > 0 (needs a correction) replaces g_c(h) by the exact log Z_c(h), the repeat bias
+    included, at the M item clusters level 1 ranks highest: those clusters' level-1 logits become
+    their mass under the joint scores, h . e_c + log Z_c(h), where g's error costs most (it
+    underestimates the user's top cluster: docs/quality_notes.md section 5). Level 1 stays a
+    distribution over clusters computed from h (and the history, as level 2 is), level 2 a softmax
+    within each cluster, so Structure stays exact; a query pays M clusters' members' dot products,
+    which Structure scores first anyway. The likelihood and the fit never use it (inference only:
+    item_log_probs, the decoders); training/level1_fit.refine_checkpoint chooses M by validation.
     """
 
     def __init__(self, n_items: int, hidden: int, text_weight: Callable[[], torch.Tensor] | None,
-                 assign, sparse_grad: bool = False, correction: int = 0):
+                 assign, sparse_grad: bool = False, correction: int = 0, refine: int = 0):
         super().__init__()
+        if refine < 0 or (refine and not correction):
+            raise ValueError(f"refine must be >= 0 and needs a correction (level 1 h . e_c + g_c(h)), got {refine}")
         assign = torch.as_tensor(assign, dtype=torch.long)
         if assign.shape != (n_items,):
             raise ValueError(f"cluster assignment covers {tuple(assign.shape)} items, the head {n_items}")
@@ -201,6 +212,7 @@ class TwoLevelHead(nn.Module):
         self._text_weight = text_weight
         self.sparse_grad = sparse_grad
         self.correction = ClusterCorrection.frozen(hidden, len(sizes), correction) if correction else None
+        self.refine = min(refine, len(sizes))
         order = torch.argsort(assign, stable=True)  # items grouped by cluster
         pos = torch.empty_like(assign)
         offsets = torch.cumsum(sizes, 0) - sizes  # (C,) first slot of each cluster in `order`
@@ -287,10 +299,13 @@ class TwoLevelHead(nn.Module):
         cluster holding a biased item renormalised (a level-2 softmax is over its cluster only).
         Needs nothing but the log-probabilities: within c, h . e_u - log Z_c = log P(u) - log P(c),
         so the new log-probability is log P(t) + b_t - logsumexp_{u in c}(log P(u) + b_u) +
-        logsumexp_{u in c} log P(u). Not in place."""
+        logsumexp_{u in c} log P(u). Not in place. A refining head's level 1 depends on the bias
+        too, which the log-probabilities do not hold: item_log_probs(h, bias) instead."""
         row, item, value = bias
         if not len(row):
             return log_probs
+        if self.refine:
+            raise ValueError("a refining two-level head takes its item bias in item_log_probs(h, bias)")
         biased = log_probs.index_put((row, item), value.to(log_probs.dtype), accumulate=True)  # (B, I)
         # (B, C) the change of each cluster's log-mass; exactly 0 where no member is biased
         shift = self._cluster_logsumexp(biased) - self._cluster_logsumexp(log_probs)
@@ -311,12 +326,30 @@ class TwoLevelHead(nn.Module):
             il = (h @ self.item_out.T).float()  # (B, I)
         return self._cluster_logsumexp(il)
 
-    def item_log_probs(self, h: torch.Tensor) -> torch.Tensor:
-        """h (B, H) -> (B, I) log P(item | h), normalised over V u I (brute force: the reference)."""
-        lc = torch.log_softmax(self.cluster_logits(h).float(), dim=1)[:, -self.n_clusters:]  # (B, C)
+    def item_log_probs(self, h: torch.Tensor, bias: ItemBias | None = None) -> torch.Tensor:
+        """h (B, H) -> (B, I) log P(item | h), normalised over V u I (brute force: the reference);
+        with ``bias`` (row, item, value) triples, those values in the level-2 logits (equal to
+        with_item_bias(item_log_probs(h), bias), the only way a refining head takes a bias)."""
         il = (h @ self.item_out.T).float()  # (B, I)
+        if bias is not None and len(bias[0]):
+            il = il.index_put(bias[:2], bias[2].to(il.dtype), accumulate=True)
         log_zc = self.cluster_log_normalizers(h, il)  # (B, C)
+        cl = self.cluster_logits(h).float()  # (B, V + C)
+        if self.refine:
+            cl = torch.cat([cl[:, :-self.n_clusters], self.refined(h, cl[:, -self.n_clusters:], log_zc)], dim=1)
+        lc = torch.log_softmax(cl, dim=1)[:, -self.n_clusters:]  # (B, C)
         return (lc - log_zc)[:, self.assign] + il
+
+    def refined(self, h: torch.Tensor, level1: torch.Tensor, log_zc: torch.Tensor,
+                top: torch.Tensor | None = None) -> torch.Tensor:
+        """level1 (B, C) item-cluster logits h . e_c + g_c(h) -> the same with h . e_c + log Z_c(h)
+        at each row's ``refine`` highest clusters; ``log_zc`` (B, C), or (B, M) at ``top`` (B, M)
+        when the caller computed only those. Not in place."""
+        if top is None:
+            top = torch.topk(level1, self.refine, dim=1).indices  # (B, M)
+            log_zc = log_zc.gather(1, top)
+        exact = (h @ self.centroids.T).float().gather(1, top) + log_zc  # (B, M)
+        return level1.scatter(1, top, exact)
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, H) -> (B, V + I) log P over text tokens and items, text first (sums to 1)."""

@@ -66,7 +66,7 @@ class ItemLM(Recommender):
             if clusters is None:
                 raise ValueError("itemlm.head=two_level needs item clusters (clusters.py)")
             self.head = TwoLevelHead(self.n_items, H, text_weight, clusters.check(self.n_items).assign,
-                                     correction=cfg.cluster_correction)
+                                     correction=cfg.cluster_correction, refine=cfg.cluster_refine)
         elif cfg.head == "full":
             self.head = FullSoftmaxHead(self.n_items, H, text_weight, item_weight=None
                                         if self.items.output_view == "untied" else self.items.output_vectors,
@@ -219,7 +219,7 @@ class ItemLM(Recommender):
         if self.distillation is not None and not isinstance(self.head, FullSoftmaxHead):
             # two-level: its exact log P(item) over the whole catalog (the repeat bias in level 2),
             # O(I) a label as the teacher's own scores are; the CE is the two-level loss's value
-            logp = self.with_repeat(self.head.item_log_probs(hs).float(), batch)  # (N, I)
+            logp = self.label_log_probs(hs, batch).float()  # (N, I)
             ce = F.nll_loss(logp, batch["labels"][sel], reduction="sum")
             return self.distillation(ce, logp, batch["teacher_scores"])
         if self.distillation is not None:  # full head: the teacher is matched over items only
@@ -244,6 +244,12 @@ class ItemLM(Recommender):
         items = self.head.with_item_bias(logits[:, offset:], triples)
         return items if offset == 0 else torch.cat([logits[:, :offset], items], dim=1)
 
+    def label_log_probs(self, hs: torch.Tensor, batch) -> torch.Tensor:
+        """hs (N, D) at a train_batch's labels -> (N, I) log P(item), the repeat bias included."""
+        if getattr(self.head, "refine", 0):  # its level 1 takes the bias too
+            return self.head.item_log_probs(hs, self.repeat_triples(batch.get("repeat")))
+        return self.with_repeat(self.head.item_log_probs(hs), batch)
+
     def repeat_triples(self, pairs: torch.Tensor | None):
         """(P, 3) (row, item, recency) pairs -> (rows, items, bias values) on the model's device,
         or None without a repeat bias or pairs."""
@@ -257,13 +263,21 @@ class ItemLM(Recommender):
         return self.repeat is not None and self.head.bias_renormalises
 
     def history_scores(self, scores: torch.Tensor, histories: list[np.ndarray] | None) -> torch.Tensor:
-        triples = None if self.repeat is None or histories is None else self.repeat_triples(self.repeat.pairs(histories))
+        triples = self.history_triples(histories)
         return scores if triples is None else self.head.with_item_bias(scores, triples)
+
+    def history_triples(self, histories: list[np.ndarray] | None):
+        return None if self.repeat is None or histories is None else self.repeat_triples(self.repeat.pairs(histories))
+
+    def ranking_scores(self, query: torch.Tensor, histories: list[np.ndarray] | None) -> torch.Tensor:
+        if getattr(self.head, "refine", 0):  # its level 1 takes the bias too (TwoLevelHead.refined)
+            return self.head.item_log_probs(query, self.history_triples(histories))
+        return super().ranking_scores(query, histories)
 
     def label_scores(self, batch):
         h = self.hidden(batch)  # (B, L, H)
         sel = batch["labels"] >= 0
-        return self.with_repeat(self.head.item_log_probs(self.with_text_match(h[sel], batch, sel)), batch)  # (N, I)
+        return self.label_log_probs(self.with_text_match(h[sel], batch, sel), batch)  # (N, I)
 
     def with_text_match(self, h: torch.Tensor, batch: dict[str, torch.Tensor], at: torch.Tensor) -> torch.Tensor:
         """h (N, H) hidden states at the positions ``at`` (B, L) of ``batch`` -> (N, D) queries:

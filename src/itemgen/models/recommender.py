@@ -102,7 +102,12 @@ class Recommender(nn.Module):
     @torch.inference_mode()
     def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
         """The slow, obvious path: every item's score for each history, (B, I)."""
-        return self.history_scores(self.score_items(self.encode_histories(histories)), histories)
+        return self.ranking_scores(self.encode_histories(histories), histories)
+
+    def ranking_scores(self, query: torch.Tensor, histories: list[np.ndarray] | None) -> torch.Tensor:
+        """(B, D) query states from ``histories`` -> (B, I) what the model ranks by (exact top-k's
+        scores): score_items with the repeat bias at the history items (history_scores)."""
+        return self.history_scores(self.score_items(query), histories)
 
     def history_scores(self, scores: torch.Tensor, histories: list[np.ndarray] | None) -> torch.Tensor:
         """scores (B, I) from ``histories``' queries -> what the model ranks by: with a repeat bias,

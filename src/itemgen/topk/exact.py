@@ -52,5 +52,5 @@ class ExactTopK:
     @torch.inference_mode()
     def topk(self, query: torch.Tensor, k: int, exclude=None, histories=None) -> tuple[torch.Tensor, torch.Tensor]:
         check_k(k, self.model.n_items)
-        scores = mask_items(self.model.history_scores(self.model.score_items(query), histories), exclude)  # (B, I)
+        scores = mask_items(self.model.ranking_scores(query, histories), exclude)  # (B, I)
         return torch.topk(scores, k, dim=1)

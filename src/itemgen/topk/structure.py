@@ -52,6 +52,10 @@ class StructureTopK:
         # level 2 stays a softmax, so P(t | h) <= P(c(t) | h) still bounds every member
         bias = self.history_bias(histories, dev)
         lpc = head.item_cluster_logits(h).float()  # (B, C) unnormalised cluster scores
+        if head.refine:  # the top clusters' exact masses (TwoLevelHead.refined): their members scored once more below
+            top = torch.topk(lpc, head.refine, dim=1).indices  # (B, M)
+            _, logit, _ = self._members(h, torch.arange(B, device=dev), top, torch.ones_like(top, dtype=torch.bool), bias)
+            lpc = head.refined(h, lpc, torch.logsumexp(logit, dim=2), top)
         if self.normalized:
             log_z1 = torch.logsumexp(lpc, dim=1)
             if head._text_weight is not None:
@@ -76,16 +80,8 @@ class StructureTopK:
             col = ptr[active][:, None] + torch.arange(w, device=dev)[None]  # (A, w) opening positions
             live = col < C  # (A, w) a query near its last cluster opens fewer
             cs = order[active[:, None], col.clamp(max=C - 1)]  # (A, w) clusters opened now
-            size = torch.where(live, head.sizes[cs], 0)  # (A, w)
-            S = int(size.max())
-            slot = torch.arange(S, device=dev)  # (S,)
-            valid = slot[None, None] < size[:, :, None]  # (A, w, S)
-            mem = head.order[(head.offsets[cs][:, :, None] + slot[None, None]).clamp(max=head.n_items - 1)]  # (A, w, S)
-            A = len(active)
-            logit = _GatherDot.apply(h[active], head.item_out, mem.view(A, w * S), False).float().view(A, w, S)
-            if bias is not None:
-                logit = logit + bias.values_at(active, mem, valid)
-            logit = logit.masked_fill(~valid, float("-inf"))
+            mem, logit, valid = self._members(h, active, cs, live, bias)  # (A, w, S) each
+            A, S = len(active), mem.shape[2]
             # (A, w, S) log P(c | h) + log softmax within each cluster; -inf at padding and past C
             lp = (lpc[active[:, None], cs][:, :, None] + logit
                   - torch.logsumexp(logit, dim=2, keepdim=True).nan_to_num(neginf=0.0))
@@ -107,6 +103,23 @@ class StructureTopK:
         self.queries += B
         self.last_opened = opened
         return best, best_ids
+
+    def _members(self, h: torch.Tensor, rows: torch.Tensor, cs: torch.Tensor, live: torch.Tensor,
+                 bias: "_PairLookup | None") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clusters cs (A, w) of query rows (A,), where ``live`` -> their members (A, w, S) padded
+        to the largest, level-2 logits h . e_t (+ the bias) there (-inf at padding), and which slots
+        are members."""
+        head = self.head
+        size = torch.where(live, head.sizes[cs], 0)  # (A, w)
+        S = int(size.max())
+        slot = torch.arange(S, device=h.device)  # (S,)
+        valid = slot[None, None] < size[:, :, None]  # (A, w, S)
+        mem = head.order[(head.offsets[cs][:, :, None] + slot[None, None]).clamp(max=head.n_items - 1)]  # (A, w, S)
+        A, w = cs.shape
+        logit = _GatherDot.apply(h[rows], head.item_out, mem.view(A, w * S), False).float().view(A, w, S)
+        if bias is not None:
+            logit = logit + bias.values_at(rows, mem, valid)
+        return mem, logit.masked_fill(~valid, float("-inf")), valid
 
     def history_bias(self, histories, device) -> "_PairLookup | None":
         repeat = getattr(self.model, "repeat", None)

@@ -219,3 +219,45 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
     chosen = {**(after if fit["kept"] else before), "level1_fit": fit}
     save_checkpoint(out, model, cfg, ds.items, dataset=ds.manifest(), metrics={"valid": chosen})
     return fit
+
+
+def refine_grid(n_clusters: int) -> list[int]:
+    """The values of TwoLevelHead.refine that refine_checkpoint tries: 0 (off) to ceil(sqrt(C)),
+    so that the exact clusters cost at most about |I| / sqrt(C) dot products a query (sub-linear:
+    about |I|^(3/4) with C = sqrt(|I|))."""
+    return list(range(0, math.ceil(math.sqrt(n_clusters)) + 1))
+
+
+def refine_checkpoint(checkpoint: str | Path, out: str | Path, *, grid: list[int] | None = None,
+                      data: str | Path | None = None) -> dict:
+    """Choose ``itemlm.cluster_refine`` (TwoLevelHead.refine) for a two-level checkpoint whose
+    level 1 has a fitted correction, by validation NDCG@10 over ``grid`` (default refine_grid;
+    0 keeps it off), and save the checkpoint with the chosen value to ``out``. Nothing is trained.
+    Returns each value's validation NDCG@10 and the choice (ties: the smaller, cheaper value)."""
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"--out {out} is the checkpoint itself: the choice writes a new checkpoint beside it")
+    model, cfg, _ = load_checkpoint(checkpoint)
+    head = getattr(model, "head", None)
+    if not isinstance(head, TwoLevelHead) or head.correction is None:
+        raise ValueError(f"{checkpoint}: refining needs a two-level checkpoint whose level 1 has a correction "
+                         "(itemlm.cluster_correction > 0: `itemgen clusters fit-level1`)")
+    grid = refine_grid(head.n_clusters) if grid is None else sorted(set(grid))
+    if not grid or min(grid) < 0 or max(grid) > head.n_clusters:
+        raise ValueError(f"refine values must be between 0 and the {head.n_clusters} clusters, got {grid}")
+    ds = load_dataset(replace(cfg, data=replace(cfg.data, path=str(data))) if data else cfg)
+    opts = dict(max_history=cfg.data.max_history, batch_size=cfg.train.eval_batch_size,
+                exclude_history=cfg.train.eval_exclude_history)
+    valid = subsample(ds.split.valid, cfg.train.eval_users, cfg.train.seed)  # the users training validated on
+    t0 = time.perf_counter()
+    tried = {}
+    for m in grid:
+        head.refine = m
+        tried[m] = ranking_metrics(rank_examples(model, valid, **opts))
+    chosen = max(grid, key=lambda m: (tried[m]["ndcg@10"], -m))
+    head.refine = chosen
+    cfg = replace(cfg, itemlm=replace(cfg.itemlm, cluster_refine=chosen))
+    record = {"from": str(checkpoint), "grid": grid, "valid_ndcg@10": {m: tried[m]["ndcg@10"] for m in grid},
+              "chosen": chosen, "seconds": round(time.perf_counter() - t0, 1)}
+    save_checkpoint(out, model, cfg, ds.items, dataset=ds.manifest(),
+                    metrics={"valid": {**tried[chosen], "level1_refine": record}})
+    return record
