@@ -435,6 +435,13 @@ def test_level1_fit_after_training(trained, tmp_path, monkeypatch):
     with torch.no_grad():
         _, ids = StructureTopK(model).topk(h, 5)
         assert torch.equal(ids, torch.topk(model.head.item_log_probs(h), 5, dim=1).indices)
+    # the fit's other objective, named in its record; an unknown one refused before any work
+    res = runner.invoke(app, ["clusters", "fit-level1", str(plain.best), "--out", str(tmp_path / "kl"),
+                              "--width", "16", "--objective", "kl", "--log-format", "json"])
+    assert res.exit_code == 0, res.output
+    assert next(json.loads(line) for line in res.output.splitlines() if '"event": "result"' in line)["objective"] == "kl"
+    res = runner.invoke(app, ["clusters", "fit-level1", str(plain.best), "--out", str(tmp_path / "mae"), "--objective", "mae"])
+    assert res.exit_code == 2 and "objective must be mse or kl" in res.output and not (tmp_path / "mae").exists()
 
 
 def test_level1_targets_carry_the_repeat_bias():

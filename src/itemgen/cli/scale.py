@@ -128,6 +128,8 @@ def clusters_fit_level1(
     stage_epochs: Annotated[float, typer.Option(min=0, help="epochs of a second training stage after the fit "
                                                 "(g frozen; 0: none)")] = 0.0,
     stage_lr: Annotated[float, typer.Option(help="the second stage's learning rate (> 0)")] = STAGE_LR,
+    objective: Annotated[str, typer.Option(help="the fit's loss: mse (g against log Z_c) or kl (level 1's "
+                                           "cluster distribution against the joint scores')")] = "mse",
     quiet: Quiet = False,
     log_format: LogFormat = "text",
 ):
@@ -138,7 +140,8 @@ def clusters_fit_level1(
     if validation gains over CHECKPOINT."""
     reporting(quiet, log_format)
     with _user_errors():
-        fit = fit_checkpoint(checkpoint, out, width, data=data, stage_epochs=stage_epochs, stage_lr=stage_lr)
+        fit = fit_checkpoint(checkpoint, out, width, data=data, stage_epochs=stage_epochs, stage_lr=stage_lr,
+                             objective=objective)
 
     def render():
         _print_stats({k: v for k, v in fit.items() if k != "from"}, "level 1 fit")

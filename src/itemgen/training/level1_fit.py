@@ -50,9 +50,9 @@ def log_normalizers(model, states: torch.Tensor, prefixes: list, chunk: int = 10
 
 
 def fit_cluster_correction(model, ds, max_history: int, *, states: int | None = None, steps: int | None = None,
-                           seed: int = 0) -> dict:
+                           seed: int = 0, objective: str = "mse") -> dict:
     """Fit ``model.head.correction`` (a TwoLevelHead built with correction > 0) to log Z_c at
-    ``states`` training prefixes; deterministic for a seed. Returns what it did: states, steps,
+    ``states`` training prefixes with ``objective`` (fit_to_targets); deterministic for a seed. Returns what it did: states, steps,
     mean squared error (per state and cluster) before (g = 0) and after, and seconds."""
     head = model.head
     states, steps = states or STATES, steps or STEPS
@@ -63,7 +63,7 @@ def fit_cluster_correction(model, ds, max_history: int, *, states: int | None = 
         prefixes = training_prefixes(ds, max_history, states, seed)
         x = training_states(model, ds, max_history, prefixes=prefixes).to(head.item_out)  # (n, H)
         target = log_normalizers(model, x, prefixes).float()  # (n, C)
-    fit = fit_to_targets(head, x, target, steps=steps, seed=seed)
+    fit = fit_to_targets(head, x, target, steps=steps, seed=seed, objective=objective)
     return {**fit, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -114,14 +114,14 @@ def clear_cluster_correction(head: TwoLevelHead) -> None:
 
 
 def fit_and_keep(model, ds, max_history: int, *, seed: int, before: float, validate: Callable[[], dict],
-                 then: Callable[[], dict] | None = None) -> tuple[dict, dict]:
+                 then: Callable[[], dict] | None = None, objective: str = "mse") -> tuple[dict, dict]:
     """Fit g (fit_cluster_correction), then keep it only if ``validate()``'s NDCG@10 beats
     ``before`` (the figure without it), else clear it. ``then()``: a step after the fit that trains
     other weights too (fit_checkpoint's second stage), recorded as the fit's "stage"; kept or
     undone with the fit (undone: every weight back as it was). -> (the fit's record with both
     figures and whether it was kept, validate()'s metrics with g)."""
     source = {k: v.clone() for k, v in model.state_dict().items()} if then is not None else None
-    fit = fit_cluster_correction(model, ds, max_history, seed=seed)
+    fit = fit_cluster_correction(model, ds, max_history, seed=seed, objective=objective)
     if then is not None:
         fit["stage"] = then()
     metrics = validate()
@@ -177,14 +177,14 @@ def second_stage(model, ds, cfg, *, epochs: float, lr: float = STAGE_LR, train_g
 
 
 def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data: str | Path | None = None,
-                   stage_epochs: float = 0.0, stage_lr: float = STAGE_LR) -> dict:
+                   stage_epochs: float = 0.0, stage_lr: float = STAGE_LR, objective: str = "mse") -> dict:
     """The fit on a trained two-level checkpoint that has no correction yet: what training with
     ``itemlm.cluster_correction=width`` would have written (the likelihood trains the same weights
     with or without it: tests/test_two_level.py), saved to ``out`` with its validation figures
     before and after. The correction is kept only if validation gains, else ``out`` holds g = 0.
     ``stage_epochs`` > 0: after the fit, a second_stage of that many epochs at ``stage_lr``, and the
     fit and the stage are kept together only if validation gains over the source, else ``out`` holds
-    the source's weights with g = 0."""
+    the source's weights with g = 0. ``objective``: the fit's (fit_to_targets: mse or kl)."""
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise ValueError(f"--out {out} is the checkpoint itself: the fit writes a new checkpoint beside it")
     model, cfg, _ = load_checkpoint(checkpoint)
@@ -196,6 +196,8 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
                          f"{cfg.itemlm.cluster_correction})")
     if width < 1:
         raise ValueError("width must be >= 1")
+    if objective not in ("mse", "kl"):
+        raise ValueError(f"the fit's objective must be mse or kl, not {objective!r}")
     if not (stage_epochs >= 0 and math.isfinite(stage_epochs)) or not (stage_lr > 0 and math.isfinite(stage_lr)):
         raise ValueError(f"stage epochs must be >= 0 and its learning rate > 0 (got {stage_epochs}, {stage_lr})")
     cfg = replace(cfg, itemlm=replace(cfg.itemlm, cluster_correction=width))
@@ -214,7 +216,7 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
     stage = (lambda: {"epochs": stage_epochs, "lr": stage_lr,
                       "seconds": second_stage(model, ds, cfg, epochs=stage_epochs, lr=stage_lr)}) if stage_epochs else None
     fit, after = fit_and_keep(model, ds, cfg.data.max_history, seed=cfg.train.seed, before=before["ndcg@10"],
-                              validate=validate, then=stage)
+                              validate=validate, then=stage, objective=objective)
     fit["from"] = str(checkpoint)
     chosen = {**(after if fit["kept"] else before), "level1_fit": fit}
     save_checkpoint(out, model, cfg, ds.items, dataset=ds.manifest(), metrics={"valid": chosen})
