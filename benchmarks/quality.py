@@ -442,11 +442,10 @@ def topk_vs_exact(best: Path, data: Path, decoders: list[str], model=None, cache
             batch = examples[start:start + 128]
             hist = [e.history[-cached.max_history:] for e in batch]
             query = cached.encode_histories(hist)  # (B, H)
-            plain = model.score_items(query).float()  # (B, I) exact log P (two-level) or logits
             # the decoders see the histories as evaluate's do (Recommender.decode_histories: the repeat bias)
             for proto, excl, seen in (("history_kept", None, model.decode_histories(hist, False)),
                                       ("history_masked", [e.history for e in batch], model.decode_histories(hist, True))):
-                full = model.history_scores(plain, seen)  # what the model ranks by
+                full = model.ranking_scores(query, seen).float()  # what the model ranks by (exact log P, two-level)
                 _, ref = decs["exact"].topk(query, TOP_K, exclude=excl, histories=seen)  # (B, k)
                 for d in decoders:
                     _, got = decs[d].topk(query, TOP_K, exclude=excl, histories=seen)
