@@ -111,7 +111,8 @@ def test_items_without_training_interactions_get_exactly_no_id_part(data, model,
         else:  # nullspace: the frozen semantic coordinates alone
             assert torch.equal(rep.raw_input(new), text @ rep.null_basis)
         if out == "text+id":
-            assert torch.equal(rep.output_vectors()[new], rep.out_text(text))
+            # against the same batched product (a product over fewer rows may round differently)
+            assert torch.equal(rep.output_vectors()[new], rep.out_text(rep.text_features())[new])
         # a known item does have an ID part
         assert rep.raw_input(new).abs().sum() > 0
         old = torch.arange(3)
