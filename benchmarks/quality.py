@@ -149,7 +149,7 @@ VARIANTS = {
     **{f"two-level-{m}-level1{st}-refine": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m,
                                                                    "hidden_dropout": 0.3, "cluster_correction": 256},
                                                         "items": {"dropout": 0.3}})
-       for m in ("kmeans", "frequency", "random") for st in ("", "-stage", "-kl-stage")},
+       for m in ("kmeans", "frequency", "random") for st in ("", "-stage")},
     # both levers: the distilled rows with level 1 fitted after training
     **{f"two-level-{m}-distill-level1": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m,
                                                                "hidden_dropout": 0.3, "cluster_correction": 256},
@@ -170,7 +170,7 @@ LEVEL1_FROM = {f"two-level-{m}{d}-level1{st}": f"two-level-{m}{d}" for m in ("km
                for d, st in (("", ""), ("-distill", ""), ("", "-stage"), ("", "-kl-stage"))}
 # rows that choose the refinement of another row's fitted level 1 (training/level1_fit.refine_checkpoint)
 REFINE_FROM = {f"two-level-{m}-level1{st}-refine": f"two-level-{m}-level1{st}" for m in ("kmeans", "frequency", "random")
-               for st in ("", "-stage", "-kl-stage")}
+               for st in ("", "-stage")}  # not -kl-stage: refine_checkpoint needs the mse fit
 LEVEL1_STAGE_EPOCHS = {f"two-level-{m}-level1{o}-stage": 2.0 for m in ("kmeans", "frequency", "random")
                        for o in ("", "-kl")}
 LEVEL1_OBJECTIVE = {f"two-level-{m}-level1-kl-stage": "kl" for m in ("kmeans", "frequency", "random")}

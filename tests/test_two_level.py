@@ -603,6 +603,11 @@ def test_refine_checkpoint_chooses_by_validation(trained, tmp_path, monkeypatch)
             level1_fit.refine_checkpoint(tmp_path / "fitted", tmp_path / "bad", grid=grid)
     with pytest.raises(ValueError, match="needs a two-level checkpoint whose level 1 has a correction"):
         level1_fit.refine_checkpoint(plain.best, tmp_path / "bad")
+    # a g fitted with the kl objective is no estimate of log Z_c itself (only up to a shift a query)
+    save_checkpoint(tmp_path / "kl", model, mcfg, ds.items, dataset=ds.manifest(),
+                    metrics={"valid": {"level1_fit": {"objective": "kl"}}})
+    with pytest.raises(ValueError, match="objective mse"):
+        level1_fit.refine_checkpoint(tmp_path / "kl", tmp_path / "bad")
     res = runner.invoke(app, ["clusters", "refine-level1", str(tmp_path / "fitted"), "--out", str(tmp_path / "cli"),
                               "--grid", "0,1", "--log-format", "json"])
     assert res.exit_code == 0, res.output

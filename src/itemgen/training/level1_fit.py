@@ -11,6 +11,7 @@ Cost: STATES forward passes and STATES x |I| dot products once, then STEPS small
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import replace
@@ -74,7 +75,8 @@ def fit_to_targets(head: TwoLevelHead, x: torch.Tensor, target: torch.Tensor, *,
     cross-entropy of level 1's cluster distribution against the joint scores' (softmax of h . e_c +
     log Z_c), which weighs each cluster by its mass (benchmarks/level1_diagnosis.py --probes: on
     validation it gains on four of the five cells probed and loses on office frequency; not the
-    default, which every `-level1` row was run with). Returns states, steps, width and the squared errors."""
+    default, which every `-level1` row was run with; its g estimates log Z_c only up to a shift shared
+    by a query's clusters, so refine_checkpoint refuses it). Returns states, steps, width and the squared errors."""
     if objective not in ("mse", "kl"):
         raise ValueError(f"objective must be mse or kl, not {objective!r}")
     g = head.correction
@@ -243,6 +245,13 @@ def refine_checkpoint(checkpoint: str | Path, out: str | Path, *, grid: list[int
     if not isinstance(head, TwoLevelHead) or head.correction is None:
         raise ValueError(f"{checkpoint}: refining needs a two-level checkpoint whose level 1 has a correction "
                          "(itemlm.cluster_correction > 0: `itemgen clusters fit-level1`)")
+    metrics = Path(checkpoint) / "metrics.json"
+    fit = (json.loads(metrics.read_text()).get("valid") or {}).get("level1_fit") or {} if metrics.is_file() else {}
+    if fit.get("objective", "mse") != "mse":
+        # the kl fit matches level 1's softmax, which ignores a shift of g shared by a query's
+        # clusters: g is then no estimate of log Z_c itself, and exact log Z_c cannot stand beside it
+        raise ValueError(f"{checkpoint}: refining needs g fitted to log Z_c itself (objective mse); this level 1 "
+                         f"was fitted with objective {fit['objective']}")
     grid = refine_grid(head.n_clusters) if grid is None else sorted(set(grid))
     if not grid or min(grid) < 0 or max(grid) > head.n_clusters:
         raise ValueError(f"refine values must be between 0 and the {head.n_clusters} clusters, got {grid}")
