@@ -923,7 +923,12 @@ def two_level_tables(by: dict, two: list[dict]) -> list[str]:
         return ["-"] * 3 if m is None else [f"{m['ndcg@10']:.4f}", f"{m['recall@10']:.4f}", f"{m['mrr']:.4f}"]
 
     def ratio(m: dict | None, ref: dict | None) -> str:
-        return f"{m['ndcg@10'] / ref['ndcg@10']:.3f}x" if m and ref else "-"
+        if not (m and ref):
+            return "-"
+        x = m["ndcg@10"] / ref["ndcg@10"]
+        # a ratio just below a bar shows a 4th decimal, so that 0.9699 does not read as the bar 0.970
+        below_bar = any(f"{x:.3f}" == f"{bar:.3f}" and x < bar for bar in (TWO_LEVEL_BAR, ANN_BAR))
+        return f"{x:.4f}x" if below_bar else f"{x:.3f}x"
 
     for d in sorted({r["dataset"] for r in two}):
         ref_name = "itemlm"
