@@ -269,7 +269,8 @@ def main() -> None:
             if vname not in VARIANTS:
                 sys.exit(f"unknown variant {vname!r} (known: {', '.join(VARIANTS)})")
             model, extra = VARIANTS[vname]
-            row_name = args.name or (vname if args.seed == 0 else f"{vname}-seed{args.seed}")
+            seed_suffix = "" if args.seed == 0 else f"-seed{args.seed}"  # rows of this seed start from this seed's
+            row_name = args.name or vname + seed_suffix
             sasrec_base = REPEAT_START.get(vname, "sasrec")
             sasrec_name = sasrec_base if args.seed == 0 else f"{sasrec_base}-seed{args.seed}"
             values = merge({"model": model, "data": {"path": str(path), "max_history": 50}},
@@ -299,10 +300,11 @@ def main() -> None:
             if args.finish_interrupted:
                 res = interrupted_result(cfg)
             elif vname in REFINE_FROM:
-                res = refine_result(cfg, args.work / dname, REFINE_FROM[vname], dname, row_name)
+                res = refine_result(cfg, args.work / dname, REFINE_FROM[vname] + seed_suffix, dname, row_name)
                 cfg = from_dict(json.loads((res.best / "config.json").read_text()))  # with the chosen refine
-            elif vname in LEVEL1_FROM and (args.work / dname / LEVEL1_FROM[vname] / "best").is_dir():
-                res = level1_result(cfg, args.work / dname / LEVEL1_FROM[vname], LEVEL1_STAGE_EPOCHS.get(vname, 0.0),
+            elif vname in LEVEL1_FROM and (args.work / dname / (LEVEL1_FROM[vname] + seed_suffix) / "best").is_dir():
+                res = level1_result(cfg, args.work / dname / (LEVEL1_FROM[vname] + seed_suffix),
+                                    LEVEL1_STAGE_EPOCHS.get(vname, 0.0),
                                     LEVEL1_OBJECTIVE.get(vname, "mse"))
             elif vname in GRIDS:  # SASRec: its dropout chosen by validation (training/tune.py)
                 key, grid_values = GRIDS[vname]
@@ -657,7 +659,8 @@ def refine_result(cfg, work: Path, source_row: str, dname: str, row_name: str):
                  f"run --variants {source_row} first")
     out = Path(cfg.train.out)
     choice = refine_checkpoint(source / "best", out / "best", data=cfg.data.path)
-    origin = work / LEVEL1_FROM[source_row]  # the trained two-level row the fit started from
+    seed = SEED_ROW.search(source_row)  # the trained two-level row the fit started from, same seed
+    origin = work / (LEVEL1_FROM[SEED_ROW.sub("", source_row)] + (seed.group(0) if seed else ""))
     last = json.loads((origin / "history.jsonl").read_text().splitlines()[-1])
     src = json.loads((source / "best" / "metrics.json").read_text())["valid"]["level1_fit"]
     valid = json.loads((out / "best" / "metrics.json").read_text())["valid"]
