@@ -47,8 +47,13 @@ class _Connection(h11.Connection):
                                               f"of {MAX_HEAD_BYTES} bytes", error_status_hint=431)
             return event
         except h11.RemoteProtocolError as e:
+            if getattr(e, "error_status_hint", 400) == 431 and "over the limit" not in str(e):
+                # h11's own 431 (a head still incomplete past the limit in its buffer: it arrived
+                # in several reads) says "Receive buffer too long": the same limit, said the same way
+                e = h11.RemoteProtocolError(f"request head is over the limit of {MAX_HEAD_BYTES} bytes",
+                                            error_status_hint=431)
             self.last_error = e
-            raise
+            raise e
 
 
 def head_bytes(request: h11.Request) -> int:
