@@ -68,6 +68,13 @@ def test_probabilities_sum_to_one_and_match_brute_force(n_items, n_clusters, n_t
         targets = torch.tensor([0, 3, n_items - 1, 5, 5, 2])
         want = -torch.log(ref[torch.arange(6), n_text + targets]).sum()
         assert torch.allclose(head.loss(h, targets).double(), want, rtol=1e-5)
+        # a refined level 1 (exact log Z_c at its top clusters) still sums to 1 with the text tokens
+        head.correction = ClusterCorrection(8, n_clusters, 4)
+        head.correction.outer.weight.normal_(generator=torch.Generator().manual_seed(2))
+        head.refine = min(2, n_clusters)
+        lp = head.log_probs(h)
+        assert torch.allclose(lp.exp().sum(1), torch.ones(6, dtype=lp.dtype), atol=1e-5)
+        assert torch.allclose(head.item_log_probs(h), lp[:, n_text:])
 
 
 def brute_force_biased_probs(head, text, assign, h, bias):

@@ -330,6 +330,10 @@ class TwoLevelHead(nn.Module):
         """h (B, H) -> (B, I) log P(item | h), normalised over V u I (brute force: the reference);
         with ``bias`` (row, item, value) triples, those values in the level-2 logits (equal to
         with_item_bias(item_log_probs(h), bias), the only way a refining head takes a bias)."""
+        return self._log_probs(h, bias)[1]
+
+    def _log_probs(self, h: torch.Tensor, bias: ItemBias | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (B, H) -> log P of level 1 (B, V + C), text tokens first, and of every item (B, I)."""
         il = (h @ self.item_out.T).float()  # (B, I)
         if bias is not None and len(bias[0]):
             il = il.index_put(bias[:2], bias[2].to(il.dtype), accumulate=True)
@@ -337,8 +341,8 @@ class TwoLevelHead(nn.Module):
         cl = self.cluster_logits(h).float()  # (B, V + C)
         if self.refine:
             cl = torch.cat([cl[:, :-self.n_clusters], self.refined(h, cl[:, -self.n_clusters:], log_zc)], dim=1)
-        lc = torch.log_softmax(cl, dim=1)[:, -self.n_clusters:]  # (B, C)
-        return (lc - log_zc)[:, self.assign] + il
+        lc = torch.log_softmax(cl, dim=1)  # (B, V + C)
+        return lc, (lc[:, -self.n_clusters:] - log_zc)[:, self.assign] + il
 
     def refined(self, h: torch.Tensor, level1: torch.Tensor, log_zc: torch.Tensor,
                 top: torch.Tensor | None = None) -> torch.Tensor:
@@ -353,8 +357,8 @@ class TwoLevelHead(nn.Module):
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, H) -> (B, V + I) log P over text tokens and items, text first (sums to 1)."""
-        cl = torch.log_softmax(self.cluster_logits(h).float(), dim=1)
-        return torch.cat([cl[:, :cl.shape[1] - self.n_clusters], self.item_log_probs(h)], dim=1)
+        cl, items = self._log_probs(h)
+        return torch.cat([cl[:, :cl.shape[1] - self.n_clusters], items], dim=1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(N, V + I): log-probabilities, whose softmax is P(t | h) as FullSoftmaxHead's logits' is."""

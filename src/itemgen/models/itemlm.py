@@ -267,6 +267,7 @@ class ItemLM(Recommender):
         return scores if triples is None else self.head.with_item_bias(scores, triples)
 
     def history_triples(self, histories: list[np.ndarray] | None):
+        """The repeat bias at ``histories``' items as (rows, items, values), or None (repeat_triples)."""
         return None if self.repeat is None or histories is None else self.repeat_triples(self.repeat.pairs(histories))
 
     def ranking_scores(self, query: torch.Tensor, histories: list[np.ndarray] | None) -> torch.Tensor:
