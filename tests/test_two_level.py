@@ -603,6 +603,7 @@ def test_refine_checkpoint_chooses_by_validation(trained, tmp_path, monkeypatch)
     assert choice["chosen"] == min(m for m, v in choice["valid_ndcg@10"].items() if v == best)
     refined, rcfg, _ = load_checkpoint(tmp_path / "refined")
     assert rcfg.itemlm.cluster_refine == choice["chosen"] == refined.head.refine
+    assert json.loads((tmp_path / "refined" / "metrics.json").read_text())["valid"]["level1_refine"]["chosen"] == choice["chosen"]
     m = evaluate(refined, ds.split.valid, max_history=10, exclude_history=cfg.train.eval_exclude_history)
     assert m["ndcg@10"] == pytest.approx(best)
     for grid, msg in (([-1], "between 0 and"), ([C + 1], "between 0 and"), ([], "between 0 and")):

@@ -270,5 +270,5 @@ def refine_checkpoint(checkpoint: str | Path, out: str | Path, *, grid: list[int
     record = {"from": str(checkpoint), "grid": grid, "valid_ndcg@10": {m: tried[m]["ndcg@10"] for m in grid},
               "chosen": chosen, "seconds": round(time.perf_counter() - t0, 1)}
     save_checkpoint(out, model, cfg, ds.items, dataset=ds.manifest(),
-                    metrics={"valid": {**tried[chosen], "level1_refine": record}})
+                    metrics={"valid": {**tried[chosen], **({"level1_fit": fit} if fit else {}), "level1_refine": record}})
     return record
