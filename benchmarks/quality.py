@@ -269,7 +269,7 @@ def main() -> None:
             if vname not in VARIANTS:
                 sys.exit(f"unknown variant {vname!r} (known: {', '.join(VARIANTS)})")
             model, extra = VARIANTS[vname]
-            seed_suffix = "" if args.seed == 0 else f"-seed{args.seed}"  # rows of this seed start from this seed's
+            seed_suffix = "" if args.seed == 0 else f"-seed{args.seed}"  # -level1/-refine rows start from this seed's
             row_name = args.name or vname + seed_suffix
             sasrec_base = REPEAT_START.get(vname, "sasrec")
             sasrec_name = sasrec_base if args.seed == 0 else f"{sasrec_base}-seed{args.seed}"
@@ -907,6 +907,8 @@ def two_level_tables(by: dict, two: list[dict]) -> list[str]:
              "from the row without it, whose weights training with the option reproduces bit for bit. Rows",
              "`*-level1-stage` then train 2 more epochs at 1e-4 with that level 1 frozen (level 2 and the backbone",
              "adapt to it), kept with the fit only if validation gains (`clusters fit-level1 --stage-epochs 2`).",
+             "Rows `*-level1-kl-stage` fit g with the kl objective (level 1's cluster distribution against the joint",
+             "scores') before the same stage (`clusters fit-level1 --objective kl --stage-epochs 2`).",
              "Rows `*-refine` take a `-level1` or `-level1-stage` checkpoint and, at inference only, give level 1's",
              "M highest clusters their exact log Z_c (repeat bias included) in place of g's estimate",
              "(`itemlm.cluster_refine`), M from 0 to ceil(sqrt(C)) chosen by validation (`clusters refine-level1`):",
