@@ -33,6 +33,7 @@ STATES = 20000  # training prefixes whose log Z_c are the regression targets
 STEPS = 4000  # Adam steps of BATCH states each
 BATCH = 256
 LR = 1e-3
+OBJECTIVES = ("mse", "kl")  # fit_to_targets' objectives
 
 
 @torch.no_grad()
@@ -77,7 +78,7 @@ def fit_to_targets(head: TwoLevelHead, x: torch.Tensor, target: torch.Tensor, *,
     validation it gains on four of the five cells probed and loses on office frequency; not the
     default, which every `-level1` row was run with; its g estimates log Z_c only up to a shift shared
     by a query's clusters, so refine_checkpoint refuses it). Returns states, steps, width and the squared errors."""
-    if objective not in ("mse", "kl"):
+    if objective not in OBJECTIVES:
         raise ValueError(f"objective must be mse or kl, not {objective!r}")
     g = head.correction
     with torch.random.fork_rng(devices=[]):
@@ -178,6 +179,28 @@ def second_stage(model, ds, cfg, *, epochs: float, lr: float = STAGE_LR, train_g
     return round(time.perf_counter() - t0, 1)
 
 
+def _load_source(checkpoint: str | Path, out: str | Path, what: str):
+    """-> (model, config) of a checkpoint that a post-training step (``what``) rewrites to
+    ``out``, never over itself."""
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"--out {out} is the checkpoint itself: {what} writes a new checkpoint beside it")
+    model, cfg, _ = load_checkpoint(checkpoint)
+    return model, cfg
+
+
+def _dataset(cfg, data: str | Path | None):
+    return load_dataset(replace(cfg, data=replace(cfg.data, path=str(data))) if data else cfg)
+
+
+def _validator(model, cfg, ds) -> Callable[[], dict]:
+    """validate() -> the model's metrics on the validation users training validated on, ranked
+    as training ranked them (train.eval_exclude_history)."""
+    opts = dict(max_history=cfg.data.max_history, batch_size=cfg.train.eval_batch_size,
+                exclude_history=cfg.train.eval_exclude_history)
+    valid = subsample(ds.split.valid, cfg.train.eval_users, cfg.train.seed)
+    return lambda: ranking_metrics(rank_examples(model, valid, **opts))
+
+
 def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data: str | Path | None = None,
                    stage_epochs: float = 0.0, stage_lr: float = STAGE_LR, objective: str = "mse") -> dict:
     """The fit on a trained two-level checkpoint that has no correction yet: what training with
@@ -187,9 +210,7 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
     ``stage_epochs`` > 0: after the fit, a second_stage of that many epochs at ``stage_lr``, and the
     fit and the stage are kept together only if validation gains over the source, else ``out`` holds
     the source's weights with g = 0. ``objective``: the fit's (fit_to_targets: mse or kl)."""
-    if Path(out).resolve() == Path(checkpoint).resolve():
-        raise ValueError(f"--out {out} is the checkpoint itself: the fit writes a new checkpoint beside it")
-    model, cfg, _ = load_checkpoint(checkpoint)
+    model, cfg = _load_source(checkpoint, out, "the fit")
     head = getattr(model, "head", None)
     if not isinstance(head, TwoLevelHead):
         raise ValueError(f"{checkpoint}: not a two-level checkpoint (itemlm.head=two_level)")
@@ -198,20 +219,14 @@ def fit_checkpoint(checkpoint: str | Path, out: str | Path, width: int, *, data:
                          f"{cfg.itemlm.cluster_correction})")
     if width < 1:
         raise ValueError("width must be >= 1")
-    if objective not in ("mse", "kl"):
+    if objective not in OBJECTIVES:  # before any work (fit_to_targets checks it too)
         raise ValueError(f"the fit's objective must be mse or kl, not {objective!r}")
     if not (stage_epochs >= 0 and math.isfinite(stage_epochs)) or not (stage_lr > 0 and math.isfinite(stage_lr)):
         raise ValueError(f"stage epochs must be >= 0 and its learning rate > 0 (got {stage_epochs}, {stage_lr})")
     cfg = replace(cfg, itemlm=replace(cfg.itemlm, cluster_correction=width))
-    ds = load_dataset(replace(cfg, data=replace(cfg.data, path=str(data))) if data else cfg)
+    ds = _dataset(cfg, data)
     head.correction = ClusterCorrection.frozen(head.item_out.shape[1], head.n_clusters, width).to(head.item_out.device)
-    opts = dict(max_history=cfg.data.max_history, batch_size=cfg.train.eval_batch_size,
-                exclude_history=cfg.train.eval_exclude_history)
-    valid = subsample(ds.split.valid, cfg.train.eval_users, cfg.train.seed)  # the users training validated on
-
-    def validate() -> dict:
-        return ranking_metrics(rank_examples(model, valid, **opts))
-
+    validate = _validator(model, cfg, ds)
     before = validate()
 
     # with a stage: the fit, then the stage, kept or undone together (fit_and_keep's ``then``)
@@ -238,9 +253,7 @@ def refine_checkpoint(checkpoint: str | Path, out: str | Path, *, grid: list[int
     level 1 has a fitted correction, by validation NDCG@10 over ``grid`` (default refine_grid;
     0 keeps it off), and save the checkpoint with the chosen value to ``out``. Nothing is trained.
     Returns each value's validation NDCG@10 and the choice (ties: the smaller, cheaper value)."""
-    if Path(out).resolve() == Path(checkpoint).resolve():
-        raise ValueError(f"--out {out} is the checkpoint itself: the choice writes a new checkpoint beside it")
-    model, cfg, _ = load_checkpoint(checkpoint)
+    model, cfg = _load_source(checkpoint, out, "the choice")
     head = getattr(model, "head", None)
     if not isinstance(head, TwoLevelHead) or head.correction is None:
         raise ValueError(f"{checkpoint}: refining needs a two-level checkpoint whose level 1 has a correction "
@@ -255,15 +268,13 @@ def refine_checkpoint(checkpoint: str | Path, out: str | Path, *, grid: list[int
     grid = refine_grid(head.n_clusters) if grid is None else sorted(set(grid))
     if not grid or min(grid) < 0 or max(grid) > head.n_clusters:
         raise ValueError(f"refine values must be between 0 and the {head.n_clusters} clusters, got {grid}")
-    ds = load_dataset(replace(cfg, data=replace(cfg.data, path=str(data))) if data else cfg)
-    opts = dict(max_history=cfg.data.max_history, batch_size=cfg.train.eval_batch_size,
-                exclude_history=cfg.train.eval_exclude_history)
-    valid = subsample(ds.split.valid, cfg.train.eval_users, cfg.train.seed)  # the users training validated on
+    ds = _dataset(cfg, data)
+    validate = _validator(model, cfg, ds)
     t0 = time.perf_counter()
     tried = {}
     for m in grid:
         head.refine = m
-        tried[m] = ranking_metrics(rank_examples(model, valid, **opts))
+        tried[m] = validate()
     chosen = max(grid, key=lambda m: (tried[m]["ndcg@10"], -m))
     head.refine = chosen
     cfg = replace(cfg, itemlm=replace(cfg.itemlm, cluster_refine=chosen))
