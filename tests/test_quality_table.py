@@ -235,3 +235,26 @@ def test_ensemble_rows_get_their_section_with_the_paired_difference_from_the_rec
     assert "Earlier rows" not in text
     field = text.split("## Published field")[1].split("\n## ")[0]
     assert "`itemlm-ensemble-w0.9`" in field and "0.1070" in field
+
+
+def test_two_level_rows_over_seeds_judged_on_the_ratio_of_means(quality, results, tmp_path):
+    """Each seed against the recipe of its own seed, and the bar judged on the means: a cell can be
+    met on the mean while a seed misses it, and a ratio just below the bar shows its 4th decimal."""
+    results["rows"] += [
+        row("office", "itemlm-seed1", (0.0500, 0.09), (0.0500, 0.09)),
+        row("office", "two-level-random-level1-refine", (0.0460, 0.09), (0.0460, 0.09)),  # 0.970x of 0.0474
+        row("office", "two-level-random-level1-refine-seed1", (0.0490, 0.09), (0.0490, 0.09)),  # 0.980x
+        row("office", "two-level-frequency", (0.0400, 0.09), (0.0400, 0.09)),  # no other seed: no line
+        row("office", "two-level-frequency-seed1", (0.0480, 0.09), (0.0480, 0.09)),  # 0.960x
+        row("office", "two-level-kmeans-seed2", (0.0480, 0.09), (0.0480, 0.09)),  # seed 2 has no itemlm
+    ]
+    path = tmp_path / "quality.md"
+    quality.write_table(results, path)
+    text = path.read_text()
+    refine = cells(text, "office", "two-level-random-level1-refine")
+    assert refine[2:] == ["2", "0: 0.970x, 1: 0.980x", "2 of 2", "0.0475", "0.0487", "0.975x", "met"]
+    freq = cells(text, "office", "two-level-frequency")
+    # (0.0400 + 0.0480) / (0.0474 + 0.0500) = 0.9035x: NOT met though seed 1 alone is 0.960x
+    assert freq[2:] == ["2", "0: 0.844x, 1: 0.960x", "0 of 2", "0.0440", "0.0487", "0.903x", "NOT met"]
+    assert "| office | two-level-kmeans |" not in text
+    assert quality.bar_ratio(0.96995) == "0.9699x" and quality.bar_ratio(0.9701) == "0.970x"
