@@ -258,3 +258,27 @@ def test_two_level_rows_over_seeds_judged_on_the_ratio_of_means(quality, results
     assert freq[2:] == ["2", "0: 0.844x, 1: 0.960x", "0 of 2", "0.0440", "0.0487", "0.903x", "NOT met"]
     assert "| office | two-level-kmeans |" not in text
     assert quality.bar_ratio(0.96995) == "0.9699x" and quality.bar_ratio(0.9701) == "0.970x"
+
+
+def test_each_seed_takes_its_own_validation_choice_of_a_cell(quality, results, tmp_path):
+    """Per seed, the two-level row of a clustering that validates best among the rows run at that
+    seed; the bar on the ratio of the chosen rows' means to the same seeds' recipe."""
+    def two(variant, kept, valid):
+        return row("office", variant, (kept, 0.09), (kept, 0.09), best_valid={"ndcg@10": valid})
+
+    results["rows"] += [
+        row("office", "itemlm-seed1", (0.0500, 0.09), (0.0500, 0.09)),
+        two("two-level-random", 0.0300, 0.060),
+        two("two-level-random-level1-refine", 0.0460, 0.075),  # seed 0 chooses it
+        two("two-level-random-distill", 0.0470, 0.070),  # better on test, not on validation
+        two("two-level-random-seed1", 0.0490, 0.074),  # seed 1 chooses it
+        two("two-level-random-level1-refine-seed1", 0.0400, 0.073),
+        two("two-level-kmeans-seed1", 0.0490, 0.074),  # another clustering: its own cell
+    ]
+    path = tmp_path / "quality.md"
+    quality.write_table(results, path)
+    text = path.read_text()
+    c = cells(text[text.index("validation's choice on each seed"):], "office", "random")
+    assert c[2:] == ["2", "0: `two-level-random-level1-refine` 0.970x, 1: `two-level-random` 0.980x",
+                     "0.0475", "0.0487", "0.975x", "met"]
+    assert "| office | kmeans |" not in text  # one seed only: no line
