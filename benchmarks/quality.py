@@ -995,7 +995,8 @@ def two_level_tables(by: dict, two: list[dict]) -> list[str]:
              "ordered lists, history kept / masked; \"beyond ties\": where the lists' exact log-probabilities",
              "differ by over 1e-5 at some rank). Decode: one top-10 from the query states (not the LM forward,",
              "`encode`, timed beside it), history kept, 1 thread, medians (benchmarks/quality.py decode_latency).",
-             "MRR of Structure and ANN is MRR@100 (they return a top-100 list).", "",
+             "MRR of Structure and ANN is MRR@100 (they return a top-100 list). These rows are seed 0; the",
+             "cells run on more seeds, and each cell at validation's choice on each seed, are under \"Seeds\".", "",
              "| dataset | clusters | decoder | NDCG@10 (kept) | Recall@10 (kept) | MRR (kept) | x recipe (kept) | "
              "NDCG@10 (masked) | Recall@10 (masked) | MRR (masked) | x recipe (masked) | users differ from exact "
              "(kept / masked; beyond ties) | decode ms, batch 1 (p50) | decode ms per user, batch 64 | target |",
