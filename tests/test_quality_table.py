@@ -278,7 +278,7 @@ def test_each_seed_takes_its_own_validation_choice_of_a_cell(quality, results, t
     path = tmp_path / "quality.md"
     quality.write_table(results, path)
     text = path.read_text()
-    c = cells(text[text.index("validation's choice on each seed"):], "office", "random")
+    c = cells(text[text.index("Each cell at validation's choice on each seed:"):], "office", "random")
     assert c[2:] == ["2", "0: `two-level-random-level1-refine` 0.970x, 1: `two-level-random` 0.980x",
                      "0.0475", "0.0487", "0.975x", "met"]
     assert "| office | kmeans |" not in text  # one seed only: no line
