@@ -890,6 +890,16 @@ def bar_ratio(x: float) -> str:
     return f"{x:.4f}x" if below_bar else f"{x:.3f}x"
 
 
+def seed_suffix(variant: str) -> str:
+    """"-seedN" of a row name, "" for seed 0."""
+    m = SEED_ROW.search(variant)
+    return m.group(0) if m else ""
+
+
+def seed_number(suffix: str) -> int:
+    return int(suffix[len("-seed"):] or 0)
+
+
 def two_level_seeds(by: dict, seeds: list[dict]) -> list[str]:
     """Two-level rows run on more seeds than 0: each seed's NDCG@10 (history kept) over the
     full-softmax recipe (`itemlm`) of the same seed, and the ratio of the means over the seeds that
@@ -898,14 +908,14 @@ def two_level_seeds(by: dict, seeds: list[dict]) -> list[str]:
                     if TWO_LEVEL.match(SEED_ROW.sub("", r["variant"]))})
     out = []
     for d, v in found:
-        ks = sorted({SEED_ROW.search(r["variant"]).group(0) for r in seeds if r["dataset"] == d
-                     and SEED_ROW.sub("", r["variant"]) == v}, key=lambda k: int(k[len("-seed"):]))
+        ks = sorted({seed_suffix(r["variant"]) for r in seeds if r["dataset"] == d
+                     and SEED_ROW.sub("", r["variant"]) == v}, key=seed_number)
         pairs = [(k, by[(d, v + k)], by[(d, "itemlm" + k)]) for k in ["", *ks]
                  if (d, v + k) in by and (d, "itemlm" + k) in by]
         if len(pairs) < 2:
             continue
         row, ref = (np.array([x["test"]["ndcg@10"] for x in col]) for col in list(zip(*pairs))[1:])
-        each = ", ".join(f"{k[len('-seed'):] or '0'}: {bar_ratio(a / b)}" for (k, *_), a, b in zip(pairs, row, ref))
+        each = ", ".join(f"{seed_number(k)}: {bar_ratio(a / b)}" for (k, *_), a, b in zip(pairs, row, ref))
         ratio = row.mean() / ref.mean()
         out.append(f"| {d} | {v} | {len(pairs)} | {each} | {int((row >= TWO_LEVEL_BAR * ref).sum())} of {len(pairs)} | "
                    f"{row.mean():.4f} | {ref.mean():.4f} | {bar_ratio(ratio)} | "
@@ -925,10 +935,6 @@ def validation_choice_over_seeds(by: dict, seeds: list[dict]) -> list[str]:
     row of that clustering that validates best among those run at that seed (validation NDCG@10,
     history masked, as every two-level row validates), and the ratio of the chosen rows' mean test
     NDCG@10 (kept) to the same seeds' recipe: the cell's figure with nothing chosen on test."""
-    def seed_of(variant: str) -> str:
-        m = SEED_ROW.search(variant)
-        return m.group(0) if m else ""
-
     def clusters_of(variant: str) -> str | None:
         m = TWO_LEVEL.match(SEED_ROW.sub("", variant))
         return m.group(1) if m else None
@@ -939,13 +945,13 @@ def validation_choice_over_seeds(by: dict, seeds: list[dict]) -> list[str]:
         run = {}  # seed suffix -> the rows of this cell run at that seed
         for (dd, v), r in by.items():
             if dd == d and clusters_of(v) == method and r.get("best_valid"):
-                run.setdefault(seed_of(v), []).append(r)
+                run.setdefault(seed_suffix(v), []).append(r)
         picks = [(k, max(run[k], key=lambda r: r["best_valid"]["ndcg@10"]), by[(d, "itemlm" + k)])
-                 for k in sorted(run, key=lambda k: int(k[len("-seed"):] or 0)) if (d, "itemlm" + k) in by]
+                 for k in sorted(run, key=seed_number) if (d, "itemlm" + k) in by]
         if len(picks) < 2:
             continue
         row, ref = (np.array([x["test"]["ndcg@10"] for x in col]) for col in list(zip(*picks))[1:])
-        each = ", ".join(f"{k[len('-seed'):] or '0'}: `{SEED_ROW.sub('', r['variant'])}` {bar_ratio(a / b)}"
+        each = ", ".join(f"{seed_number(k)}: `{SEED_ROW.sub('', r['variant'])}` {bar_ratio(a / b)}"
                          for (k, r, _), a, b in zip(picks, row, ref))
         ratio = row.mean() / ref.mean()
         out.append(f"| {d} | {method} | {len(picks)} | {each} | {row.mean():.4f} | {ref.mean():.4f} | "
