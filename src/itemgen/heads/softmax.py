@@ -84,11 +84,13 @@ class FullSoftmaxHead(nn.Module):
         logits = exclude_items(logits, unseen, offset)
         return F.cross_entropy(exclude_pairs(logits, exclude, offset), targets + offset, reduction="sum")
 
-    def item_log_probs(self, h: torch.Tensor) -> torch.Tensor:
-        """h (B, H) -> (B, I) log P(item | h), normalised over V u I."""
+    def item_log_probs(self, h: torch.Tensor, bias: ItemBias | None = None) -> torch.Tensor:
+        """h (B, H) -> (B, I) log P(item | h), normalised over V u I; with ``bias`` (row, item,
+        value) triples, those values added after (with_item_bias)."""
         logits = self.logits(h).float()  # (B, V + I)
         # one fused op (logits - logsumexp, as a batch-1 query's ~10 small ops, equal to float rounding)
-        return torch.log_softmax(logits, dim=1)[:, logits.shape[1] - self.n_items:]
+        lp = torch.log_softmax(logits, dim=1)[:, logits.shape[1] - self.n_items:]
+        return lp if bias is None else self.with_item_bias(lp, bias)
 
     # an item bias moves only the biased items' scores (the normaliser is shared by the whole row)
     bias_renormalises = False
@@ -328,8 +330,12 @@ class TwoLevelHead(nn.Module):
 
     def item_log_probs(self, h: torch.Tensor, bias: ItemBias | None = None) -> torch.Tensor:
         """h (B, H) -> (B, I) log P(item | h), normalised over V u I (brute force: the reference);
-        with ``bias`` (row, item, value) triples, those values in the level-2 logits (equal to
-        with_item_bias(item_log_probs(h), bias), the only way a refining head takes a bias)."""
+        with ``bias`` (row, item, value) triples, those values in the level-2 logits. A refining
+        head's level 1 depends on them, so they enter before it; otherwise with_item_bias
+        renormalises the biased clusters afterwards (equal up to float rounding, and the path every
+        unrefined row was measured with)."""
+        if bias is not None and len(bias[0]) and not self.refine:
+            return self.with_item_bias(self._log_probs(h)[1], bias)
         return self._log_probs(h, bias)[1]
 
     def _log_probs(self, h: torch.Tensor, bias: ItemBias | None = None) -> tuple[torch.Tensor, torch.Tensor]:

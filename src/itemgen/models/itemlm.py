@@ -245,10 +245,9 @@ class ItemLM(Recommender):
         return items if offset == 0 else torch.cat([logits[:, :offset], items], dim=1)
 
     def label_log_probs(self, hs: torch.Tensor, batch) -> torch.Tensor:
-        """hs (N, D) at a train_batch's labels -> (N, I) log P(item), the repeat bias included."""
-        if getattr(self.head, "refine", 0):  # its level 1 takes the bias too
-            return self.head.item_log_probs(hs, self.repeat_triples(batch.get("repeat")))
-        return self.with_repeat(self.head.item_log_probs(hs), batch)
+        """hs (N, D) at a train_batch's labels -> (N, I) log P(item), the repeat bias included (as
+        the head takes it: heads/softmax item_log_probs)."""
+        return self.head.item_log_probs(hs, self.repeat_triples(batch.get("repeat")))
 
     def repeat_triples(self, pairs: torch.Tensor | None):
         """(P, 3) (row, item, recency) pairs -> (rows, items, bias values) on the model's device,
@@ -271,9 +270,8 @@ class ItemLM(Recommender):
         return None if self.repeat is None or histories is None else self.repeat_triples(self.repeat.pairs(histories))
 
     def ranking_scores(self, query: torch.Tensor, histories: list[np.ndarray] | None) -> torch.Tensor:
-        if getattr(self.head, "refine", 0):  # its level 1 takes the bias too (TwoLevelHead.refined)
-            return self.head.item_log_probs(query, self.history_triples(histories))
-        return super().ranking_scores(query, histories)
+        # the head takes the repeat bias itself: a refining two-level head's level 1 depends on it
+        return self.head.item_log_probs(query, self.history_triples(histories))
 
     def label_scores(self, batch):
         h = self.hidden(batch)  # (B, L, H)
