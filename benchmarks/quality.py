@@ -44,7 +44,12 @@ from itemgen.core.recipes import ITEMLM_CPU, ITEMLM_GPU, SASREC, SASREC_DROPOUTS
 from itemgen.data.dataset import SequenceDataset  # noqa: E402
 from itemgen.heads.clusters import Clusters  # noqa: E402
 from itemgen.evaluation.metrics import paired_difference  # noqa: E402
-from itemgen.training.loop import train  # noqa: E402
+from itemgen.evaluation.evaluate import evaluate_decoder  # noqa: E402
+from itemgen.evaluation.segments import dataset_segments  # noqa: E402
+from itemgen.models.checkpoint import load_checkpoint  # noqa: E402
+from itemgen.topk.factory import make_decoder  # noqa: E402
+from itemgen.training.level1_fit import fit_checkpoint, refine_checkpoint  # noqa: E402
+from itemgen.training.loop import TrainResult, train  # noqa: E402
 from itemgen.training.tune import grid_search, read_selected  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
@@ -389,11 +394,6 @@ def decoder_figures(best: Path, data: Path, decoders: list[str]) -> dict:
     """Each decoder's test metrics under both protocols (`test_by_decoder`: history kept,
     `test_by_decoder_history_masked`), as evaluate_checkpoint computes them, and how its top-10
     compares with the exact (brute-force) top-10 of the same checkpoint (`topk_vs_exact`)."""
-    from itemgen.evaluation.evaluate import evaluate_decoder
-    from itemgen.evaluation.segments import dataset_segments
-    from itemgen.models.checkpoint import load_checkpoint
-    from itemgen.topk.factory import make_decoder
-
     if "ann" in decoders:  # a flat MIPS index with per-cluster log-normalizer constants
         from itemgen.cli.scale import build_checkpoint_index
 
@@ -427,9 +427,6 @@ def topk_vs_exact(best: Path, data: Path, decoders: list[str], model=None, cache
     (the lists' exact log-probabilities differ by more than 1e-5 at some rank: not a tie or float
     rounding), and `mean_overlap` (|decoder's top-10 & exact top-10| / 10)."""
     import torch
-
-    from itemgen.models.checkpoint import load_checkpoint
-    from itemgen.topk.factory import make_decoder
 
     examples = SequenceDataset.load(data).examples("test")
     if model is None:
@@ -477,9 +474,6 @@ def decode_latency(checkpoints: dict[str, tuple[Path, str]], data: Path, users: 
     import statistics
 
     import torch
-
-    from itemgen.models.checkpoint import load_checkpoint
-    from itemgen.topk.factory import make_decoder
 
     examples = SequenceDataset.load(data).examples("test")
     pick = np.random.default_rng(0).permutation(len(examples))
@@ -617,8 +611,6 @@ def paired_vs(work: Path, ref_name: str, row_name: str, gains: np.ndarray) -> di
 
 def interrupted_result(cfg):
     """A run killed before its step budget: its last checkpoint says how far it got."""
-    from itemgen.training.loop import TrainResult
-
     out = Path(cfg.train.out)
     state = json.loads((out / "last" / "trainer" / "state.json").read_text())
     return TrainResult(out, out / "best", state["step"], state["best_valid"], state["train_seconds"],
@@ -629,9 +621,6 @@ def level1_result(cfg, source: Path, stage_epochs: float = 0.0, objective: str =
     """A LEVEL1_FROM row: the source row's best checkpoint with level 1 fitted to its level 2
     (training/level1_fit.fit_checkpoint; then ``stage_epochs`` of a second stage), written to this
     row's best/; steps and training time are the source's plus the fit's."""
-    from itemgen.training.level1_fit import fit_checkpoint
-    from itemgen.training.loop import TrainResult
-
     out = Path(cfg.train.out)
     fit = fit_checkpoint(source / "best", out / "best", cfg.itemlm.cluster_correction, data=cfg.data.path,
                          stage_epochs=stage_epochs, objective=objective)
@@ -650,9 +639,6 @@ def refine_result(cfg, work: Path, source_row: str, dname: str, row_name: str):
     """A REFINE_FROM row: the source row's best checkpoint (level 1 fitted) with its refinement
     chosen by validation, written to this row's best/; steps and time are the source's own
     training's (LEVEL1_FROM's row) plus the fit's and the choice's."""
-    from itemgen.training.level1_fit import refine_checkpoint
-    from itemgen.training.loop import TrainResult
-
     source = work / source_row
     if not (source / "best").is_dir():
         sys.exit(f"{dname}/{row_name} needs the row {source_row}, which has not run here ({source}): "
