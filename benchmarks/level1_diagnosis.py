@@ -16,7 +16,9 @@ Writes benchmarks/results/level1_diagnosis.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import sys
 import time
 import types
@@ -41,6 +43,36 @@ from itemgen.training.level1_fit import (STATES, fit_cluster_correction, fit_to_
 RESULTS = ROOT / "benchmarks" / "results" / "level1_diagnosis.json"
 
 
+class QueryTerms:
+    """A two-level model's terms at the query states of ``examples`` (histories cut to
+    ``max_history``): q (n, H), il (n, I) level-2 logits with the repeat bias, lz (n, C) the exact
+    log Z_c (the bias included, as the model ranks), cl (n, C) the linear level 1 h . e_c, and the
+    targets (n,)."""
+
+    @torch.no_grad()
+    def __init__(self, model, examples, max_history: int = 50):
+        head = self.head = model.head
+        self.examples = examples
+        self.hist = [e.history[-max_history:] for e in examples]
+        self.q = torch.cat([model.encode_histories(self.hist[s:s + 256]) for s in range(0, len(self.hist), 256)]).float()
+        self.lz = log_normalizers(model, self.q, self.hist)  # (n, C)
+        il = self.q @ head.item_out.T
+        self.il = model.repeat.add_histories(il, self.hist) if model.repeat is not None else il  # (n, I)
+        self.cl = self.q @ head.centroids.T  # (n, C)
+        self.targets = torch.tensor([e.target for e in examples])
+
+    def gains(self, scores: torch.Tensor) -> np.ndarray:
+        """(n, I) item scores -> each user's NDCG@10 gain, history masked."""
+        s = scores.clone()
+        for j, e in enumerate(self.examples):
+            s[j, torch.as_tensor(e.history)] = float("-inf")
+        return ndcg_gains((s > s.gather(1, self.targets[:, None])).sum(1).numpy() + 1)
+
+    def exact(self, level1: torch.Tensor) -> torch.Tensor:
+        """(n, C) level-1 logits -> (n, I) the two-level log P with them and the exact level 2."""
+        return torch.log_softmax(level1, 1)[:, self.head.assign] + self.il - self.lz[:, self.head.assign]
+
+
 @torch.no_grad()
 def figures(model, examples, popularity: np.ndarray | None = None) -> dict:
     """NDCG@10 (history masked) of each level 1 over ``examples``; g as the head holds it. With
@@ -48,21 +80,9 @@ def figures(model, examples, popularity: np.ndarray | None = None) -> dict:
     against the exact log Z_c, by the quartile of the target's cluster, and g's mean error at each
     user's highest-mass cluster under the joint scores."""
     head = model.head
-    hist = [e.history[-50:] for e in examples]
-    q = torch.cat([model.encode_histories(hist[s:s + 256]) for s in range(0, len(hist), 256)]).float()
-    lz = log_normalizers(model, q, hist)  # (n, C) with the repeat bias, as the model ranks
-    il = model.repeat.add_histories(q @ head.item_out.T, hist) if model.repeat is not None else q @ head.item_out.T
-    cl = q @ head.centroids.T
-    targets = torch.tensor([e.target for e in examples])
-
-    def gains(scores) -> np.ndarray:
-        s = scores.clone()
-        for j, e in enumerate(examples):
-            s[j, torch.as_tensor(e.history)] = float("-inf")
-        return ndcg_gains((s > s.gather(1, targets[:, None])).sum(1).numpy() + 1)
-
-    def exact(level1):
-        return torch.log_softmax(level1, 1)[:, head.assign] + il - lz[:, head.assign]
+    t = QueryTerms(model, examples)
+    q, lz, il, cl, targets = t.q, t.lz, t.il, t.cl, t.targets
+    gains, exact = t.gains, t.exact
 
     g = head.correction(q)
     fitted, oracle = gains(exact(cl + g)), gains(exact(cl + lz))
@@ -158,6 +178,76 @@ def probes(checkpoint: Path, width: int, splits: list[str]) -> dict:
     return out
 
 
+@torch.no_grad()
+def refine_probes(checkpoint: Path, splits: list[str], ms: list[int], fits: int = 4) -> dict:
+    """On a `-level1` checkpoint (g fitted), what the refinement (TwoLevelHead.refine) reaches and
+    four other ways to spend or correct it, NDCG@10 (history masked) at each M in ``ms``:
+    - `g`: the refinement as the head does it (g's M highest clusters exact), with the share of
+      users whose target's cluster is refined and the gap to the exact level 1 (`oracle`) split
+      between those users and the others (summed over all users, in NDCG@10);
+    - `plus_history_clusters`: the clusters of the history items exact too;
+    - `shift_<l>`: the other clusters moved by l times the mean residual log Z_c - g over the
+      refined ones (the residual's mean: `refined_residual`);
+    - `mean_of_fits`: g as the mean of ``fits`` fits (seeds 0..fits-1; the checkpoint's is seed 0);
+    - `joint_max_selection`: the M clusters refined chosen by their best joint score
+      h . (e_c + e_t) instead of by level 1;
+    and g's root mean square error against log Z_c for the checkpoint's fit and the mean of fits."""
+    model, cfg, _ = load_checkpoint(checkpoint)
+    model.eval()
+    head = model.head
+    head.refine = 0
+    ds = SequenceDataset.load(cfg.data.path)
+    gs = [copy.deepcopy(head.correction)]  # the checkpoint's fit (seed 0)
+    for k in range(1, fits):
+        fit_cluster_correction(model, ds, cfg.data.max_history, seed=k)  # into head.correction
+        gs.append(copy.deepcopy(head.correction))
+    head.correction.load_state_dict(gs[0].state_dict())
+    out = {}
+    for split in splits:
+        t = QueryTerms(model, ds.examples(split), cfg.data.max_history)
+        q, lz, il, cl = t.q, t.lz, t.il, t.cl
+        target_cluster = head.assign[t.targets]
+        in_history = torch.zeros_like(lz, dtype=torch.bool)
+        for j, h in enumerate(t.hist):
+            in_history[j, head.assign[torch.as_tensor(h)]] = True
+        joint_max = torch.full_like(lz, float("-inf")).scatter_reduce(
+            1, head.assign.expand(len(q), -1), il + cl[:, head.assign], "amax")  # (n, C)
+
+        def gains(level1: torch.Tensor) -> np.ndarray:
+            return t.gains(t.exact(level1))
+
+        def top_mask(score: torch.Tensor, m: int) -> torch.Tensor:
+            mask = torch.zeros_like(lz, dtype=torch.bool)
+            return mask.scatter_(1, torch.topk(score, m, 1).indices, True) if m else mask
+
+        g_own, g_mean = gs[0](q), torch.stack([g(q) for g in gs]).mean(0)
+        oracle = gains(cl + lz)
+        row = {"users": len(t.examples), "oracle": round(float(oracle.mean()), 4),
+               "g_rmse": round(float((g_own - lz).square().mean().sqrt()), 3),
+               "mean_of_fits_rmse": round(float((g_mean - lz).square().mean().sqrt()), 3)}
+        for m in ms:
+            level1 = cl + g_own
+            refined = top_mask(level1, m)
+            got = gains(torch.where(refined, cl + lz, level1))
+            hit = refined.gather(1, target_cluster[:, None]).squeeze(1).numpy()
+            residual = (lz - g_own).masked_fill(~refined, 0).sum(1, keepdim=True) / max(m, 1)  # (n, 1)
+            mean_level1 = cl + g_mean
+            row[f"M{m}"] = {
+                "g": round(float(got.mean()), 4),
+                "target_cluster_refined": round(float(hit.mean()), 3),
+                "gap_to_oracle_target_refined": round(float((oracle - got)[hit].sum() / len(t.examples)), 5),
+                "gap_to_oracle_target_not_refined": round(float((oracle - got)[~hit].sum() / len(t.examples)), 5),
+                "plus_history_clusters": round(float(gains(torch.where(refined | in_history, cl + lz, level1)).mean()), 4),
+                "refined_residual": round(float(residual.mean()), 3) if m else None,
+                **{f"shift_{lam}": round(float(gains(torch.where(refined, cl + lz, level1 + lam * residual)).mean()), 4)
+                   for lam in (0.25, 0.5, 1.0) if m},
+                "mean_of_fits": round(float(gains(torch.where(top_mask(mean_level1, m), cl + lz, mean_level1)).mean()), 4),
+                "joint_max_selection": round(float(gains(torch.where(top_mask(joint_max, m), cl + lz, level1)).mean()), 4),
+            }
+        out[split] = row
+    return out
+
+
 def reference_stage(checkpoint: Path, splits: list[str]) -> dict:
     """The same second stage (2 epochs at 1e-4) on a full-softmax checkpoint, NDCG@10 (history
     masked) before and after: what the extra training gives a model without a level 1 to correct."""
@@ -184,9 +274,24 @@ def main() -> None:
     ap.add_argument("--probes", default="", help="DATASET/CLUSTERS,... of --cells that also get probes()")
     ap.add_argument("--reference", default="", help="a full-softmax row (itemlm) whose second stage "
                     "(reference_stage) is measured beside the probes, once per probed dataset")
+    ap.add_argument("--refine-probes", default="", help="DATASET/CLUSTERS,...: only refine_probes() on their "
+                    "`two-level-CLUSTERS-level1` checkpoints, at M = 0 to ceil(sqrt(C)) (pair with --results)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.refine_probes:
+        probes_out = {}
+        for cell in args.refine_probes.split(","):
+            dname, method = cell.split("/")
+            ckpt = args.work / dname / f"two-level-{method}-level1" / "best"
+            C = load_checkpoint(ckpt)[0].head.n_clusters
+            probes_out[cell] = refine_probes(ckpt, args.splits.split(","), list(range(math.ceil(math.sqrt(C)) + 1)))
+            print(json.dumps({cell: probes_out[cell]}), flush=True)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.results, json.dumps({**run_info(), "command": " ".join(["python", *sys.argv]),
+                                                    "profile": "cpu (2 layers), history masked",
+                                                    "refine_probes": probes_out}, indent=2) + "\n")
+        return
     rows = []
     for cell in args.cells.split(","):
         dname, method = cell.split("/")
