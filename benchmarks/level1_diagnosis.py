@@ -7,10 +7,14 @@ level-1 logits: the trained linear one (h . e_c), h . e_c + g(h) with g fitted a
 masked, validation users (and test users where --splits says so: a diagnosis, no choice), with
 where the fitted level 1 loses against the exact one. --probes adds, for the cells it names, other
 fits and a second training stage (probes()); --reference ROW the same stage on a full-softmax row.
+--refine-probes and --fit-states run only refine_probes() or fit_states_probe() on `-level1` rows.
 
     python benchmarks/level1_diagnosis.py --work /work/runs/recipe --splits valid,test --probes office/frequency
 
-Writes benchmarks/results/level1_diagnosis.json.
+    python benchmarks/level1_diagnosis.py --work /work/runs/recipe --splits valid,test \
+        --fit-states office/frequency,office/random --results benchmarks/results/level1_fit_states.json
+
+Writes benchmarks/results/level1_diagnosis.json (or --results).
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from itemgen.evaluation.metrics import ndcg_gains, ranking_metrics  # noqa: E402
 from itemgen.heads.softmax import ClusterCorrection  # noqa: E402
 from itemgen.models.checkpoint import load_checkpoint  # noqa: E402
 from itemgen.topk.ann import training_prefixes  # noqa: E402
-from itemgen.training.level1_fit import (STATES, fit_cluster_correction, fit_to_targets,  # noqa: E402
-                                        log_normalizers, second_stage)
+from itemgen.training.level1_fit import (STATES, fit_cluster_correction, fit_prefixes, fit_to_targets,  # noqa: E402
+                                        log_normalizers, refine_grid, second_stage)
 
 RESULTS = ROOT / "benchmarks" / "results" / "level1_diagnosis.json"
 
@@ -132,8 +136,8 @@ def probes(checkpoint: Path, width: int, splits: list[str]) -> dict:
     """Other ways to fit or train level 1, each from the same checkpoint, each scored on ``splits``
     (docs/quality_notes.md section 5): the kl objective; states drawn with dropout on (two draws
     of the same prefixes); the default states plus half as many skipped_prefixes; a second training stage after the fit, g frozen (2 epochs at 1e-4, then g
-    fitted again) or trained by the likelihood too (1 epoch); g's error on states of training
-    prefixes it was not fitted on, validation and test."""
+    fitted again) or trained by the likelihood too (1 epoch); g's error on the states it was fitted
+    on and on validation and test states."""
     def load():
         model, cfg, _ = load_checkpoint(checkpoint)
         model.head.correction = ClusterCorrection.frozen(model.head.item_out.shape[1], model.head.n_clusters, width)
@@ -144,7 +148,7 @@ def probes(checkpoint: Path, width: int, splits: list[str]) -> dict:
     seed, mh = cfg.train.seed, cfg.data.max_history
     scored = lambda m: {split: {k: v for k, v in figures(m, ds.examples(split)).items()  # noqa: E731
                                 if k in ("fitted", "g_mse")} for split in splits}
-    prefixes = training_prefixes(ds, mh, STATES, seed)  # the default fit's states (fit_cluster_correction)
+    prefixes = fit_prefixes(ds, mh, STATES, seed)  # the default fit's states (fit_cluster_correction)
     x = states(model, prefixes, dropout=False)
     target = log_normalizers(model, x, prefixes).float()
     out = {}
@@ -161,11 +165,9 @@ def probes(checkpoint: Path, width: int, splits: list[str]) -> dict:
                    seed=seed)
     out["plus_skipped_prefixes"] = scored(model)
     fit_to_targets(model.head, x, target, seed=seed)  # the default fit again
-    held_out = training_prefixes(ds, mh, 5000, seed + 7)
-    xh = states(model, held_out, dropout=False)
+    # (until 7667bfb the fit drew its prefixes and this also held out 5,000 others, as
+    # "other_training_prefixes"; it now fits every one: fit_prefixes)
     out["g_rmse"] = {"training_states_fitted": round(float((model.head.correction(x) - target).square().mean().sqrt()), 3),
-                     "other_training_prefixes": round(float(
-                         (model.head.correction(xh) - log_normalizers(model, xh, held_out)).square().mean().sqrt()), 3),
                      **{split: round(figures(model, ds.examples(split))["g_mse"] ** 0.5, 3) for split in splits}}
     seconds = second_stage(model, ds, cfg, epochs=2, lr=1e-4, train_g=False)
     out["second_stage_g_frozen"] = {"seconds": seconds, **scored(model)}
@@ -176,6 +178,12 @@ def probes(checkpoint: Path, width: int, splits: list[str]) -> dict:
     seconds = second_stage(model, ds, cfg, epochs=1, lr=1e-4, train_g=True)
     out["second_stage_g_trained"] = {"seconds": seconds, **scored(model)}
     return out
+
+
+def top_mask(score: torch.Tensor, m: int) -> torch.Tensor:
+    """(n, C) scores -> (n, C) bool, True at each row's ``m`` highest."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    return mask.scatter_(1, torch.topk(score, m, 1).indices, True) if m else mask
 
 
 @torch.no_grad()
@@ -216,10 +224,6 @@ def refine_probes(checkpoint: Path, splits: list[str], ms: list[int], fits: int 
         def gains(level1: torch.Tensor) -> np.ndarray:
             return t.gains(t.exact(level1))
 
-        def top_mask(score: torch.Tensor, m: int) -> torch.Tensor:
-            mask = torch.zeros_like(lz, dtype=torch.bool)
-            return mask.scatter_(1, torch.topk(score, m, 1).indices, True) if m else mask
-
         g_own, g_mean = gs[0](q), torch.stack([g(q) for g in gs]).mean(0)
         oracle = gains(cl + lz)
         row = {"users": len(t.examples), "oracle": round(float(oracle.mean()), 4),
@@ -245,6 +249,40 @@ def refine_probes(checkpoint: Path, splits: list[str], ms: list[int], fits: int 
                 "joint_max_selection": round(float(gains(torch.where(top_mask(joint_max, m), cl + lz, level1)).mean()), 4),
             }
         out[split] = row
+    return out
+
+
+DRAWN_BEFORE = 20000  # the fit's states until 7667bfb: training prefixes drawn with replacement
+
+
+@torch.no_grad()
+def fit_states_probe(checkpoint: Path, splits: list[str], ms: list[int]) -> dict:
+    """On a `-level1` checkpoint, g fitted (seed 0, the default steps) at two sets of states: the
+    DRAWN_BEFORE training prefixes drawn with replacement that the fit used until 7667bfb, and every
+    distinct training prefix (fit_prefixes, the fit since). For each: its states (and how many are
+    distinct), the fit's training error, g's root mean square error against log Z_c at the
+    ``splits``' query states (states it was not fitted on: a label-free criterion), and NDCG@10
+    (history masked) with level 1 refined at each M in ``ms`` (M = 0: g alone)."""
+    model, cfg, _ = load_checkpoint(checkpoint)
+    model.eval()
+    head = model.head
+    ds = SequenceDataset.load(cfg.data.path)
+    seed, mh = cfg.train.seed, cfg.data.max_history
+    terms = {split: QueryTerms(model, ds.examples(split), mh) for split in splits}
+    sets = {"drawn_with_replacement": training_prefixes(ds, mh, DRAWN_BEFORE, seed),
+            "every_distinct_prefix": fit_prefixes(ds, mh, STATES, seed)}
+    out = {}
+    for name, prefixes in sets.items():
+        x = states(model, prefixes, dropout=False)
+        fit = fit_to_targets(head, x, log_normalizers(model, x, prefixes).float(), seed=seed)
+        row = {"states": len(prefixes), "distinct": len({(len(p), p.tobytes()) for p in prefixes}),
+               "fit_mse": fit["mse"]}
+        for split, t in terms.items():
+            level1 = t.cl + head.correction(t.q)
+            row[split] = {"g_rmse": round(float((level1 - t.cl - t.lz).square().mean().sqrt()), 3),
+                          **{f"M{m}": round(float(t.gains(t.exact(torch.where(top_mask(level1, m), t.cl + t.lz,
+                                                                               level1))).mean()), 4) for m in ms}}
+        out[name] = row
     return out
 
 
@@ -276,9 +314,23 @@ def main() -> None:
                     "(reference_stage) is measured beside the probes, once per probed dataset")
     ap.add_argument("--refine-probes", default="", help="DATASET/CLUSTERS,...: only refine_probes() on their "
                     "`two-level-CLUSTERS-level1` checkpoints, at M = 0 to ceil(sqrt(C)) (pair with --results)")
+    ap.add_argument("--fit-states", default="", help="DATASET/CLUSTERS,...: only fit_states_probe() on their "
+                    "`two-level-CLUSTERS-level1` checkpoints, at M = 0 to ceil(sqrt(C)) (pair with --results)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.fit_states:
+        fits = {}
+        for cell in args.fit_states.split(","):
+            dname, method = cell.split("/")
+            ckpt = args.work / dname / f"two-level-{method}-level1" / "best"
+            fits[cell] = fit_states_probe(ckpt, args.splits.split(","), refine_grid(load_checkpoint(ckpt)[0].head.n_clusters))
+            print(json.dumps({cell: fits[cell]}), flush=True)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.results, json.dumps({**run_info(), "command": " ".join(["python", *sys.argv]),
+                                                    "profile": "cpu (2 layers), history masked",
+                                                    "fit_states": fits}, indent=2) + "\n")
+        return
     if args.refine_probes:
         probes_out = {}
         for cell in args.refine_probes.split(","):

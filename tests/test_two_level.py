@@ -477,6 +477,23 @@ def test_level1_targets_carry_the_repeat_bias():
     assert torch.allclose(plain, head.cluster_log_normalizers(h))
 
 
+def test_fit_prefixes_are_every_distinct_training_prefix_once():
+    """The fit's states: each prefix s[:k], 1 <= k < len(s), of the training sequences once, cut to
+    max_history (never a sequence whole: its next item is the validation target); a cap takes a
+    seeded sample without repeats."""
+    from itemgen.training.level1_fit import fit_prefixes
+
+    ds = types.SimpleNamespace(split=types.SimpleNamespace(train=[np.array([4, 5, 6]), np.array([7]), np.array([1, 2])]))
+    got = [p.tolist() for p in fit_prefixes(ds, max_history=5, n=100)]
+    assert got == [[4], [4, 5], [1]]
+    assert [p.tolist() for p in fit_prefixes(ds, max_history=1, n=100)] == [[4], [5], [1]]
+    some = [p.tolist() for p in fit_prefixes(ds, max_history=5, n=2, seed=3)]
+    assert len(some) == 2 and all(p in got for p in some) and some[0] != some[1]
+    assert some == [p.tolist() for p in fit_prefixes(ds, max_history=5, n=2, seed=3)]
+    with pytest.raises(ValueError, match="at least 2 items"):
+        fit_prefixes(types.SimpleNamespace(split=types.SimpleNamespace(train=[np.array([1])])), 5, 10)
+
+
 def test_fit_to_targets_objectives():
     """g fitted to exact log Z_c targets: mse lowers the squared error from the start at each
     cluster's mean; kl lowers the cross-entropy of level 1's cluster distribution against the joint

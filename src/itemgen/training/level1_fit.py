@@ -3,10 +3,11 @@
 A two-level model ranks by log P(t | h) = log P(c | h) + h . e_t - log Z_c(h). Trained by the
 likelihood, level 1 is linear (h . e_c) and cannot follow log Z_c(h), so the exact ranking loses
 against the model's own joint scores h . (e_c + e_t) (docs/quality_notes.md section 5, "Level 1 fitted to level 2").
-Here g(h) learns log Z_c(h) of every cluster by regression at hidden states of training prefixes,
+Here g(h) learns log Z_c(h) of every cluster by regression at hidden states of training prefixes
+(each distinct prefix once, fit_prefixes),
 and level 1 becomes h . e_c + g_c(h): P(c | h) is then each cluster's mass under the joint scores,
 and the model is still a two-level softmax (Structure stays exact, nothing of size |I| a query).
-Cost: STATES forward passes and STATES x |I| dot products once, then STEPS small MLP steps.
+Cost: at most STATES forward passes and STATES x |I| dot products once, then STEPS small MLP steps.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from itemgen.evaluation.evaluate import rank_examples, subsample
 from itemgen.evaluation.metrics import ranking_metrics
 from itemgen.heads.softmax import ClusterCorrection, TwoLevelHead
 from itemgen.models.checkpoint import load_checkpoint, save_checkpoint
-from itemgen.topk.ann import training_prefixes, training_states
+from itemgen.topk.ann import training_states
 
-STATES = 20000  # training prefixes whose log Z_c are the regression targets
+# at most this many distinct training prefixes, whose log Z_c are the regression targets. Until
+# commit 7667bfb the fit drew 20,000 prefixes with replacement, which left about 40% of office's
+# 38,543 unused and fitted g's error on validation states to 0.287 (RMSE) against 0.251 with every
+# one (benchmarks/level1_diagnosis.py --fit-states)
+STATES = 100_000
 STEPS = 4000  # Adam steps of BATCH states each
 BATCH = 256
 LR = 1e-3
@@ -51,10 +56,24 @@ def log_normalizers(model, states: torch.Tensor, prefixes: list, chunk: int = 10
     return torch.cat(out)
 
 
+def fit_prefixes(ds, max_history: int, n: int, seed: int = 0) -> list[np.ndarray]:
+    """Every distinct prefix s[:k] (1 <= k < len(s)) of the training sequences, cut to their last
+    ``max_history`` items: each predicts the item after it, never a valid/test target. When there
+    are more than ``n``, a random ``n`` of them, none twice (deterministic for a seed)."""
+    cuts = [(i, k) for i, s in enumerate(ds.split.train) for k in range(1, len(s))]
+    if not cuts:
+        raise ValueError("no training sequences with at least 2 items to estimate log Z_c on")
+    if len(cuts) > n:
+        pick = np.sort(np.random.default_rng(seed).choice(len(cuts), size=n, replace=False))
+        cuts = [cuts[j] for j in pick]
+    return [ds.split.train[i][:k][-max_history:] for i, k in cuts]
+
+
 def fit_cluster_correction(model, ds, max_history: int, *, states: int | None = None, steps: int | None = None,
                            seed: int = 0, objective: str = "mse") -> dict:
     """Fit ``model.head.correction`` (a TwoLevelHead built with correction > 0) to log Z_c at
-    ``states`` training prefixes with ``objective`` (fit_to_targets); deterministic for a seed. Returns what it did: states, steps,
+    at most ``states`` distinct training prefixes (fit_prefixes) with ``objective`` (fit_to_targets);
+    deterministic for a seed. Returns what it did: states, steps,
     mean squared error (per state and cluster) before (g = 0) and after, and seconds."""
     head = model.head
     states, steps = states or STATES, steps or STEPS
@@ -62,7 +81,7 @@ def fit_cluster_correction(model, ds, max_history: int, *, states: int | None = 
         raise ValueError("fit_cluster_correction needs a two-level head with itemlm.cluster_correction > 0")
     t0 = time.perf_counter()
     with torch.no_grad():
-        prefixes = training_prefixes(ds, max_history, states, seed)
+        prefixes = fit_prefixes(ds, max_history, states, seed)
         x = training_states(model, ds, max_history, prefixes=prefixes).to(head.item_out)  # (n, H)
         target = log_normalizers(model, x, prefixes).float()  # (n, C)
     fit = fit_to_targets(head, x, target, steps=steps, seed=seed, objective=objective)
