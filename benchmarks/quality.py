@@ -814,8 +814,8 @@ def write_table(results: dict, path: Path) -> None:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for d, tag in sorted({(r["dataset"], fam) for fam in ("", NO_BIAS) for r in seeds + before}):
             family = [r for r in seeds + before if r["dataset"] == d and (NO_BIAS in r["variant"]) == bool(tag)]
-            suffixes = [""] + sorted({SEED_ROW.search(r["variant"]).group(0) for r in family
-                                      if SEED_ROW.search(r["variant"])})
+            suffixes = [""] + sorted({seed_suffix(r["variant"]) for r in family if seed_suffix(r["variant"])},
+                                     key=seed_number)  # -seed10 after -seed2
             pairs = [(by[(d, "sasrec" + tag + k)], by[(d, "itemlm" + tag + k)]) for k in suffixes
                      if (d, "sasrec" + tag + k) in by and (d, "itemlm" + tag + k) in by]
             if len(pairs) < 2:
