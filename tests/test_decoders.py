@@ -67,7 +67,9 @@ def test_structure_equals_brute_force_on_many_random_cases():
         n_clusters = int(rng.integers(1, min(n_items, 25) + 1))
         model = two_level_model(n_items, n_clusters, n_text=int(rng.integers(0, 12)), seed=case,
                                 item_scale=float(rng.uniform(0.1, 3.0)), duplicates=case % 3 == 0,
-                                correction=4 if case % 5 == 1 else 0)  # level 1 with g(h) too
+                                correction=4 if case % 5 in (1, 2) else 0)  # level 1 with g(h) too
+        if case % 5 == 2:  # and its M highest clusters refined (exact log Z_c), 1 to C of them
+            model.head.refine = int(rng.integers(1, n_clusters + 1))
         h = torch.randn(int(rng.integers(1, 9)), 8, generator=torch.Generator().manual_seed(case)) * 1.5
         k = int(rng.integers(1, n_items + 1)) if case % 4 else min(10, n_items)
         dec = StructureTopK(model, normalized=True)
@@ -106,13 +108,20 @@ def test_structure_opens_more_clusters_a_round_for_a_lone_query():
     assert torch.equal(i1, ids) and one_by_one.stats()["rounds"] == int(one_by_one.last_opened[0]) <= opened
 
 
-def test_structure_unnormalized_and_exclusions():
-    model = two_level_model(120, 10, n_text=6, seed=2)
-    h = torch.randn(4, 8)
+@pytest.mark.parametrize("refine", [0, 3])
+def test_structure_unnormalized_and_exclusions(refine):
+    """Both with level 1 as trained and with its 3 highest clusters refined (scored before the
+    best-first search, never opened twice: each query opens at most C clusters)."""
+    model = two_level_model(120, 10, n_text=6, seed=2, correction=4 if refine else 0)
+    model.head.refine = refine
+    h = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     ref = model.head.item_log_probs(h)
     s, i = StructureTopK(model).topk(h, 7)  # default: log P + log Z_1, same ranking
     assert torch.equal(i, torch.topk(ref, 7, dim=1).indices)
-    z1 = torch.logsumexp(torch.cat([h @ model.head._text_weight().T, h @ model.head.centroids.T], 1), 1)
+    level1 = model.head.item_cluster_logits(h)  # (B, C) h . e_c + g_c(h)
+    if refine:  # its 3 highest clusters at their exact mass
+        level1 = model.head.refined(h, level1, model.head.cluster_log_normalizers(h))
+    z1 = torch.logsumexp(torch.cat([h @ model.head._text_weight().T, level1], 1), 1)
     assert torch.allclose(s - z1[:, None], torch.topk(ref, 7, dim=1).values, atol=1e-4)
     exclude = [np.asarray(torch.topk(ref[b], 3).indices) for b in range(4)]
     s, i = StructureTopK(model, normalized=True).topk(h, 7, exclude=exclude)
@@ -120,6 +129,11 @@ def test_structure_unnormalized_and_exclusions():
     for b, e in enumerate(exclude):
         masked[b, e] = float("-inf")
     assert torch.equal(i, torch.topk(masked, 7, dim=1).indices)
+    dec = StructureTopK(model, normalized=True)
+    s, i = dec.topk(h, 120, exclude=exclude)  # every item: every cluster opened once
+    assert torch.equal(i[:, :117], torch.topk(masked, 117, dim=1).indices)
+    assert (i[:, 117:] == -1).all() and torch.isinf(s[:, 117:]).all()
+    assert dec.last_opened.tolist() == [10] * 4
 
 
 def test_k_larger_than_catalog_and_wrong_heads_are_errors():

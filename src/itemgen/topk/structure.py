@@ -21,7 +21,9 @@ class StructureTopK:
     doubling from 1 while the round's gather stays under ``max_slots`` member vectors: a lone
     query that needs n clusters takes about log2(n) rounds instead of n, and opens at most about
     twice as many as it needs (an extra cluster only adds candidates scored exactly: the top-k
-    stays exact)."""
+    stays exact). A refining head (TwoLevelHead.refine = M) scores its M highest clusters' members
+    for their exact log Z_c anyway: those candidates enter the top-k first and the search opens
+    the other C - M clusters only (each cluster's members gathered once a query)."""
 
     name = "structure"
     margin = 1e-4  # open a cluster even if its bound is this far below: float rounding never cuts one
@@ -52,57 +54,73 @@ class StructureTopK:
         # level 2 stays a softmax, so P(t | h) <= P(c(t) | h) still bounds every member
         bias = self.history_bias(histories, dev)
         lpc = head.item_cluster_logits(h).float()  # (B, C) unnormalised cluster scores
-        if head.refine:  # the top clusters' exact masses (TwoLevelHead.refined): their members scored once more below
-            top = torch.topk(lpc, head.refine, dim=1).indices  # (B, M)
-            _, logit, _ = self._members(h, torch.arange(B, device=dev), top, torch.ones_like(top, dtype=torch.bool), bias)
+        rows = torch.arange(B, device=dev)
+        M = head.refine
+        if M:  # the top clusters' exact masses (TwoLevelHead.refined); their members are scored once, here
+            top = torch.topk(lpc, M, dim=1).indices  # (B, M)
+            mem, logit, valid = self._members(h, rows, top, torch.ones_like(top, dtype=torch.bool), bias)
             lpc = head.refined(h, lpc, torch.logsumexp(logit, dim=2), top)
         if self.normalized:
             log_z1 = torch.logsumexp(lpc, dim=1)
             if head._text_weight is not None:
                 log_z1 = torch.logaddexp(log_z1, torch.logsumexp((h @ head._text_weight().T).float(), dim=1))
             lpc = lpc - log_z1[:, None]  # log P(c | h)
-        order = torch.argsort(lpc, dim=1, descending=True)  # (B, C) clusters, most likely first
-        bound = lpc.gather(1, order)  # (B, C) log P(c | h) in opening order
         best = torch.full((B, k), float("-inf"), device=dev)  # (B, k) sorted descending
         best_ids = torch.full((B, k), -1, dtype=torch.long, device=dev)
-        ptr = torch.zeros(B, dtype=torch.long, device=dev)  # next cluster to open, per query
-        opened = torch.zeros(B, dtype=torch.long, device=dev)
         excl = None if exclude is None else _PairLookup.of(exclude, head.n_items, dev)
-        active = torch.arange(B, device=dev)
+        order = torch.argsort(lpc, dim=1, descending=True)  # (B, C) clusters, most likely first
+        if M:  # the refined clusters enter the top-k now and go last in the opening order, never reopened
+            self._keep(best, best_ids, rows, *self._scored(lpc.gather(1, top), rows, mem, logit, valid, excl), k)
+            is_top = torch.zeros(B, C, dtype=torch.bool, device=dev).scatter_(1, top, True)
+            order = order.gather(1, torch.argsort(is_top.gather(1, order).to(torch.int8), dim=1, stable=True))
+        n_open = C - M  # clusters left to open, per query
+        bound = lpc.gather(1, order)  # (B, C) log P(c | h) in opening order
+        ptr = torch.zeros(B, dtype=torch.long, device=dev)  # next cluster to open, per query
+        opened = torch.full((B,), M, dtype=torch.long, device=dev)
+        active = rows if n_open else rows[:0]
         width = 1  # clusters each running query opens this round: 1, 2, 4, ... (fewer rounds, each batched)
         max_size = int(head.sizes.max())
         while active.numel():
             active = active[bound[active, ptr[active]] + self.margin >= best[active, k - 1]]
             if not active.numel():
                 break
-            w = min(width, C)
+            w = min(width, n_open)
             self.rounds += 1
             col = ptr[active][:, None] + torch.arange(w, device=dev)[None]  # (A, w) opening positions
-            live = col < C  # (A, w) a query near its last cluster opens fewer
-            cs = order[active[:, None], col.clamp(max=C - 1)]  # (A, w) clusters opened now
+            live = col < n_open  # (A, w) a query near its last cluster opens fewer
+            cs = order[active[:, None], col.clamp(max=n_open - 1)]  # (A, w) clusters opened now
             mem, logit, valid = self._members(h, active, cs, live, bias)  # (A, w, S) each
-            A, S = len(active), mem.shape[2]
-            # (A, w, S) log P(c | h) + log softmax within each cluster; -inf at padding and past C
-            lp = (lpc[active[:, None], cs][:, :, None] + logit
-                  - torch.logsumexp(logit, dim=2, keepdim=True).nan_to_num(neginf=0.0))
-            lp = lp.masked_fill(~valid, float("-inf"))
-            mem = mem.masked_fill(~valid, -1)  # padding slots never name an item
-            if excl is not None:
-                lp = lp.masked_fill(excl.hits(active, mem, valid), float("-inf"))
-            cand = torch.cat([best[active], lp.view(A, w * S)], dim=1)  # (A, k + w S)
-            cand_ids = torch.cat([best_ids[active], mem.view(A, w * S)], dim=1)
-            top = torch.topk(cand, k, dim=1)
-            best[active], best_ids[active] = top.values, cand_ids.gather(1, top.indices)
-            n_open = live.sum(1)  # (A,)
-            opened[active] += n_open
-            ptr[active] += n_open
-            active = active[ptr[active] < C]
+            self._keep(best, best_ids, active, *self._scored(lpc[active[:, None], cs], active, mem, logit, valid, excl), k)
+            opened_now = live.sum(1)  # (A,)
+            opened[active] += opened_now
+            ptr[active] += opened_now
+            active = active[ptr[active] < n_open]
             # double while the round's gather stays small: w S member vectors for each running query
             width = width * 2 if 2 * width * max_size * len(active) <= self.max_slots else width
         self.opened += int(opened.sum())
         self.queries += B
         self.last_opened = opened
         return best, best_ids
+
+    @staticmethod
+    def _scored(level1: torch.Tensor, rows: torch.Tensor, mem: torch.Tensor, logit: torch.Tensor,
+                valid: torch.Tensor, excl: "_PairLookup | None") -> tuple[torch.Tensor, torch.Tensor]:
+        """Clusters with level-1 scores level1 (A, w) and members mem, logit, valid (A, w, S) of
+        _members -> each member's score, level 1 plus its log-softmax within its cluster, and its
+        id, (A, w S) each: -inf and -1 at padding, -inf at an excluded (row, item)."""
+        lp = level1[:, :, None] + logit - torch.logsumexp(logit, dim=2, keepdim=True).nan_to_num(neginf=0.0)
+        lp = lp.masked_fill(~valid, float("-inf"))
+        mem = mem.masked_fill(~valid, -1)  # padding slots never name an item
+        if excl is not None:
+            lp = lp.masked_fill(excl.hits(rows, mem, valid), float("-inf"))
+        return lp.flatten(1), mem.flatten(1)
+
+    @staticmethod
+    def _keep(best: torch.Tensor, best_ids: torch.Tensor, rows: torch.Tensor, lp: torch.Tensor,
+              ids: torch.Tensor, k: int) -> None:
+        """best, best_ids (B, k) at ``rows`` (A,) <- the k best of themselves and lp, ids (A, n). In place."""
+        top = torch.topk(torch.cat([best[rows], lp], dim=1), k, dim=1)
+        best[rows], best_ids[rows] = top.values, torch.cat([best_ids[rows], ids], dim=1).gather(1, top.indices)
 
     def _members(self, h: torch.Tensor, rows: torch.Tensor, cs: torch.Tensor, live: torch.Tensor,
                  bias: "_PairLookup | None") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
