@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 import types
@@ -303,6 +302,20 @@ def reference_stage(checkpoint: Path, splits: list[str]) -> dict:
     return {"checkpoint": str(checkpoint), "before": before, "after": scored(), "seconds": seconds}
 
 
+def probe_level1_rows(args, name: str, cells: str, probe) -> None:
+    """Only ``probe(checkpoint, splits, ms)`` on each cell's `two-level-CLUSTERS-level1` checkpoint
+    (DATASET/CLUSTERS,...), M over refine_grid (0 to ceil(sqrt(C))), written to --results under ``name``."""
+    out = {}
+    for cell in cells.split(","):
+        dname, method = cell.split("/")
+        ckpt = args.work / dname / f"two-level-{method}-level1" / "best"
+        out[cell] = probe(ckpt, args.splits.split(","), refine_grid(load_checkpoint(ckpt)[0].head.n_clusters))
+        print(json.dumps({cell: out[cell]}), flush=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.results, json.dumps({**run_info(), "command": " ".join(["python", *sys.argv]),
+                                                "profile": "cpu (2 layers), history masked", name: out}, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="benchmarks/quality.py's --work")
@@ -319,31 +332,11 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.fit_states:
-        fits = {}
-        for cell in args.fit_states.split(","):
-            dname, method = cell.split("/")
-            ckpt = args.work / dname / f"two-level-{method}-level1" / "best"
-            fits[cell] = fit_states_probe(ckpt, args.splits.split(","), refine_grid(load_checkpoint(ckpt)[0].head.n_clusters))
-            print(json.dumps({cell: fits[cell]}), flush=True)
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.results, json.dumps({**run_info(), "command": " ".join(["python", *sys.argv]),
-                                                    "profile": "cpu (2 layers), history masked",
-                                                    "fit_states": fits}, indent=2) + "\n")
-        return
-    if args.refine_probes:
-        probes_out = {}
-        for cell in args.refine_probes.split(","):
-            dname, method = cell.split("/")
-            ckpt = args.work / dname / f"two-level-{method}-level1" / "best"
-            C = load_checkpoint(ckpt)[0].head.n_clusters
-            probes_out[cell] = refine_probes(ckpt, args.splits.split(","), list(range(math.ceil(math.sqrt(C)) + 1)))
-            print(json.dumps({cell: probes_out[cell]}), flush=True)
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.results, json.dumps({**run_info(), "command": " ".join(["python", *sys.argv]),
-                                                    "profile": "cpu (2 layers), history masked",
-                                                    "refine_probes": probes_out}, indent=2) + "\n")
-        return
+    for name, cells, probe in (("fit_states", args.fit_states, fit_states_probe),
+                               ("refine_probes", args.refine_probes, refine_probes)):
+        if cells:
+            probe_level1_rows(args, name, cells, probe)
+            return
     rows = []
     for cell in args.cells.split(","):
         dname, method = cell.split("/")
