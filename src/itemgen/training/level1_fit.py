@@ -29,11 +29,12 @@ from itemgen.evaluation.metrics import ranking_metrics
 from itemgen.heads.softmax import ClusterCorrection, TwoLevelHead
 from itemgen.models.checkpoint import load_checkpoint, save_checkpoint
 from itemgen.topk.ann import training_states
+from itemgen.topk.l2d import training_prefixes
 
-# at most this many distinct training prefixes, whose log Z_c are the regression targets. Until
-# commit 7667bfb the fit drew 20,000 prefixes with replacement, which left about 40% of office's
-# 38,543 unused and fitted g's error on validation states to 0.287 (RMSE) against 0.251 with every
-# one (benchmarks/level1_diagnosis.py --fit-states)
+# at most this many training prefixes, each once, whose log Z_c are the regression targets. Until
+# commit 7667bfb the fit drew 20,000 prefixes with replacement, which reached 11,502 of office's
+# 34,746 distinct histories; g's error at validation states (RMSE) was 0.287 then, 0.251 with every
+# prefix (benchmarks/results/level1_fit_states.json)
 STATES = 100_000
 STEPS = 4000  # Adam steps of BATCH states each
 BATCH = 256
@@ -57,16 +58,16 @@ def log_normalizers(model, states: torch.Tensor, prefixes: list, chunk: int = 10
 
 
 def fit_prefixes(ds, max_history: int, n: int, seed: int = 0) -> list[np.ndarray]:
-    """Every distinct prefix s[:k] (1 <= k < len(s)) of the training sequences, cut to their last
-    ``max_history`` items: each predicts the item after it, never a valid/test target. When there
-    are more than ``n``, a random ``n`` of them, none twice (deterministic for a seed)."""
-    cuts = [(i, k) for i, s in enumerate(ds.split.train) for k in range(1, len(s))]
-    if not cuts:
+    """Each prefix s[:k] (1 <= k < len(s)) of each training sequence once (topk/l2d.training_prefixes,
+    which never reaches a valid/test target; users who share a history give it as often as they
+    do), cut to their last ``max_history`` items. When there are more than ``n``, a random ``n`` of
+    them, none twice (deterministic for a seed)."""
+    hist, _ = training_prefixes(ds.split.train, max_history)
+    if not hist:
         raise ValueError("no training sequences with at least 2 items to estimate log Z_c on")
-    if len(cuts) > n:
-        pick = np.sort(np.random.default_rng(seed).choice(len(cuts), size=n, replace=False))
-        cuts = [cuts[j] for j in pick]
-    return [ds.split.train[i][:k][-max_history:] for i, k in cuts]
+    if len(hist) > n:
+        hist = [hist[j] for j in np.sort(np.random.default_rng(seed).choice(len(hist), size=n, replace=False))]
+    return hist
 
 
 def fit_cluster_correction(model, ds, max_history: int, *, states: int | None = None, steps: int | None = None,
