@@ -96,6 +96,9 @@ VARIANTS = {
     "abl-pretrained-text": ("itemlm", {"itemlm": {"pretrained": True, "id_only_share": 0.25}}),
     "abl-text-vocab-softmax": ("itemlm", {"itemlm": {"text_vocab_in_softmax": True, "freeze_text_embeddings": False}}),
     "abl-same-lr": ("itemlm", {"train": {"backbone_lr": None}}),
+    # the full-softmax recipe at the backbone lr the two-level-{m}-backbone-lr-3e-4 rows use (the new
+    # parts' lr, as abl-same-lr, run around the current recipe): what that lr does without the two-level head
+    "itemlm-backbone-lr-3e-4": ("itemlm", {"train": {"backbone_lr": 3e-4}}),
     "abl-weight-decay-0.1": ("itemlm", {"train": {"weight_decay": 0.1}}),  # AdamW; norms, biases, embeddings exempt
     "abl-no-warmup": ("itemlm", {"train": {"warmup_steps": 0}}),
     # the recipe before cosine: a constant lr until validation stops improving (patience 3)
