@@ -282,3 +282,32 @@ def test_each_seed_takes_its_own_validation_choice_of_a_cell(quality, results, t
     assert c[2:] == ["2", "0: `two-level-random-level1-refine` 0.970x, 1: `two-level-random` 0.980x",
                      "0.0475", "0.0487", "0.975x", "met"]
     assert "| office | kmeans |" not in text  # one seed only: no line
+
+
+def test_paper_setting_cell_takes_its_validation_choice_among_training_choices_only(quality, results, tmp_path):
+    """Issue 21's headline: per cell, the paper's-setting row (no lever) that validates best, judged
+    against the recipe, with the full softmax at the chosen row's backbone lr beside it."""
+    def two(variant, kept, valid, **extra):
+        return row("office", variant, (kept, 0.09), (kept, 0.09), best_valid={"ndcg@10": valid}, **extra)
+
+    same = {"history_kept": {"users_differ_in_scores": 0}, "history_masked": {"users_differ_in_scores": 0}}
+    results["rows"] += [  # office itemlm: 0.0474 kept, 0.0578 masked
+        two("two-level-kmeans", 0.0465, 0.070),  # better on test, not on validation
+        two("two-level-kmeans-backbone-lr-3e-4", 0.0455, 0.072, topk_vs_exact={"structure": same},
+            test_by_decoder={"ann": metrics(0.0460, 0.09)}),  # validation's choice: 0.960x
+        two("two-level-kmeans-level1-refine", 0.0474, 0.090),  # a lever: not the paper's setting
+        two("itemlm-backbone-lr-3e-4", 0.0460, 0.075),  # the full softmax at that lr
+        two("two-level-random", 0.0470, 0.060),  # the only row of its cell: 0.992x, met
+    ]
+    path = tmp_path / "quality.md"
+    quality.write_table(results, path)
+    text = path.read_text()
+    section = text[text.index("### The paper's setting at validation's choice"):]
+    c = cells(section, "office", "kmeans")
+    assert c[3:] == ["`two-level-kmeans-backbone-lr-3e-4`", "0.0455", "0.960x / 0.787x",
+                     "0.989x (valid 0.0750, test 0.0460)", "all users", "0.970x", "NOT met"]
+    assert "level1" not in c[2] and "`two-level-kmeans` 0.0700" in c[2]
+    c = cells(section, "office", "random")
+    assert c[3] == "`two-level-random`" and c[5:7] == ["0.992x / 0.813x", "- (the recipe's lr)"]
+    assert c[-1] == "met" and "**1 of 2 cells**" in section
+    assert "itemlm-backbone-lr-3e-4" not in text[:text.index("## Two-level softmax")]  # a control, not a row of its own
