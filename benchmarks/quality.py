@@ -128,7 +128,7 @@ VARIANTS = {
     # still the paper's setting (the likelihood alone, no lever), one training choice made by
     # validation per cell between this row and `two-level-{m}`. Office frequency validation NDCG@10
     # 0.0716 against 0.0675 (backbone lr 1e-4: 0.0691, 1e-3: 0.0695; head lr 1e-3: 0.0658, 1e-4:
-    # 0.0682; scratch runs, docs/quality_notes.md section 5)
+    # 0.0682; scratch runs: benchmarks/results/two_level_lr_grid.json)
     **{f"two-level-{m}-backbone-lr-3e-4": ("itemlm", {"itemlm": {"head": "two_level", "cluster_method": m,
                                                                  "hidden_dropout": 0.3},
                                                       "items": {"dropout": 0.3}, "train": {"backbone_lr": 3e-4}})
@@ -875,15 +875,15 @@ def write_table(results: dict, path: Path) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-TWO_LEVEL = re.compile(
-    r"^two-level-(kmeans|frequency|random)(-dropout-[0-9.]+|-backbone-lr-[0-9e.-]+"
-    r"|-distill(-w[0-9.]+|-t[0-9.]+|-level1)?|-level1(-kl)?(-stage)?(-refine)?)?$")
-# the paper's setting: the two-level head trained by its likelihood alone (no lever: no teacher, no
-# fitted or refined level 1, no second stage); these rows differ only in a training choice (dropout,
-# backbone lr) that validation makes per cell
-PAPER_SETTING = re.compile(r"^two-level-(kmeans|frequency|random)(-dropout-[0-9.]+|-backbone-lr-[0-9e.-]+)?$")
+_BACKBONE_LR = r"-backbone-lr-[0-9e.-]+"
+# a training choice of the paper's setting: the two-level head trained by its likelihood alone (no
+# lever: no teacher, no fitted or refined level 1, no second stage); validation makes it per cell
+_TRAINING_CHOICE = r"-dropout-[0-9.]+|" + _BACKBONE_LR
+TWO_LEVEL = re.compile(rf"^two-level-(kmeans|frequency|random)({_TRAINING_CHOICE}"
+                       r"|-distill(-w[0-9.]+|-t[0-9.]+|-level1)?|-level1(-kl)?(-stage)?(-refine)?)?$")
+PAPER_SETTING = re.compile(rf"^two-level-(kmeans|frequency|random)({_TRAINING_CHOICE})?$")
 # the full softmax at a two-level row's backbone lr: `itemlm` + that row's "-backbone-lr-X"
-BACKBONE_LR = re.compile(r"-backbone-lr-[0-9e.-]+$")
+BACKBONE_LR = re.compile(_BACKBONE_LR + "$")
 # the paper's Tables 4-5 claim, as issue 21 sets it: the two-level model within 3% of the full
 # softmax's NDCG@10, ANN within 5%, Structure's top-10 the exact top-10 for every test user
 TWO_LEVEL_BAR, ANN_BAR = 0.97, 0.95
